@@ -1,0 +1,94 @@
+"""The method plug-in interface that :class:`bundle.trainer.SSLTrainer` drives.
+
+A *method* owns what differs between semi-supervised algorithms: which networks exist (two subnets; a student and
+an EMA teacher; one network), how the named loss terms are computed from one labeled and one unlabeled batch at
+iteration ``t``, and what happens after an optimizer step. The trainer owns what every method shares: loaders,
+AMP, the single backward of the weighted sum, the optimizer, LR schedule, events, logging and checkpoints.
+
+Because a method is an ``nn.Module`` holding every network (teachers and buffers such as thresholds included),
+``method.state_dict()`` is the complete model state of a resume checkpoint.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Iterator, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+
+
+class SSLMethod(nn.Module):
+    """Base class of every method plug-in.
+
+    Args:
+        loss_weights: weight of each named term, e.g. ``{"sup": 1.0, "pgl": 1.0}``. A term whose weight is 0 is
+            not computed. Names must be among :attr:`term_names`.
+        max_iterations: total number of training iterations (for ramps that span the whole run).
+
+    Subclasses set :attr:`term_names`, implement :meth:`compute_losses` and :meth:`inference_network`, and may
+    override :meth:`term_weights` (ramps), :meth:`after_step` (EMA updates), :attr:`stage_starts` and
+    :meth:`on_stage_start` (multi-stage methods such as BCP).
+    """
+
+    #: names of the loss terms this method can produce; ``loss_weights`` keys must be a subset.
+    term_names: Sequence[str] = ()
+    #: whether the trainer must draw an unlabeled batch at every iteration.
+    uses_unlabeled: bool = True
+    #: iterations (0-based) at which a new training stage starts; the trainer resets the optimizer state and the
+    #: LR schedule there and calls :meth:`on_stage_start`. Empty for single-stage methods.
+    stage_starts: Sequence[int] = ()
+
+    def __init__(self, loss_weights: Mapping[str, float], max_iterations: int) -> None:
+        super().__init__()
+        unknown = sorted(set(loss_weights) - set(self.term_names))
+        if unknown:
+            raise ValueError(
+                f"{type(self).__name__}: unknown loss_weights key(s) {unknown}; known terms: {list(self.term_names)}."
+            )
+        if max_iterations < 1:
+            raise ValueError(f"max_iterations must be >= 1, got {max_iterations}.")
+        self.loss_weights = {name: float(loss_weights.get(name, 0.0)) for name in self.term_names}
+        self.max_iterations = int(max_iterations)
+
+    # ----------------------------------------------------------------------------------------------- training
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters the optimizer updates (EMA teachers set ``requires_grad=False`` and are skipped)."""
+        return (p for p in self.parameters() if p.requires_grad)
+
+    def term_weights(self, iteration: int) -> Dict[str, float]:
+        """Weight of each term at 0-based iteration ``iteration``; default: the constant ``loss_weights``."""
+        return dict(self.loss_weights)
+
+    def active_terms(self, iteration: int) -> Dict[str, float]:
+        """The terms with a non-zero weight at ``iteration`` (only these are computed)."""
+        return {name: w for name, w in self.term_weights(iteration).items() if w != 0.0}
+
+    def compute_losses(
+        self,
+        labeled_image: torch.Tensor,
+        label: torch.Tensor,
+        unlabeled_image: Optional[torch.Tensor],
+        iteration: int,
+    ) -> Dict[str, torch.Tensor]:
+        """Forward the networks and return the *unweighted* scalar terms named in ``active_terms(iteration)``.
+
+        Args:
+            labeled_image: (B_l, C_in, H, W, D) float.
+            label: (B_l, 1, H, W, D) integer class indices.
+            unlabeled_image: (B_u, C_in, H, W, D) float, or ``None`` when :attr:`uses_unlabeled` is False. The
+                trainer never passes a label for unlabeled items.
+            iteration: 0-based index of the iteration whose loss is being built.
+        """
+        raise NotImplementedError
+
+    def after_step(self, iteration: int) -> None:
+        """Called after every optimizer step with the same ``iteration`` (EMA updates live here)."""
+
+    def on_stage_start(self, stage: int) -> None:
+        """Called when training stage ``stage`` (1-based index into :attr:`stage_starts`) begins."""
+
+    # ---------------------------------------------------------------------------------------------- inference
+    def inference_network(self) -> nn.Module:
+        """The single module whose ``forward(x)`` returns one tensor of class scores, used for validation,
+        inference and ``models/model.pt`` (its flat state dict is what ``network_def`` loads)."""
+        raise NotImplementedError

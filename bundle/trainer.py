@@ -1,0 +1,142 @@
+"""A method-agnostic semi-supervised trainer on top of ``monai.engines.SupervisedTrainer``.
+
+The trainer owns what every method shares: the labeled loader (one pass = one ignite epoch), an endlessly cycled,
+reshuffled unlabeled loader, AMP, one backward of the weighted sum of the method's named terms, the optimizer
+step, the LR schedule, stage boundaries, and the events MONAI handlers rely on. The *method*
+(:class:`bundle.methods.base.SSLMethod`) owns the networks and the losses.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Iterable, Iterator, Optional
+
+import torch
+from ignite.engine import Engine, Events
+from monai.engines import SupervisedTrainer
+from monai.engines.utils import IterationEvents
+from monai.utils import CommonKeys
+
+from bundle.methods.base import SSLMethod
+
+
+class SSLTrainer(SupervisedTrainer):
+    """Trains any :class:`SSLMethod` on a labeled and an unlabeled stream.
+
+    Args:
+        device: where batches and networks live.
+        max_iterations: training stops after this many iterations (mid-epoch if need be).
+        max_epochs: passes over the labeled loader; must cover ``max_iterations`` (configs compute it as
+            ``ceil(max_iterations / len(labeled loader))``).
+        train_data_loader: labeled batches ``{"image": (B_l, C, *patch), "label": (B_l, 1, *patch)}``.
+        method: the method plug-in; it is also the ``network`` of the underlying ``SupervisedTrainer``.
+        optimizer: one optimizer over ``method.trainable_parameters()``.
+        unlabeled_data_loader: unlabeled batches ``{"image": (B_u, C, *patch)}``; required when
+            ``method.uses_unlabeled``. It is cycled endlessly and reshuffled at every pass.
+        lr_scheduler: the per-iteration LR scheduler (stepped by a ``LrScheduleHandler``); the trainer only uses it
+            to restart the schedule at a stage boundary (``method.stage_starts``).
+        kwargs: passed to ``SupervisedTrainer`` (``train_handlers``, ``amp``, ``amp_kwargs``, ...).
+
+    ``engine.state.output`` holds ``image``, ``label``, ``loss`` (the weighted sum) and ``loss_<name>`` (each
+    unweighted term), all detached.
+    """
+
+    def __init__(
+        self,
+        device: torch.device | str,
+        max_iterations: int,
+        max_epochs: int,
+        train_data_loader: Iterable,
+        method: SSLMethod,
+        optimizer: torch.optim.Optimizer,
+        unlabeled_data_loader: Optional[Iterable] = None,
+        lr_scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None,
+        **kwargs: Any,
+    ) -> None:
+        if method.uses_unlabeled and unlabeled_data_loader is None:
+            raise ValueError(f"{type(method).__name__} trains on unlabeled data but no unlabeled loader was given.")
+        super().__init__(
+            device=device,
+            max_epochs=max_epochs,
+            train_data_loader=train_data_loader,
+            network=method,
+            optimizer=optimizer,
+            loss_function=None,
+            decollate=False,
+            **kwargs,
+        )
+        self.method = method
+        self.max_iterations = int(max_iterations)
+        self.unlabeled_data_loader = unlabeled_data_loader
+        self.lr_scheduler = lr_scheduler
+        self._unlabeled_iterator: Optional[Iterator] = None
+        self._unlabeled_pass = 0
+        self.add_event_handler(Events.ITERATION_COMPLETED, self._stop_at_max_iterations)
+
+    def _stop_at_max_iterations(self, engine: Engine) -> None:
+        if engine.state.iteration >= self.max_iterations:
+            engine.terminate()
+
+    def next_unlabeled_batch(self) -> Dict[str, torch.Tensor]:
+        """The next unlabeled batch; a new (reshuffled) pass starts when the loader is exhausted."""
+        while True:
+            if self._unlabeled_iterator is None:
+                sampler = getattr(self.unlabeled_data_loader, "sampler", None)
+                if hasattr(sampler, "set_epoch"):
+                    sampler.set_epoch(self._unlabeled_pass)
+                self._unlabeled_pass += 1
+                self._unlabeled_iterator = iter(self.unlabeled_data_loader)
+            try:
+                return next(self._unlabeled_iterator)
+            except StopIteration:
+                self._unlabeled_iterator = None
+
+    def _start_stage_if_due(self, iteration: int) -> None:
+        """At a stage boundary: fresh optimizer state, LR schedule restarted, and the method told."""
+        if iteration not in self.method.stage_starts:
+            return
+        self.optimizer.state.clear()
+        if self.lr_scheduler is not None:
+            for group, base_lr in zip(self.optimizer.param_groups, self.lr_scheduler.base_lrs):
+                group["lr"] = base_lr
+            self.lr_scheduler.last_epoch = 0
+        self.method.on_stage_start(list(self.method.stage_starts).index(iteration) + 1)
+
+    def _iteration(self, engine: SSLTrainer, batchdata: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """One step: draw the unlabeled batch, let the method compute its terms, one backward of the weighted
+        sum, one optimizer step, the method's post-step hook. Fires the standard ``IterationEvents``."""
+        iteration = engine.state.iteration - 1  # ignite counts from 1; methods and ramps from 0
+        self._start_stage_if_due(iteration)
+        image, label = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
+        unlabeled = None
+        if self.method.uses_unlabeled:
+            unlabeled_batch = self.next_unlabeled_batch()
+            unlabeled = unlabeled_batch[CommonKeys.IMAGE].to(engine.state.device, non_blocking=engine.non_blocking)
+        engine.state.output = {CommonKeys.IMAGE: image, CommonKeys.LABEL: label}
+
+        engine.network.train()
+        engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+        weights = self.method.active_terms(iteration)
+        with torch.autocast("cuda", enabled=bool(engine.amp), **engine.amp_kwargs):
+            terms = self.method.compute_losses(image, label.long(), unlabeled, iteration)
+            engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+            loss = sum(weights[name] * value for name, value in terms.items())
+        engine.fire_event(IterationEvents.LOSS_COMPLETED)
+        if engine.amp and engine.scaler is not None:
+            engine.scaler.scale(loss).backward()
+            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            engine.scaler.step(engine.optimizer)
+            engine.scaler.update()
+        else:
+            loss.backward()
+            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            engine.optimizer.step()
+        self.method.after_step(iteration)
+        engine.state.output[CommonKeys.LOSS] = loss.detach()
+        engine.state.output.update({f"loss_{name}": value.detach() for name, value in terms.items()})
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output
+
+
+def loss_terms(output: Dict[str, Any]) -> Dict[str, float]:
+    """``output_transform`` for Stats/TensorBoard handlers: every ``loss`` / ``loss_<name>`` entry as a float."""
+    return {key: float(value) for key, value in output.items() if key == "loss" or key.startswith("loss_")}

@@ -1,0 +1,80 @@
+"""MONAI transform chains shared by training, validation and inference.
+
+The deterministic part (:func:`preprocessing`) is the one place that defines how a volume is read and normalised,
+so training and inference can never drift apart. It is invertible: inference maps predictions back to the input's
+grid with ``Invertd`` against it.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from monai.transforms import (
+    Compose,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    LoadImaged,
+    NormalizeIntensityd,
+    Orientationd,
+    RandFlipd,
+    RandRotate90d,
+    RandSpatialCropd,
+    SpatialPadd,
+    Zoomd,
+)
+
+from bundle.data import H5Reader
+
+
+def preprocessing(keys: Sequence[str] = ("image", "label"), resample_factor: float = 1.0) -> Compose:
+    """Deterministic, invertible preprocessing of one item.
+
+    Reads NIfTI (or anything MONAI reads) and LA ``.h5`` files (datasets ``image`` / ``label``), puts the channel
+    first, reorients to RAS (a no-op for h5, which has no affine), optionally zooms by ``resample_factor`` (the
+    ``cpu`` benchmark protocol uses 0.5; trilinear for the image, nearest for labels) and z-scores the image per
+    channel. Output: ``image`` (C, H, W, D) float32 and, if requested, ``label`` (1, H, W, D) float32 class indices.
+
+    Args:
+        keys: ``("image",)`` for unlabeled / inference items, ``("image", "label")`` for labeled ones.
+        resample_factor: isotropic zoom applied after loading; 1.0 keeps the native grid.
+    """
+    keys = list(keys)
+    transforms = [LoadImaged(keys="image", reader=H5Reader(dataset="image"), image_only=True)]
+    if "label" in keys:
+        transforms.append(LoadImaged(keys="label", reader=H5Reader(dataset="label"), image_only=True))
+    transforms += [EnsureChannelFirstd(keys=keys), Orientationd(keys=keys, axcodes="RAS", labels=None)]
+    if resample_factor != 1.0:
+        modes = ["trilinear" if k == "image" else "nearest" for k in keys]
+        transforms.append(Zoomd(keys=keys, zoom=resample_factor, mode=modes, keep_size=False))
+    transforms += [NormalizeIntensityd(keys="image", channel_wise=True), EnsureTyped(keys=keys, track_meta=True)]
+    return Compose(transforms)
+
+
+def training_transforms(
+    keys: Sequence[str],
+    patch_size: Sequence[int],
+    resample_factor: float = 1.0,
+    augment: bool = False,
+) -> Compose:
+    """Preprocessing + the random part of training: pad to the patch, uniform random crop, optional rot90/flip.
+
+    Volumes smaller than the patch in some dimension are zero-padded symmetrically to the patch size (the
+    released code pads every dimension by ``floor((P-S)/2)+3`` instead; both leave every crop inside the padded
+    volume, ours pads no more than needed). The dual-network method uses no augmentation (``augment=False``, as in
+    the paper); ``augment=True`` adds the field's rot90 in the first two axes plus a flip, used by baselines.
+    Output ``image`` (C, *patch_size), ``label`` (1, *patch_size) when labeled.
+    """
+    keys = list(keys)
+    transforms = list(preprocessing(keys, resample_factor).transforms)
+    transforms += [
+        SpatialPadd(keys=keys, spatial_size=list(patch_size), mode="constant"),
+        RandSpatialCropd(keys=keys, roi_size=list(patch_size), random_size=False),
+    ]
+    if augment:
+        transforms += [
+            RandRotate90d(keys=keys, prob=1.0, max_k=3, spatial_axes=(0, 1)),
+            RandFlipd(keys=keys, prob=0.5, spatial_axis=0),
+            RandFlipd(keys=keys, prob=0.5, spatial_axis=1),
+        ]
+    transforms.append(EnsureTyped(keys=keys, track_meta=False))
+    return Compose(transforms)
