@@ -7,13 +7,14 @@ grid with ``Invertd`` against it.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Dict, Mapping, Sequence
 
 from monai.transforms import (
     Compose,
     EnsureChannelFirstd,
     EnsureTyped,
     LoadImaged,
+    MapTransform,
     NormalizeIntensityd,
     Orientationd,
     RandFlipd,
@@ -24,6 +25,28 @@ from monai.transforms import (
 )
 
 from bundle.data import H5Reader
+
+
+class LoadVolumed(MapTransform):
+    """``LoadImaged`` that reads LA ``.h5`` files with :class:`~bundle.data.H5Reader` (dataset = the key's name)
+    and every other file with MONAI's default readers.
+
+    Giving ``LoadImaged`` the h5 reader directly would make it try that reader first on every NIfTI file and log a
+    failure for each; choosing by suffix avoids both the noise and the wasted attempt.
+    """
+
+    def __init__(self, keys: Sequence[str]) -> None:
+        super().__init__(keys)
+        self.h5_loaders = {key: LoadImaged(keys=key, reader=H5Reader(dataset=key), image_only=True) for key in keys}
+        self.default_loaders = {key: LoadImaged(keys=key, image_only=True) for key in keys}
+
+    def __call__(self, data: Mapping) -> Dict:
+        item = dict(data)
+        for key in self.key_iterator(item):
+            loaders = self.h5_loaders if str(item[key]).endswith(".h5") else self.default_loaders
+            loader = loaders[key]
+            item[key] = loader({key: item[key]})[key]
+        return item
 
 
 def preprocessing(keys: Sequence[str] = ("image", "label"), resample_factor: float = 1.0) -> Compose:
@@ -39,10 +62,11 @@ def preprocessing(keys: Sequence[str] = ("image", "label"), resample_factor: flo
         resample_factor: isotropic zoom applied after loading; 1.0 keeps the native grid.
     """
     keys = list(keys)
-    transforms = [LoadImaged(keys="image", reader=H5Reader(dataset="image"), image_only=True)]
-    if "label" in keys:
-        transforms.append(LoadImaged(keys="label", reader=H5Reader(dataset="label"), image_only=True))
-    transforms += [EnsureChannelFirstd(keys=keys), Orientationd(keys=keys, axcodes="RAS", labels=None)]
+    transforms = [
+        LoadVolumed(keys=keys),
+        EnsureChannelFirstd(keys=keys),
+        Orientationd(keys=keys, axcodes="RAS", labels=None),
+    ]
     if resample_factor != 1.0:
         modes = ["trilinear" if k == "image" else "nearest" for k in keys]
         transforms.append(Zoomd(keys=keys, zoom=resample_factor, mode=modes, keep_size=False))

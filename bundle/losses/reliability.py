@@ -1,0 +1,82 @@
+"""Voxel reliability from the two subnets' predictions, shared by EFS (:mod:`bundle.losses.pseudo`) and PGL
+(:mod:`bundle.losses.prototype`).
+
+Every function here works on *detached* probabilities and returns masks or labels without gradient. Shapes:
+probabilities ``(B, C, *spatial)``, masks and labels ``(B, *spatial)``. ``C >= 2``; class 0 is the background.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+
+#: value of a pseudo-label that is undefined (both nets predict different non-background classes, ``C > 2`` only).
+UNDEFINED_LABEL = -1
+#: reliability rules of :func:`reliable_voxels`.
+RELIABILITY_RULES = ("paper", "code")
+#: eps inside the entropy's logarithm (as in the released code).
+ENTROPY_EPS = 1e-10
+
+
+def softmax_entropy(prob: torch.Tensor) -> torch.Tensor:
+    """Per-voxel entropy ``H = -sum_c p_c log(p_c + 1e-10)`` (natural log; J eq 9, C eq 3 writes log2 — the base is
+    irrelevant because every threshold is a percentile). ``(B, C, *spatial)`` -> ``(B, *spatial)``.
+
+    ``prob`` must be softmax **probabilities**; the released code's PGL variant fed raw logits here, giving NaN.
+    """
+    return -(prob * torch.log(prob + ENTROPY_EPS)).sum(dim=1)
+
+
+def percentile(values: torch.Tensor, q: float) -> torch.Tensor:
+    """The ``q``-th percentile (``0 <= q <= 100``) of all elements of ``values`` with linear interpolation
+    (numpy's default). Sort-based, so unlike ``torch.quantile`` there is no limit on the number of elements."""
+    if not 0.0 <= q <= 100.0:
+        raise ValueError(f"percentile must be in [0, 100], got {q}.")
+    ordered = values.detach().flatten().sort().values
+    position = q / 100.0 * (ordered.numel() - 1)
+    low = int(position)
+    high = min(low + 1, ordered.numel() - 1)
+    return ordered[low] + (position - low) * (ordered[high] - ordered[low])
+
+
+def entropy_uncertain(prob: torch.Tensor, q: float) -> torch.Tensor:
+    """``H >= tau`` per voxel, with ``tau`` the ``q``-th percentile of ``H`` over **all** voxels of ``prob``
+    (the whole sub-batch; J eq 10). ``(B, C, *spatial)`` -> bool ``(B, *spatial)``."""
+    entropy = softmax_entropy(prob)
+    return entropy >= percentile(entropy, q)
+
+
+def union_pseudo_label(pred_a: torch.Tensor, pred_b: torch.Tensor) -> torch.Tensor:
+    """Pseudo-label from the two argmax maps (spec section 4.5, "union").
+
+    Where the nets agree, their class; where exactly one predicts background, the other's (non-background) class;
+    where they predict two different non-background classes (``C > 2`` only), :data:`UNDEFINED_LABEL`.
+    For ``C = 2`` this is the released code's bitwise OR of the foreground argmaxes. Long ``(B, *spatial)``.
+    """
+    label = torch.maximum(pred_a, pred_b)
+    conflict = (pred_a != pred_b) & (pred_a != 0) & (pred_b != 0)
+    return label.masked_fill(conflict, UNDEFINED_LABEL)
+
+
+def reliable_voxels(
+    prob_a: torch.Tensor, prob_b: torch.Tensor, q: float, rule: str = "paper"
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Reliable-voxel mask ``R`` and its class label, for prototypes (J eqs 16-18).
+
+    * ``"paper"`` (J eq 16): ``R = [argmax p_A = argmax p_B] and [H_A < tau_A] and [H_B < tau_B]``; label = the
+      agreed class.
+    * ``"code"`` (released code): ``R`` = not uncertain in **both** nets (the EFS "not ignored" set); label = the
+      :func:`union_pseudo_label` (``R`` also excludes its undefined voxels, which only exist for ``C > 2``).
+
+    ``tau_X`` is the ``q``-th percentile of net X's entropy over the sub-batch. Returns bool ``R`` and long label,
+    both ``(B, *spatial)``; the label is meaningful only inside ``R``.
+    """
+    if rule not in RELIABILITY_RULES:
+        raise ValueError(f"reliability rule must be one of {RELIABILITY_RULES}, got {rule!r}.")
+    uncertain_a, uncertain_b = entropy_uncertain(prob_a, q), entropy_uncertain(prob_b, q)
+    pred_a, pred_b = prob_a.argmax(dim=1), prob_b.argmax(dim=1)
+    if rule == "paper":
+        return (pred_a == pred_b) & ~uncertain_a & ~uncertain_b, pred_a
+    label = union_pseudo_label(pred_a, pred_b)
+    return ~(uncertain_a & uncertain_b) & (label != UNDEFINED_LABEL), label

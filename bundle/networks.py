@@ -1,0 +1,281 @@
+"""The two subnets of the dual-network method and the ensemble used for inference.
+
+Both subnets share one decoder design (``AdditiveSkipDecoder``) and differ in their encoders:
+
+* :class:`ResNet34Seg` (Subnet A): 3D ResNet-34 encoder (BasicBlocks ``[3, 4, 6, 3]``), 17,930,354 parameters for
+  ``in_channels=1, out_channels=2, base_width=16``.
+* :class:`VNetSeg` (Subnet B): the plain-convolution V-Net of UA-MT/MCF (blocks of 1, 2, 3, 3, 3 convolutions),
+  9,448,866 parameters for the same arguments.
+
+Feature maps, for an input of shape ``(N, in_channels, H, W, D)`` and ``f = base_width``: ``s1`` (f, full size),
+``s2`` (2f, /2), ``s3`` (4f, /4), ``s4`` (8f, /8), ``s5`` (16f, /16). ``H, W, D`` must be divisible by 16.
+
+``forward(x)`` returns the logits ``(N, out_channels, H, W, D)`` only (TorchScript-able);
+``forward_features(x)`` also returns the decoder features ``x9`` ``(N, f, H, W, D)`` after dropout, which the
+prototype loss uses. See ``shared/specs/dual_network_method.md`` section 3.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Sequence, Tuple, Union
+
+import torch
+from monai.networks.layers.utils import get_norm_layer
+from torch import nn
+
+#: a MONAI norm spec: ``"batch"``, ``"instance"`` or a ``(name, kwargs)`` tuple, e.g. ``("group", {"num_groups": 8})``.
+NormSpec = Union[str, Tuple[str, Dict]]
+
+#: total down-sampling factor of both encoders; every spatial size must be a multiple of it.
+SIZE_DIVISOR = 16
+
+
+def check_spatial_shape(x: torch.Tensor, divisor: int = SIZE_DIVISOR) -> None:
+    """Raise ``ValueError`` unless ``x`` is ``(N, C, H, W, D)`` with ``H, W, D`` divisible by ``divisor``."""
+    if x.dim() != 5:
+        raise ValueError(f"expected a 5D input (N, C, H, W, D), got shape {list(x.shape)}")
+    for size in x.shape[2:]:
+        if size % divisor != 0:
+            raise ValueError(
+                f"spatial sizes must be divisible by {divisor}, got input shape {list(x.shape)}; "
+                "pad or crop the input (the sliding-window ROI must also be a multiple of 16)"
+            )
+
+
+def conv_norm_relu(
+    in_channels: int, out_channels: int, norm: NormSpec, kernel_size: int = 3, stride: int = 1, bias: bool = True
+) -> nn.Sequential:
+    """``Conv3d(kernel_size, stride, 'same' padding for stride 1) + norm + ReLU``."""
+    padding = (kernel_size - 1) // 2 if stride == 1 else 0
+    return nn.Sequential(
+        nn.Conv3d(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias),
+        get_norm_layer(norm, spatial_dims=3, channels=out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+def conv_stack(in_channels: int, out_channels: int, num_convs: int, norm: NormSpec) -> nn.Sequential:
+    """``num_convs`` times ``Conv3d(3^3, bias) + norm + ReLU``; the first maps ``in_channels -> out_channels``."""
+    return nn.Sequential(
+        *[conv_norm_relu(in_channels if i == 0 else out_channels, out_channels, norm) for i in range(num_convs)]
+    )
+
+
+def init_weights(module: nn.Module) -> None:
+    """Kaiming-normal on every Conv3d/ConvTranspose3d weight; norm-layer weight (gamma) 1 and bias (beta) 0.
+
+    Convolution biases keep PyTorch's default initialisation.
+    """
+    for m in module.modules():
+        if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d)):
+            nn.init.kaiming_normal_(m.weight)
+        elif isinstance(m, (nn.BatchNorm3d, nn.InstanceNorm3d, nn.GroupNorm)):
+            if m.weight is not None:
+                nn.init.ones_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+class UpBlock(nn.Module):
+    """One decoder stage: ``block(ReLU(norm(ConvT_{k2,s2}(x))) + skip)``; the skip is **added**, not concatenated.
+
+    Input ``x``: ``(N, in_channels, h, w, d)``; ``skip``: ``(N, in_channels // 2, 2h, 2w, 2d)``; output like ``skip``.
+    """
+
+    def __init__(self, in_channels: int, num_convs: int, norm: NormSpec) -> None:
+        super().__init__()
+        out_channels = in_channels // 2
+        self.up = nn.Sequential(
+            nn.ConvTranspose3d(in_channels, out_channels, kernel_size=2, stride=2),
+            get_norm_layer(norm, spatial_dims=3, channels=out_channels),
+            nn.ReLU(inplace=True),
+        )
+        self.block = conv_stack(out_channels, out_channels, num_convs, norm)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return self.block(self.up(x) + skip)
+
+
+class AdditiveSkipDecoder(nn.Module):
+    """Decoder shared by both subnets (spec section 3): four :class:`UpBlock` with 3, 3, 2, 1 convolutions.
+
+    ``forward(skips)`` takes ``[s1, s2, s3, s4, s5]`` (widths ``f, 2f, 4f, 8f, 16f``) and returns ``x9``
+    ``(N, f, H, W, D)`` after ``Dropout3d(dropout)`` (active in training mode only).
+    """
+
+    def __init__(self, base_width: int, norm: NormSpec, dropout: float) -> None:
+        super().__init__()
+        widths = [16 * base_width, 8 * base_width, 4 * base_width, 2 * base_width]
+        self.stages = nn.ModuleList([UpBlock(w, n, norm) for w, n in zip(widths, (3, 3, 2, 1))])
+        self.dropout = nn.Dropout3d(dropout)
+
+    def forward(self, skips: List[torch.Tensor]) -> torch.Tensor:
+        x = skips[4]
+        for i, stage in enumerate(self.stages):
+            x = stage(x, skips[3 - i])
+        return self.dropout(x)
+
+
+class BasicBlock(nn.Module):
+    """ResNet BasicBlock: ``ReLU(BN(conv3(ReLU(BN(conv3_s(x))))) + shortcut(x))``, convolutions without bias.
+
+    The shortcut is a ``1^3`` stride-``stride`` convolution + norm when the shape changes, else the identity.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, norm: NormSpec) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv3d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+        self.norm1 = get_norm_layer(norm, spatial_dims=3, channels=out_channels)
+        self.conv2 = nn.Conv3d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.norm2 = get_norm_layer(norm, spatial_dims=3, channels=out_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv3d(in_channels, out_channels, 1, stride=stride, bias=False),
+                get_norm_layer(norm, spatial_dims=3, channels=out_channels),
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.norm1(self.conv1(x)))
+        out = self.norm2(self.conv2(out))
+        return self.relu(out + self.shortcut(x))
+
+
+class ResNet34Encoder(nn.Module):
+    """3D ResNet-34 encoder: ``7^3`` stride-1 stem (no bias) + norm + ReLU -> ``s1``, no max-pool, then four stages
+    of ``[3, 4, 6, 3]`` BasicBlocks at widths ``2f, 4f, 8f, 16f``, each starting with stride 2 -> ``s2 .. s5``."""
+
+    def __init__(self, in_channels: int, base_width: int, norm: NormSpec, blocks: Sequence[int] = (3, 4, 6, 3)) -> None:
+        super().__init__()
+        self.stem = conv_norm_relu(in_channels, base_width, norm, kernel_size=7, bias=False)
+        stages = []
+        width = base_width
+        for i, num_blocks in enumerate(blocks):
+            out_width = base_width * 2 ** (i + 1)
+            stages.append(
+                nn.Sequential(
+                    *[
+                        BasicBlock(width if b == 0 else out_width, out_width, 2 if b == 0 else 1, norm)
+                        for b in range(num_blocks)
+                    ]
+                )
+            )
+            width = out_width
+        self.stages = nn.ModuleList(stages)
+
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        features = [self.stem(x)]
+        for stage in self.stages:
+            features.append(stage(features[-1]))
+        return features
+
+
+class VNetEncoder(nn.Module):
+    """Plain-convolution V-Net encoder: ``s1`` = 1 conv at width ``f``; then four stages of
+    ``Conv(k2, s2) + norm + ReLU`` (doubling the width) followed by 2, 3, 3, 3 convolutions -> ``s2 .. s5``;
+    ``Dropout3d(dropout)`` on the bottleneck ``s5`` (training mode only)."""
+
+    def __init__(self, in_channels: int, base_width: int, norm: NormSpec, dropout: float) -> None:
+        super().__init__()
+        self.stem = conv_stack(in_channels, base_width, 1, norm)
+        stages = []
+        for i, num_convs in enumerate((2, 3, 3, 3)):
+            width = base_width * 2**i
+            stages.append(
+                nn.Sequential(
+                    conv_norm_relu(width, 2 * width, norm, kernel_size=2, stride=2),
+                    conv_stack(2 * width, 2 * width, num_convs, norm),
+                )
+            )
+        self.stages = nn.ModuleList(stages)
+        self.bottleneck_dropout = nn.Dropout3d(dropout)
+
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        features = [self.stem(x)]
+        for stage in self.stages:
+            features.append(stage(features[-1]))
+        features[-1] = self.bottleneck_dropout(features[-1])
+        return features
+
+
+class EncoderDecoderSeg(nn.Module):
+    """Encoder + :class:`AdditiveSkipDecoder` + ``1^3`` convolution head; the common body of both subnets.
+
+    Args:
+        encoder: module mapping ``(N, in_channels, H, W, D)`` to ``[s1, .., s5]`` of widths ``f .. 16f``.
+        out_channels: number of classes ``C >= 2``.
+        base_width: ``f``, the width of ``s1`` and of the decoder features.
+        norm: MONAI norm spec.
+        dropout: ``Dropout3d`` probability on the decoder features ``x9``.
+    """
+
+    def __init__(self, encoder: nn.Module, out_channels: int, base_width: int, norm: NormSpec, dropout: float) -> None:
+        super().__init__()
+        if out_channels < 2:
+            raise ValueError(f"out_channels must be >= 2 (softmax over classes), got {out_channels}.")
+        self.encoder = encoder
+        self.decoder = AdditiveSkipDecoder(base_width, norm, dropout)
+        self.head = nn.Conv3d(base_width, out_channels, kernel_size=1)
+        init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, in_channels, H, W, D)`` -> logits ``(N, out_channels, H, W, D)``."""
+        return self.forward_features(x)[0]
+
+    def forward_features(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(N, in_channels, H, W, D)`` -> ``(logits (N, out_channels, H, W, D), x9 (N, base_width, H, W, D))``;
+        ``x9`` is taken after the decoder dropout."""
+        check_spatial_shape(x)
+        features = self.decoder(self.encoder(x))
+        return self.head(features), features
+
+
+class ResNet34Seg(EncoderDecoderSeg):
+    """Subnet A: :class:`ResNet34Encoder` + shared decoder; dropout only on the decoder features ``x9``.
+
+    17,930,354 parameters for ``in_channels=1, out_channels=2, base_width=16, norm="batch"``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        out_channels: int = 2,
+        base_width: int = 16,
+        norm: NormSpec = "batch",
+        dropout: float = 0.5,
+    ) -> None:
+        super().__init__(ResNet34Encoder(in_channels, base_width, norm), out_channels, base_width, norm, dropout)
+
+
+class VNetSeg(EncoderDecoderSeg):
+    """Subnet B: :class:`VNetEncoder` + shared decoder; ``Dropout3d(dropout)`` on the bottleneck and on ``x9``.
+
+    9,448,866 parameters for ``in_channels=1, out_channels=2, base_width=16, norm="batch"``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        out_channels: int = 2,
+        base_width: int = 16,
+        norm: NormSpec = "batch",
+        dropout: float = 0.5,
+    ) -> None:
+        super().__init__(VNetEncoder(in_channels, base_width, norm, dropout), out_channels, base_width, norm, dropout)
+
+
+class SoftmaxEnsemble(nn.Module):
+    """Inference network: the mean of the two subnets' softmax probabilities (spec section 6).
+
+    ``forward(x)``: ``(N, in_channels, H, W, D)`` -> ``(N, C, H, W, D)`` probabilities summing to 1 over ``C``.
+    Its state dict keys are ``net_a.*`` and ``net_b.*`` (the layout of ``models/model.pt``).
+    """
+
+    def __init__(self, net_a: nn.Module, net_b: nn.Module) -> None:
+        super().__init__()
+        self.net_a = net_a
+        self.net_b = net_b
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (torch.softmax(self.net_a(x), dim=1) + torch.softmax(self.net_b(x), dim=1))
