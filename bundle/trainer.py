@@ -17,6 +17,7 @@ from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys
 
 from bundle.methods.base import SSLMethod
+from bundle.runtime import tune_cpu_allocator
 
 
 class SSLTrainer(SupervisedTrainer):
@@ -52,6 +53,8 @@ class SSLTrainer(SupervisedTrainer):
         lr_scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None,
         **kwargs: Any,
     ) -> None:
+        if torch.device(device).type == "cpu":
+            tune_cpu_allocator()
         if method.uses_unlabeled and unlabeled_data_loader is None:
             raise ValueError(f"{type(method).__name__} trains on unlabeled data but no unlabeled loader was given.")
         super().__init__(

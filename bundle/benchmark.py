@@ -1,0 +1,417 @@
+"""Benchmark logic behind ``scripts/benchmark.py``: speed probes, accuracy runs through ``monai.bundle``, results
+JSON and the generated ``docs/RESULTS.md``.
+
+Every accuracy run drives the bundle's own configs (``python -m monai.bundle run training`` then the evaluation
+overlay) in a subprocess, so the benchmark has no training loop of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+from ignite.engine import Events
+from monai.bundle import ConfigParser
+from monai.inferers import SlidingWindowInferer
+
+from bundle.inference import strides_to_overlap
+from bundle.trainer import SSLTrainer
+
+CONFIG_DIR = "configs"
+
+
+def hardware() -> str:
+    """A one-line description of the machine the numbers come from."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            names = [line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    text = f"{cpu}, {torch.get_num_threads()} torch threads, {os.cpu_count()} cores, torch {torch.__version__}"
+    if torch.cuda.is_available():
+        text += f", GPU {torch.cuda.get_device_name(0)}"
+    return text
+
+
+def git_commit() -> str:
+    """The current commit, with ``+dirty`` when the working tree has uncommitted changes."""
+    try:
+        commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"]).returncode != 0
+        return commit + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def peak_rss_gib() -> float:
+    """Peak resident memory of this process so far, GiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def parse_bundle(config_files: Sequence[str], overrides: Dict[str, Any]) -> ConfigParser:
+    """The bundle's configs merged in order, with ``overrides`` applied, as MONAI's ``run`` would see them."""
+    parser = ConfigParser()
+    parser.read_config(list(config_files))
+    parser.update(overrides)
+    return parser
+
+
+def time_training(
+    config_files: Sequence[str],
+    overrides: Dict[str, Any],
+    iterations: int = 3,
+    warmup: int = 1,
+) -> Dict[str, float]:
+    """Seconds per training iteration of the bundle's method, optimizer and :class:`SSLTrainer` on random
+    in-memory batches of the configured patch and batch sizes (no data loading is timed)."""
+    parser = parse_bundle(config_files, overrides)
+    method = parser.get_parsed_content("network")
+    optimizer = parser.get_parsed_content("optimizer")
+    device = parser.get_parsed_content("device")
+    channels, patch = parser["in_channels"], list(parser["patch_size"])
+    generator = torch.Generator().manual_seed(0)
+    labeled = {
+        "image": torch.randn(parser["labeled_batch_size"], channels, *patch, generator=generator),
+        "label": (torch.rand(parser["labeled_batch_size"], 1, *patch, generator=generator) > 0.7).float(),
+    }
+    unlabeled = {"image": torch.randn(parser["unlabeled_batch_size"], channels, *patch, generator=generator)}
+    total = warmup + iterations
+    trainer = SSLTrainer(
+        device=device,
+        max_iterations=total,
+        max_epochs=total,
+        train_data_loader=[labeled],
+        method=method,
+        optimizer=optimizer,
+        unlabeled_data_loader=[unlabeled] if method.uses_unlabeled else None,
+        amp=bool(parser.get_parsed_content("amp")),
+    )
+    stamps: List[float] = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda engine: stamps.append(time.perf_counter()))
+    if torch.cuda.is_available():
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda engine: torch.cuda.synchronize())
+    start = time.perf_counter()
+    trainer.run()
+    stamps = [start] + stamps
+    timed = [b - a for a, b in zip(stamps[warmup:], stamps[warmup + 1 :])]
+    result = {"seconds_per_iteration": sum(timed) / len(timed), "iterations_timed": len(timed)}
+    result["peak_rss_gib"] = peak_rss_gib()
+    if torch.cuda.is_available():
+        result["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return result
+
+
+def time_inference(
+    config_files: Sequence[str],
+    overrides: Dict[str, Any],
+    volume_shape: Sequence[int],
+    strides: Sequence[int],
+) -> Dict[str, float]:
+    """Seconds and peak memory to segment one random volume with the bundle's ensemble through MONAI's
+    ``SlidingWindowInferer`` at the given strides (overlaps chosen so MONAI's window grid has exactly them)."""
+    parser = parse_bundle(config_files, overrides)
+    device = parser.get_parsed_content("device")
+    network = parser.get_parsed_content("network_def").to(device).eval()
+    patch = list(parser["patch_size"])
+    inferer = SlidingWindowInferer(
+        roi_size=patch,
+        sw_batch_size=parser["sw_batch_size"],
+        overlap=strides_to_overlap(patch, strides),
+        sw_device=device,
+        device="cpu",
+    )
+    volume = torch.randn(1, parser["in_channels"], *volume_shape, generator=torch.Generator().manual_seed(0))
+    start = time.perf_counter()
+    with torch.no_grad():
+        output = inferer(volume, network)
+    seconds = time.perf_counter() - start
+    result = {"seconds_per_volume": seconds, "peak_rss_gib": peak_rss_gib(), "output_shape": list(output.shape)}
+    if torch.cuda.is_available():
+        result["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return result
+
+
+def run_isolated(kind: str, **kwargs: Any) -> Dict[str, Any]:
+    """Run one probe in a fresh Python process so its peak memory is its own."""
+    command = [sys.executable, "-c", "import json,sys; from bundle import benchmark as b; "
+               "a=json.loads(sys.argv[1]); print('RESULT'+json.dumps(getattr(b, a.pop('kind'))(**a)))",
+               json.dumps({"kind": kind, **kwargs})]  # fmt: skip
+    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads([line for line in out.splitlines() if line.startswith("RESULT")][-1][len("RESULT") :])
+
+
+def write_json(record: Dict[str, Any], output_dir: str, name: str) -> str:
+    """Write ``record`` to ``output_dir/name.json`` atomically; return the path."""
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, f"{name}.json")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as handle:
+        json.dump(record, handle, indent=4)
+        handle.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def mean_std(values: Sequence[float]) -> Dict[str, float]:
+    """Mean and population standard deviation of ``values``."""
+    mean = sum(values) / len(values)
+    return {"mean": mean, "std": math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))}
+
+
+def split_lists(dataset_dir: str, list_file: str, train_cases: int, run_dir: str) -> Dict[str, str]:
+    """Write the benchmark split: the first ``train_cases`` of the list train (first K labeled), the rest test."""
+    from bundle.data import read_case_list
+
+    cases = read_case_list(os.path.join(dataset_dir, list_file) if not os.path.isabs(list_file) else list_file)
+    if len(cases) <= train_cases:
+        raise ValueError(f"{list_file}: {len(cases)} cases, need more than train_cases={train_cases}.")
+    os.makedirs(run_dir, exist_ok=True)
+    paths = {"train": os.path.join(run_dir, "train.list"), "test": os.path.join(run_dir, "test.list")}
+    for name, subset in (("train", cases[:train_cases]), ("test", cases[train_cases:])):
+        with open(paths[name], "w") as handle:
+            handle.write("\n".join(subset) + "\n")
+    return paths
+
+
+def bundle_command(run_id: str, config_files: Sequence[str], overrides: Dict[str, Any]) -> List[str]:
+    """The ``python -m monai.bundle run`` command line for ``config_files`` and ``overrides``."""
+    command = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", json.dumps(list(config_files))]
+    for key, value in overrides.items():
+        command += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
+    return command
+
+
+def run_logged(command: List[str], log_path: str) -> float:
+    """Run ``command`` with stdout and stderr appended to ``log_path``; return its wall time in seconds."""
+    start = time.perf_counter()
+    with open(log_path, "a") as log:
+        log.write("$ " + " ".join(command) + "\n")
+        log.flush()
+        result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT)
+    if result.returncode != 0:
+        raise RuntimeError(f"command failed with exit code {result.returncode}; see {log_path}")
+    return time.perf_counter() - start
+
+
+def method_configs(method: str, protocol: str) -> List[str]:
+    """Config files of one benchmark run, in merge order: base, LA preset, method preset, protocol preset."""
+    files = [
+        f"{CONFIG_DIR}/train.json",
+        f"{CONFIG_DIR}/datasets/la.json",
+        f"{CONFIG_DIR}/methods/{method}.json",
+        f"{CONFIG_DIR}/benchmark/la_{protocol}.json",
+    ]
+    missing = [f for f in files if not os.path.isfile(f)]
+    if missing:
+        raise FileNotFoundError(f"unknown method or protocol: {missing} not found (run from the bundle root)")
+    return files
+
+
+def read_metrics(eval_dir: str) -> Dict[str, Any]:
+    """Per-case rows and the summary written by the evaluation overlay (``metrics.csv``, ``summary.json``)."""
+    import csv
+
+    with open(os.path.join(eval_dir, "metrics.csv")) as handle:
+        rows = [{k: (v if k == "case" else float(v)) for k, v in row.items()} for row in csv.DictReader(handle)]
+    with open(os.path.join(eval_dir, "summary.json")) as handle:
+        summary = json.load(handle)
+    return {"per_case": rows, "summary": summary}
+
+
+def accuracy(
+    dataset_dir: str,
+    method: str = "dual_journal",
+    protocol: str = "cpu",
+    num_labeled: int = 8,
+    list_file: str = "train.list",
+    train_cases: int = 60,
+    seed: int = 1337,
+    results_dir: str = "docs/results",
+    runs_dir: str = "runs/benchmark",
+    retrain: bool = False,
+    **overrides: Any,
+) -> str:
+    """Train ``method`` on LA under ``protocol`` and score the final weights on the held-out cases.
+
+    Split: the first ``train_cases`` cases of ``list_file`` train (the first ``num_labeled`` labeled, the rest
+    unlabeled); the remaining cases are the test set. No validation runs during training and no checkpoint is
+    chosen: the last iteration's weights are scored (the papers' protocol). A finished training is reused unless
+    ``retrain``. Writes ``<results_dir>/<name>.json``; returns its path.
+    """
+    name = f"la_{protocol}_{method}_k{num_labeled}_seed{seed}"
+    run_dir = os.path.abspath(os.path.join(runs_dir, name))
+    lists = split_lists(dataset_dir, list_file, train_cases, run_dir)
+    configs = method_configs(method, protocol)
+    common = {
+        "dataset_dir": os.path.abspath(dataset_dir),
+        "train_list": lists["train"],
+        "num_labeled": num_labeled,
+        "seed": seed,
+        "model_dir": os.path.join(run_dir, "models"),
+        **overrides,
+    }
+    train_overrides = {**common, "val_list": None, "output_dir": run_dir}
+    log_path = os.path.join(run_dir, "benchmark.log")
+    info_path = os.path.join(run_dir, "train_info.json")
+    train_command = bundle_command("training", configs, train_overrides)
+    if retrain or not os.path.isfile(info_path):
+        seconds = run_logged(train_command, log_path)
+        write_json({"train_seconds": seconds, "hardware": hardware(), "commit": git_commit()}, run_dir, "train_info")
+    with open(info_path) as handle:
+        train_info = json.load(handle)
+    eval_dir = os.path.join(run_dir, "eval")
+    eval_overrides = {**common, "val_list": lists["test"], "output_dir": eval_dir}
+    run_logged(bundle_command("run", configs + [f"{CONFIG_DIR}/evaluate.json"], eval_overrides), log_path)
+    parser = parse_bundle(configs, train_overrides)
+    hyperparameters = {k: v for k, v in parser.get().items() if not isinstance(v, dict) or k == "loss_weights"}
+    record = {
+        "kind": "accuracy",
+        "method": method,
+        "protocol": protocol,
+        "num_labeled": num_labeled,
+        "split": f"train: first {train_cases} of {list_file} ({num_labeled} labeled); test: the remaining cases",
+        "test_cases": open(lists["test"]).read().split(),
+        "command": " ".join(train_command),
+        "commit": train_info["commit"],
+        "hardware": train_info["hardware"],
+        "seed": seed,
+        "config": hyperparameters,
+        "train_seconds": train_info["train_seconds"],
+        **read_metrics(eval_dir),
+    }
+    return write_json(record, results_dir, name)
+
+
+#: The authors' released code on a 2-core CPU machine (DEVELOPERS.md): the baseline our speed is compared with.
+AUTHORS_CPU_SECONDS = {"train_64x64x32": 8.8, "train_112x112x80": 92.0, "infer_175x132x88": 122.0}
+AUTHORS_CPU_PEAK_GIB = {"train_64x64x32": 2.4, "train_112x112x80": 12.8}
+
+
+def speed(
+    method: str = "dual_journal",
+    patches: Sequence[Sequence[int]] = ((64, 64, 32), (112, 112, 80)),
+    volume: Sequence[int] = (175, 132, 88),
+    inference_patch: Sequence[int] = (112, 112, 80),
+    strides: Sequence[int] = (18, 18, 4),
+    iterations: int = 3,
+    results_dir: str = "docs/results",
+) -> str:
+    """Training seconds/iteration and peak memory per patch size (batch 2+2), and inference seconds and peak memory
+    for one volume at the given strides, each probe in its own process. Writes ``speed_<device>_<method>.json``."""
+    configs = [f"{CONFIG_DIR}/train.json", f"{CONFIG_DIR}/methods/{method}.json"]
+    rows = []
+    for patch in patches:
+        result = run_isolated("time_training", config_files=configs, overrides={"patch_size": list(patch)},
+                              iterations=iterations)  # fmt: skip
+        rows.append({"probe": "train_" + "x".join(map(str, patch)), "batch": "2+2", **result})
+    result = run_isolated("time_inference", config_files=configs, overrides={"patch_size": list(inference_patch)},
+                          volume_shape=list(volume), strides=list(strides))  # fmt: skip
+    rows.append({"probe": "infer_" + "x".join(map(str, volume)), "strides": list(strides), **result})
+    device = "gpu" if torch.cuda.is_available() else "cpu"
+    command = f"python scripts/benchmark.py speed --method {method}"
+    record = {"kind": "speed", "method": method, "device": device, "command": command, "commit": git_commit(),
+              "hardware": hardware(), "rows": rows}  # fmt: skip
+    return write_json(record, results_dir, f"speed_{device}_{method}")
+
+
+#: Paper 000 (journal), Table 1, LA: the dual-network method, and its V-Net supervised-only reference row (Dice only).
+PAPER_LA = {
+    ("dual_journal", 8): {"dice": 89.95, "jaccard": 81.81, "hd95": 5.73, "asd": 1.79},
+    ("dual_journal", 16): {"dice": 90.90, "jaccard": 83.41, "hd95": 5.28, "asd": 1.63},
+    ("supervised", 8): {"dice": 51.76},
+    ("supervised", 16): {"dice": 77.48},
+}
+
+
+def _cell(summary: Dict[str, Any], key: str, scale: float = 1.0) -> str:
+    stats = summary.get(key)
+    if not isinstance(stats, dict):
+        return "–"
+    return f"{stats['mean'] * scale:.2f} ± {stats['std'] * scale:.2f}"
+
+
+def _paper(method: str, num_labeled: int, key: str) -> str:
+    value = PAPER_LA.get((method, num_labeled), {}).get(key)
+    return "–" if value is None else f"{value:.2f}"
+
+
+def report(results_dir: str = "docs/results", output: str = "docs/RESULTS.md") -> str:
+    """Generate ``docs/RESULTS.md`` from every JSON record in ``results_dir`` (never edit it by hand)."""
+    records = []
+    for name in sorted(os.listdir(results_dir)) if os.path.isdir(results_dir) else []:
+        if name.endswith(".json"):
+            with open(os.path.join(results_dir, name)) as handle:
+                records.append((name, json.load(handle)))
+    lines = [
+        "# Results",
+        "",
+        "Generated by `python scripts/benchmark.py report` from the JSON records in `docs/results/`; do not edit.",
+        "Dice and Jaccard in %, HD95 and ASD in voxels of the original LA grid (medpy semantics), mean ± std over",
+        "the test cases. The standard LA test set is not used: every run trains on the first 60 cases of",
+        "`train.list` (the first K labeled, the rest unlabeled) and is tested on its last 20 cases, with the",
+        "weights of the last iteration (no checkpoint selection).",
+        "",
+    ]
+    accuracy_records = [(n, r) for n, r in records if r.get("kind") == "accuracy"]
+    for protocol in sorted({r["protocol"] for _, r in accuracy_records}):
+        lines += [
+            f"## LA, `{protocol}` protocol",
+            "",
+            "| method | K | Dice | Jaccard | HD95 | ASD | paper Dice | paper Jaccard | paper HD95 | paper ASD "
+            "| train time | record |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for name, r in sorted(accuracy_records, key=lambda item: (item[1]["num_labeled"], item[1]["method"])):
+            if r["protocol"] != protocol:
+                continue
+            s, m, k = r["summary"], r["method"], r["num_labeled"]
+            lines.append(
+                f"| {m} | {k} | {_cell(s, 'dice', 100)} | {_cell(s, 'jaccard', 100)} | {_cell(s, 'hd95')} "
+                f"| {_cell(s, 'asd')} | {_paper(m, k, 'dice')} | {_paper(m, k, 'jaccard')} | {_paper(m, k, 'hd95')} "
+                f"| {_paper(m, k, 'asd')} | {r['train_seconds'] / 60:.0f} min | `{name}` |"
+            )
+        lines.append("")
+        for name, r in accuracy_records:
+            if r["protocol"] == protocol:
+                lines += [f"- `{name}`: commit {r['commit']}, {r['hardware']}, seed {r['seed']}; command:",
+                          f"  `{r['command']}`"]  # fmt: skip
+        lines.append("")
+    speed_records = [(n, r) for n, r in records if r.get("kind") == "speed"]
+    if speed_records:
+        lines += [
+            "## Speed",
+            "",
+            "One training iteration (batch 2 labeled + 2 unlabeled, random data, loading excluded) and one LA-sized",
+            "volume through the sliding window; each probe in its own process. The authors' released code on a",
+            "similar 2-core CPU machine: 8.8 s / 2.4 GB at 64×64×32, 92 s / 12.8 GB at 112×112×80, 122 s per volume",
+            "(these CPU VMs drift by ±25 %, so ratios against a baseline timed in one run are more reliable).",
+            "",
+            "| record | device | probe | seconds | peak RSS (GiB) | authors' seconds | ratio |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for name, r in speed_records:
+            for row in r["rows"]:
+                seconds = row.get("seconds_per_iteration", row.get("seconds_per_volume"))
+                theirs = AUTHORS_CPU_SECONDS.get(row["probe"]) if r["device"] == "cpu" else None
+                ratio = "–" if theirs is None else f"{seconds / theirs:.2f}"
+                lines.append(f"| `{name}` | {r['device']} | {row['probe']} | {seconds:.2f} | {row['peak_rss_gib']:.2f} "
+                             f"| {theirs if theirs is not None else '–'} | {ratio} |")  # fmt: skip
+        lines.append("")
+        for name, r in speed_records:
+            lines.append(f"- `{name}`: commit {r['commit']}, {r['hardware']}; command: `{r['command']}`")
+        lines.append("")
+    os.makedirs(os.path.dirname(output) or ".", exist_ok=True)
+    with open(output + ".tmp", "w") as handle:
+        handle.write("\n".join(lines))
+    os.replace(output + ".tmp", output)
+    return output

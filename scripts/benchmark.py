@@ -1,0 +1,20 @@
+"""LA benchmark: ``accuracy`` runs, ``speed`` probes and the generated ``docs/RESULTS.md``.
+
+Run from the bundle root, e.g.::
+
+    python scripts/benchmark.py accuracy --dataset_dir /data/LA --method dual_journal --protocol cpu
+    python scripts/benchmark.py speed --patch "[64,64,32]"
+    python scripts/benchmark.py report
+"""
+
+import os
+import sys
+
+import fire
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bundle.benchmark import accuracy, report, speed  # noqa: E402
+
+if __name__ == "__main__":
+    fire.Fire({"accuracy": accuracy, "speed": speed, "report": report})
