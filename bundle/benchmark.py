@@ -15,7 +15,7 @@ import resource
 import subprocess
 import sys
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Sequence
 
 import torch
 from ignite.engine import Events
@@ -187,7 +187,7 @@ def bundle_command(run_id: str, config_files: Sequence[str], overrides: Dict[str
     """The ``python -m monai.bundle run`` command line for ``config_files`` and ``overrides``."""
     command = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", json.dumps(list(config_files))]
     for key, value in overrides.items():
-        command += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
+        command += [f"--{key}", value if isinstance(value, str) else repr(value).replace(" ", "")]
     return command
 
 

@@ -29,7 +29,8 @@ class SSLTrainer(SupervisedTrainer):
         max_epochs: passes over the labeled loader; must cover ``max_iterations`` (configs compute it as
             ``ceil(max_iterations / len(labeled loader))``).
         train_data_loader: labeled batches ``{"image": (B_l, C, *patch), "label": (B_l, 1, *patch)}``.
-        method: the method plug-in; it is also the ``network`` of the underlying ``SupervisedTrainer``.
+        method: the method plug-in; it is also the ``network`` of the underlying ``SupervisedTrainer``. It may be
+            wrapped in ``DistributedDataParallel`` (multi-GPU); the trainer calls it through ``forward``.
         optimizer: one optimizer over ``method.trainable_parameters()``.
         unlabeled_data_loader: unlabeled batches ``{"image": (B_u, C, *patch)}``; required when
             ``method.uses_unlabeled``. It is cycled endlessly and reshuffled at every pass.
@@ -55,8 +56,9 @@ class SSLTrainer(SupervisedTrainer):
     ) -> None:
         if torch.device(device).type == "cpu":
             tune_cpu_allocator()
-        if method.uses_unlabeled and unlabeled_data_loader is None:
-            raise ValueError(f"{type(method).__name__} trains on unlabeled data but no unlabeled loader was given.")
+        plugin: SSLMethod = getattr(method, "module", method)  # unwrap DistributedDataParallel
+        if plugin.uses_unlabeled and unlabeled_data_loader is None:
+            raise ValueError(f"{type(plugin).__name__} trains on unlabeled data but no unlabeled loader was given.")
         super().__init__(
             device=device,
             max_epochs=max_epochs,
@@ -67,7 +69,7 @@ class SSLTrainer(SupervisedTrainer):
             decollate=False,
             **kwargs,
         )
-        self.method = method
+        self.method = plugin
         self.max_iterations = int(max_iterations)
         self.unlabeled_data_loader = unlabeled_data_loader
         self.lr_scheduler = lr_scheduler
@@ -120,7 +122,7 @@ class SSLTrainer(SupervisedTrainer):
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
         weights = self.method.active_terms(iteration)
         with torch.autocast("cuda", enabled=bool(engine.amp), **engine.amp_kwargs):
-            terms = self.method.compute_losses(image, label.long(), unlabeled, iteration)
+            terms = engine.network(image, label.long(), unlabeled, iteration)
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
             loss = sum(weights[name] * value for name, value in terms.items())
         engine.fire_event(IterationEvents.LOSS_COMPLETED)

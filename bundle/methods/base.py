@@ -81,6 +81,17 @@ class SSLMethod(nn.Module):
         """
         raise NotImplementedError
 
+    def forward(
+        self,
+        labeled_image: torch.Tensor,
+        label: torch.Tensor,
+        unlabeled_image: Optional[torch.Tensor],
+        iteration: int,
+    ) -> Dict[str, torch.Tensor]:
+        """Same as :meth:`compute_losses`; the trainer calls the method through ``forward`` so that wrapping the
+        whole method in ``DistributedDataParallel`` synchronises the gradients of every trainable network."""
+        return self.compute_losses(labeled_image, label, unlabeled_image, iteration)
+
     def after_step(self, iteration: int) -> None:
         """Called after every optimizer step with the same ``iteration`` (EMA updates live here)."""
 
