@@ -1,0 +1,314 @@
+"""Inference on a folder of NIfTI scans: the papers' sliding-window grid, uncertainty maps, and a robust runner.
+
+``configs/inference.json`` wires these to MONAI's ``SlidingWindowInferer``, ``Invertd`` and ``SaveImage``:
+
+* :func:`strides_to_overlap` turns the papers' window strides into the per-axis ``overlap`` that MONAI needs, so
+  that MONAI's scan interval ``int(roi * (1 - overlap))`` is exactly the stride (a naive ``1 - s / roi`` can give
+  ``s - 1``: 96 and 16 give 15). :func:`window_starts` is the papers' reference grid, for tests.
+* :func:`entropy_map`, :func:`disagreement_map` and :class:`SubnetDisagreement`: the optional uncertainty outputs.
+* :func:`image_datalist` lists the input images; :class:`FolderInference` segments them one at a time, reports and
+  skips bad files, writes every output atomically, and exits non-zero at the end if any file failed.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.data import Dataset, NibabelWriter
+from monai.data.utils import to_affine_nd
+from monai.inferers import Inferer
+from monai.transforms import Compose, SaveImage
+from monai.utils import convert_data_type
+from torch import nn
+
+from bundle.data import NIFTI_SUFFIXES, DatasetError, check_items
+
+logger = logging.getLogger(__name__)
+
+#: outputs the runner writes when present after postprocessing: key -> (sub-folder of ``output_dir``, dtype).
+OUTPUTS: Dict[str, Tuple[str, type]] = {
+    "pred": ("", np.uint8),
+    "prob": ("probabilities", np.float32),
+    "entropy": ("entropy", np.float32),
+    "disagreement": ("disagreement", np.float32),
+}
+
+
+# ------------------------------------------------------------------------------------------- sliding window
+def strides_to_overlap(roi_size: Sequence[int], strides: Sequence[int]) -> List[float]:
+    """Per-axis ``overlap`` for ``SlidingWindowInferer`` such that ``int(roi * (1 - overlap)) == stride`` exactly.
+
+    MONAI truncates ``roi * (1 - overlap)`` to an int, so the overlap is chosen to put that product half-way
+    between ``stride`` and ``stride + 1``: ``1 - (stride + 0.5) / roi``, or 0 when ``stride == roi``.
+
+    Args:
+        roi_size: window size per spatial axis, e.g. ``(112, 112, 80)``.
+        strides: the papers' window strides per axis, ``1 <= stride <= roi`` (LA ``(18, 18, 4)``, pancreas 16,
+            BraTS 64).
+
+    Returns:
+        one overlap in ``[0, 1)`` per axis.
+    """
+    if len(roi_size) != len(strides):
+        raise ValueError(f"roi_size {list(roi_size)} and strides {list(strides)} differ in length.")
+    overlaps = []
+    for roi, stride in zip(roi_size, strides):
+        if not 1 <= stride <= roi:
+            raise ValueError(f"each stride must be in [1, roi]; got stride {stride} for roi {roi}.")
+        overlaps.append(0.0 if stride == roi else 1.0 - (stride + 0.5) / roi)
+    return overlaps
+
+
+def window_starts(image_size: Sequence[int], roi_size: Sequence[int], strides: Sequence[int]) -> List[List[int]]:
+    """The papers' sliding-window grid: per axis, ``n = ceil((S - P) / s) + 1`` windows starting at
+    ``min(s * i, S - P)``. An axis with ``S <= P`` is padded to ``P`` and has the single start 0.
+
+    Args:
+        image_size: spatial size ``S`` per axis.
+        roi_size: window size ``P`` per axis.
+        strides: stride ``s`` per axis.
+
+    Returns:
+        the list of window starts of each axis.
+    """
+    starts = []
+    for size, roi, stride in zip(image_size, roi_size, strides):
+        if size <= roi:
+            starts.append([0])
+            continue
+        count = math.ceil((size - roi) / stride) + 1
+        starts.append([min(stride * i, size - roi) for i in range(count)])
+    return starts
+
+
+# -------------------------------------------------------------------------------------------- uncertainty
+def entropy_map(prob: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """Entropy ``-sum_c p_c log p_c`` (nats, in ``[0, log C]``) of class probabilities over ``dim``, keeping ``dim``
+    with size 1: ``(N, C, *S) -> (N, 1, *S)`` for ``dim=1``."""
+    return torch.special.entr(prob).sum(dim=dim, keepdim=True)
+
+
+def disagreement_map(prob_a: torch.Tensor, prob_b: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """Disagreement of two subnets: the total-variation distance ``0.5 * sum_c |p_A,c - p_B,c|`` in ``[0, 1]``
+    (for two classes, ``|p_A,fg - p_B,fg|``); ``(N, C, *S) x2 -> (N, 1, *S)``."""
+    return 0.5 * (prob_a - prob_b).abs().sum(dim=dim, keepdim=True)
+
+
+class SubnetDisagreement(nn.Module):
+    """Wraps the ensemble (submodules ``net_a`` and ``net_b`` returning logits) for ``SlidingWindowInferer``.
+
+    ``forward(x)``: ``(N, in_channels, *S)`` -> ``(prob (N, C, *S), disagreement (N, 1, *S))``, where ``prob`` is
+    the mean of the two softmaxes, exactly the ensemble's output (spec section 6), and both are stitched by the
+    inferer like any output.
+    """
+
+    def __init__(self, ensemble: nn.Module) -> None:
+        super().__init__()
+        if not (hasattr(ensemble, "net_a") and hasattr(ensemble, "net_b")):
+            raise ValueError("the uncertainty maps need an ensemble with submodules `net_a` and `net_b`.")
+        self.ensemble = ensemble
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        prob_a = torch.softmax(self.ensemble.net_a(x), dim=1)
+        prob_b = torch.softmax(self.ensemble.net_b(x), dim=1)
+        return 0.5 * (prob_a + prob_b), disagreement_map(prob_a, prob_b)
+
+
+# ------------------------------------------------------------------------------------------------- inputs
+def image_datalist(dataset_dir: str) -> List[Dict[str, str]]:
+    """``[{"image": path}, ...]`` for every ``.nii`` / ``.nii.gz`` file of a folder (not recursive) or matching a
+    glob pattern, sorted by path.
+
+    Raises:
+        DatasetError: when nothing matches, or when two inputs would write the same output name
+            (``a.nii`` and ``a.nii.gz``).
+    """
+    pattern = os.path.join(dataset_dir, "*") if os.path.isdir(dataset_dir) else dataset_dir
+    paths = sorted(p for p in glob.glob(pattern) if p.endswith(NIFTI_SUFFIXES) and os.path.isfile(p))
+    if not paths:
+        where = "folder" if os.path.isdir(dataset_dir) else "pattern (no such folder)"
+        raise DatasetError(f"{dataset_dir}: no .nii / .nii.gz images found in this {where}.")
+    names: Dict[str, str] = {}
+    for path in paths:
+        name = case_name(path)
+        if name in names:
+            raise DatasetError(f"{path} and {names[name]} would both be written as '{name}.nii.gz'.")
+        names[name] = path
+    return [{"image": p} for p in paths]
+
+
+def case_name(path: str) -> str:
+    """File name without the ``.nii`` / ``.nii.gz`` / ``.h5`` extension: the name an input's outputs get."""
+    name = os.path.basename(path)
+    for suffix in (".nii.gz", ".nii", ".h5"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+# ------------------------------------------------------------------------------------------------- writing
+class NiftiHeaderWriter(NibabelWriter):
+    """``NibabelWriter`` that keeps the input's ``qform_code``, ``sform_code`` and ``xyzt_units``.
+
+    MONAI's ``NibabelWriter`` always writes qform/sform code 1 ("scanner"), whatever the input had; this writer
+    copies the three fields from the metadata that ``LoadImage`` read from the input header (falling back to
+    MONAI's behaviour when they are absent, e.g. for h5 inputs), so an output's header matches its input's.
+    """
+
+    HEADER_FIELDS = ("qform_code", "sform_code", "xyzt_units")
+
+    def __init__(self, output_dtype: type = np.float32, **kwargs) -> None:
+        super().__init__(output_dtype=output_dtype, **kwargs)
+        self.header_fields: Dict[str, int] = {}
+
+    def set_metadata(self, meta_dict: Optional[dict], resample: bool = True, **options) -> None:
+        super().set_metadata(meta_dict, resample=resample, **options)
+        self.header_fields = {k: int(np.asarray(meta_dict[k])) for k in self.HEADER_FIELDS if k in (meta_dict or {})}
+
+    def write(self, filename: str, verbose: bool = False, **obj_kwargs) -> None:
+        image = self.create_backend_obj(self.data_obj, affine=self.affine, dtype=self.output_dtype, **obj_kwargs)
+        affine = to_affine_nd(3, convert_data_type(np.eye(4) if self.affine is None else self.affine, np.ndarray)[0])
+        image.set_sform(affine, code=self.header_fields.get("sform_code", 1))
+        image.set_qform(affine, code=self.header_fields.get("qform_code", 1))
+        if "xyzt_units" in self.header_fields:
+            image.header["xyzt_units"] = self.header_fields["xyzt_units"]
+        nib.save(image, filename)
+        if verbose:
+            logger.info(f"file written: {filename}.")
+
+
+# -------------------------------------------------------------------------------------------------- runner
+class FolderInference:
+    """Segments every item of ``dataset`` one at a time; the ``evaluator`` of ``configs/inference.json``.
+
+    Per item: check the header (readable, 3D with ``in_channels`` channels), preprocess (``dataset.transform``),
+    run ``inferer`` with ``network`` (optionally wrapped in :class:`SubnetDisagreement`), apply
+    ``postprocessing`` (``Invertd`` to the input grid, argmax, ...), then write every key of :data:`OUTPUTS`
+    present in the result with ``SaveImage``: ``output_dir/<name>.nii.gz`` (mask, uint8), and when present
+    ``probabilities/`` (C-channel 4D), ``entropy/`` and ``disagreement/``, each with the input's affine, header
+    codes and shape.
+
+    Robustness: a file that fails at any step is logged with its reason and skipped, and the others are still
+    written. Outputs are written into a hidden staging folder inside ``output_dir`` and moved into place with
+    ``os.replace``, so a final name never holds a half-written file. After the last item, if any failed,
+    :meth:`run` raises ``SystemExit`` with the list of failures (exit status 1 on the command line).
+
+    Args:
+        dataset: a MONAI ``Dataset`` of ``{"image": path}`` items whose ``transform`` is the preprocessing.
+        network: maps ``(1, in_channels, *roi)`` to class probabilities ``(1, C, *roi)`` (the ensemble).
+        inferer: e.g. ``SlidingWindowInferer``; it receives the image on the CPU, so set its ``sw_device`` to the
+            network's device (and ``device="cpu"`` to stitch large volumes in RAM).
+        postprocessing: applied to ``{"image", "pred" (C, *S) probabilities, ["entropy", "disagreement"]}``.
+        output_dir: destination folder, created if needed.
+        ckpt_path: state dict loaded (strictly) into ``network`` before the first item; ``None`` keeps its weights.
+        in_channels: channels the network expects; inputs with another count are rejected.
+        save_uncertainty: also compute ``entropy`` (of the averaged softmax) and ``disagreement`` (between the
+            subnets; needs ``network.net_a`` / ``network.net_b``).
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        network: nn.Module,
+        inferer: Inferer,
+        postprocessing: Compose,
+        output_dir: str,
+        ckpt_path: Optional[str] = None,
+        in_channels: int = 1,
+        save_uncertainty: bool = False,
+    ) -> None:
+        self.dataset = dataset
+        self.network = network
+        self.inferer = inferer
+        self.postprocessing = postprocessing
+        self.output_dir = output_dir
+        self.ckpt_path = ckpt_path
+        self.in_channels = in_channels
+        self.predictor = SubnetDisagreement(network) if save_uncertainty else network
+
+    def run(self) -> Dict[str, list]:
+        """Segment all items. Returns ``{"written": [output paths], "failed": []}``; raises ``SystemExit`` listing
+        ``file: reason`` for each failed item when any failed."""
+        if self.ckpt_path is not None:
+            if not os.path.isfile(self.ckpt_path):
+                raise FileNotFoundError(f"{self.ckpt_path}: no trained weights (train first, or set ckpt_path).")
+            self.network.load_state_dict(torch.load(self.ckpt_path, map_location="cpu", weights_only=True))
+        self.network.eval()
+        os.makedirs(self.output_dir, exist_ok=True)
+        written: List[str] = []
+        failed: List[Tuple[str, str]] = []
+        total = len(self.dataset)
+        for index in range(total):
+            path = self.dataset.data[index]["image"]
+            start = time.perf_counter()
+            try:
+                outputs = self._segment(index)
+            except Exception as err:  # any failure of one file must not stop the others
+                failed.append((path, _reason(err)))
+                logger.error(f"[{index + 1}/{total}] FAILED {path}: {failed[-1][1]}")
+                continue
+            written += outputs
+            logger.info(f"[{index + 1}/{total}] {path} -> {outputs[0]} ({time.perf_counter() - start:.1f} s)")
+        summary = f"{total - len(failed)} of {total} images segmented into {self.output_dir}"
+        if failed:
+            details = "\n".join(f"  {p}: {r}" for p, r in failed)
+            raise SystemExit(f"{summary}; {len(failed)} failed:\n{details}")
+        logger.info(summary)
+        return {"written": written, "failed": failed}
+
+    def _segment(self, index: int) -> List[str]:
+        check_items([self.dataset.data[index]], self.in_channels)
+        data = self.dataset[index]
+        with torch.no_grad():
+            output = self.inferer(data["image"][None], self.predictor)
+        if isinstance(output, (tuple, list)):
+            data["pred"], data["disagreement"] = output[0][0], output[1][0]
+            data["entropy"] = entropy_map(data["pred"], dim=0)
+        else:
+            data["pred"] = output[0]
+        data = self.postprocessing(data)
+        return self._save(data)
+
+    def _save(self, data: dict) -> List[str]:
+        staging = tempfile.mkdtemp(prefix=".partial-", dir=self.output_dir)
+        try:
+            staged = []
+            for key, (folder, dtype) in OUTPUTS.items():
+                if key not in data:
+                    continue
+                saver = SaveImage(
+                    output_dir=os.path.join(staging, key),
+                    output_postfix="",
+                    output_dtype=dtype,
+                    separate_folder=False,
+                    print_log=False,
+                    writer=NiftiHeaderWriter,
+                    savepath_in_metadict=True,
+                )
+                staged.append((saver(data[key]).meta["saved_to"], os.path.join(self.output_dir, folder)))
+            finals = []
+            for source, folder in staged:
+                os.makedirs(folder, exist_ok=True)
+                finals.append(os.path.join(folder, os.path.basename(source)))
+                os.replace(source, finals[-1])
+            return finals
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _reason(err: BaseException) -> str:
+    """The innermost cause of an error on one line (MONAI wraps transform errors in ``RuntimeError("applying
+    transform")``)."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return f"{type(err).__name__}: {' '.join(str(err).split())}"
