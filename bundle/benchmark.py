@@ -218,14 +218,20 @@ def method_configs(method: str, protocol: str) -> List[str]:
 
 
 def read_metrics(eval_dir: str) -> Dict[str, Any]:
-    """Per-case rows and the summary written by the evaluation overlay (``metrics.csv``, ``summary.json``)."""
+    """Per-case rows and the summary written by the evaluation overlay (``metrics.csv``, ``summary.json``):
+    ``summary`` maps each metric (``dice``, ``jaccard``, ``hd95``, ``asd``, ...) to its ``mean``, ``std`` and ``n``."""
     import csv
 
     with open(os.path.join(eval_dir, "metrics.csv")) as handle:
         rows = [{k: (v if k == "case" else float(v)) for k, v in row.items()} for row in csv.DictReader(handle)]
     with open(os.path.join(eval_dir, "summary.json")) as handle:
         summary = json.load(handle)
-    return {"per_case": rows, "summary": summary}
+    return {
+        "per_case": rows,
+        "summary": summary["metrics"],
+        "num_cases": summary["num_cases"],
+        "empty_predictions": summary["empty_predictions"],
+    }
 
 
 def accuracy(
@@ -324,6 +330,47 @@ def speed(
     return write_json(record, results_dir, f"speed_{device}_{method}")
 
 
+def inference_memory(
+    volume: Sequence[int] = (512, 512, 300),
+    patch: Sequence[int] = (128, 128, 96),
+    strides: Sequence[int] = (128, 128, 96),
+    ckpt_path: str = "models/model.pt",
+    work_dir: str = "runs/benchmark/inference_memory",
+    results_dir: str = "docs/results",
+) -> str:
+    """Peak resident memory of the whole ``configs/inference.json`` command (load, preprocess, sliding window with
+    CPU stitching, inversion, writing) on one synthetic CT-sized int16 NIfTI volume, measured as the child process's
+    ``ru_maxrss``. The stitching buffers depend on the volume, not on the stride, so the default strides equal the
+    patch (fewest windows) to keep the probe short. Writes ``memory_<device>_<shape>.json``."""
+    import nibabel as nib
+    import numpy as np
+
+    if not os.path.isfile(ckpt_path):
+        raise FileNotFoundError(f"{ckpt_path}: train first (the README's first command writes models/model.pt).")
+    image_dir = os.path.join(work_dir, "images")
+    os.makedirs(image_dir, exist_ok=True)
+    shape_name = "x".join(map(str, volume))
+    image_path = os.path.join(image_dir, f"ct_{shape_name}.nii.gz")
+    if not os.path.isfile(image_path):
+        values = np.random.default_rng(0).integers(-1000, 1500, size=tuple(volume), dtype=np.int16)
+        nib.save(nib.Nifti1Image(values, np.diag([0.7, 0.7, 1.0, 1.0])), image_path + ".tmp.nii.gz")
+        os.replace(image_path + ".tmp.nii.gz", image_path)
+    overrides = {"dataset_dir": image_dir, "output_dir": os.path.join(work_dir, "out"), "ckpt_path": ckpt_path,
+                 "patch_size": list(patch), "sw_strides": list(strides), "sw_batch_size": 1}  # fmt: skip
+    command = bundle_command("run", [f"{CONFIG_DIR}/inference.json"], overrides)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    seconds = run_logged(command, os.path.join(work_dir, "inference.log"))
+    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    if peak_kib <= before:
+        raise RuntimeError("the inference process did not set a new peak; run this probe in a fresh process.")
+    device = "gpu" if torch.cuda.is_available() else "cpu"
+    record = {"kind": "memory", "device": device, "volume": list(volume), "patch": list(patch),
+              "strides": list(strides), "peak_rss_gib": peak_kib / 2**20, "seconds": seconds,
+              "command": f"python scripts/benchmark.py memory --volume \"{list(volume)}\"", "commit": git_commit(),
+              "hardware": hardware()}  # fmt: skip
+    return write_json(record, results_dir, f"memory_{device}_{shape_name}")
+
+
 #: Paper 000 (journal), Table 1, LA: the dual-network method, and its V-Net supervised-only reference row (Dice only).
 PAPER_LA = {
     ("dual_journal", 8): {"dice": 89.95, "jaccard": 81.81, "hd95": 5.73, "asd": 1.79},
@@ -408,6 +455,25 @@ def report(results_dir: str = "docs/results", output: str = "docs/RESULTS.md") -
                              f"| {theirs if theirs is not None else '–'} | {ratio} |")  # fmt: skip
         lines.append("")
         for name, r in speed_records:
+            lines.append(f"- `{name}`: commit {r['commit']}, {r['hardware']}; command: `{r['command']}`")
+        lines.append("")
+    memory_records = [(n, r) for n, r in records if r.get("kind") == "memory"]
+    if memory_records:
+        lines += [
+            "## Inference memory",
+            "",
+            "Peak resident memory of the whole `configs/inference.json` command on one synthetic int16 NIfTI volume",
+            "(load, preprocessing, sliding window with the volume stitched in CPU memory, inversion, writing).",
+            "",
+            "| record | device | volume | patch / strides | peak RSS (GiB) | seconds |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, r in memory_records:
+            size, window = "×".join(map(str, r["volume"])), "×".join(map(str, r["patch"]))
+            lines.append(f"| `{name}` | {r['device']} | {size} | {window} / {'×'.join(map(str, r['strides']))} "
+                         f"| {r['peak_rss_gib']:.2f} | {r['seconds']:.0f} |")  # fmt: skip
+        lines.append("")
+        for name, r in memory_records:
             lines.append(f"- `{name}`: commit {r['commit']}, {r['hardware']}; command: `{r['command']}`")
         lines.append("")
     os.makedirs(os.path.dirname(output) or ".", exist_ok=True)

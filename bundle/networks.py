@@ -1,4 +1,4 @@
-"""The two subnets of the dual-network method and the ensemble used for inference.
+"""The two subnets of the dual-network method and the inference wrappers (two-net ensemble, single-net softmax).
 
 Both subnets share one decoder design (``AdditiveSkipDecoder``) and differ in their encoders:
 
@@ -279,3 +279,19 @@ class SoftmaxEnsemble(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return 0.5 * (torch.softmax(self.net_a(x), dim=1) + torch.softmax(self.net_b(x), dim=1))
+
+
+class SoftmaxOutput(nn.Module):
+    """Inference network of a single-network method (the baselines' student, or one CPS branch): its softmax.
+
+    ``forward(x)``: ``(N, in_channels, H, W, D)`` -> ``(N, C, H, W, D)`` probabilities ``softmax_C(net(x))``, the
+    same kind of output as :class:`SoftmaxEnsemble`. Its state dict keys are ``net.*`` (the layout of
+    ``models/model.pt`` for such methods).
+    """
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.net(x), dim=1)

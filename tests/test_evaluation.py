@@ -12,10 +12,11 @@ import pytest
 import torch
 from medpy.metric import binary as medpy
 from monai.bundle import ConfigWorkflow
+from monai.data import MetaTensor
 from scipy.ndimage import gaussian_filter
 from torch import nn
 
-from bundle.evaluation import evaluate_folders, figure_slices
+from bundle.evaluation import MetricsReportHandler, evaluate_folders, figure_slices
 from bundle.networks import SoftmaxEnsemble
 from tests.conftest import BRATS_DIR, REPO_ROOT
 
@@ -181,6 +182,43 @@ def test_evaluate_json_overlay_scores_the_model_on_the_validation_list(tmp_path)
         for column, value in expected.items():
             assert float(row[column]) == pytest.approx(value, abs=TOL), (row["case"], column)
     assert sorted(os.listdir(tmp_path / "out" / "figures")) == ["case2.png", "case3.png"]
+
+
+def _handler_output(pred, label_tensor, label_path):
+    engine = type("Engine", (), {})()
+    engine.state = type("State", (), {})()
+    label = MetaTensor(label_tensor, meta={"filename_or_obj": str(label_path)})
+    engine.state.output = [{"pred": torch.as_tensor(pred)[None], "label": label}]
+    return engine
+
+
+def test_handler_scores_against_the_original_label_file_not_the_resampled_one(tmp_path):
+    """The cpu protocol zooms labels by 0.5: a 1-voxel-thick sheet can vanish from the zoomed label. The handler must
+    score the prediction (already on the original grid) against the label file as stored, in voxels and mm."""
+    label = np.zeros((16, 14, 10), np.uint8)
+    label[4:12, 3:11, 2:8] = 1
+    label[13, 2:12, 1:9] = 1  # a thin sheet that nearest zoom x0.5 drops (odd index)
+    pred = np.zeros_like(label)
+    pred[5:12, 3:10, 2:9] = 1
+    affine = np.diag([1.5, 1.0, 2.5, 1.0])
+    _save(tmp_path / "case7.nii.gz", label, affine)
+    zoomed = torch.as_tensor(label[None, ::2, ::2, ::2].astype(np.float32))  # what Invertd would have degraded
+    handler = MetricsReportHandler(str(tmp_path / "out"), num_slices=0)
+    handler.iteration_completed(_handler_output(pred, zoomed, tmp_path / "case7.nii.gz"))
+    row = handler.report.rows[0]
+    assert row["case"] == "case7"
+    for column, value in _medpy_row(pred > 0, label > 0, (1.5, 1.0, 2.5)).items():
+        assert row[column] == pytest.approx(value, abs=TOL), column
+
+
+def test_handler_rejects_a_prediction_off_the_label_grid(tmp_path):
+    label = np.zeros((8, 8, 8), np.uint8)
+    label[2:5, 2:5, 2:5] = 1
+    _save(tmp_path / "c.nii.gz", label, np.eye(4))
+    handler = MetricsReportHandler(str(tmp_path / "out"), num_slices=0)
+    with pytest.raises(ValueError, match=r"c\.nii\.gz: prediction shape \(4, 4, 4\)"):
+        output = _handler_output(np.zeros((4, 4, 4)), torch.zeros(1, 8, 8, 8), tmp_path / "c.nii.gz")
+        handler.iteration_completed(output)
 
 
 def _pointwise_ensemble(zero=False):

@@ -1,0 +1,204 @@
+"""Loss terms of the baseline methods (Mean Teacher, UA-MT, CPS, BCP; spec ``shared/specs/baselines.md``).
+
+Every term takes **logits** ``(B, C, *spatial)`` and integer labels ``(B, 1, *spatial)`` (as the trainer passes them)
+and returns a scalar. Probabilities are ``p = softmax_C(z)``; ``sg`` is stop-gradient.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from monai.losses import DiceLoss
+from torch import nn
+
+from bundle.losses.ramps import sigmoid_rampup
+from bundle.losses.supervised import check_label
+
+#: Dice variants of the baselines' supervised loss (spec section 1.2).
+DICE_VARIANTS = ("fg_sq", "mean_sq", "bcp")
+
+
+def stepped_rampup(iteration: int, rampup_iters: int, step: int = 1) -> float:
+    """``r(step floor(t / step), L) = exp(-5 (1 - min(step floor(t / step), L) / L)^2)`` (spec section 1.3), the
+    consistency ramp of Mean Teacher, UA-MT and CPS, in ``[exp(-5), 1]``.
+
+    ``step=150, rampup_iters=6000`` is the released code's ``r(floor(t / 150), 40)``: 0.006738 at ``t = 0``, 0.28650
+    at 3000, 0.99688 at 5999 and 1 from 6000 on; ``step=1`` is the smooth ramp; ``rampup_iters=0`` gives 1.
+    ``iteration`` is the 0-based ``t`` of the loss being built.
+    """
+    if step < 1:
+        raise ValueError(f"rampup step must be >= 1, got {step}.")
+    if rampup_iters < 0:
+        raise ValueError(f"rampup_iters must be >= 0, got {rampup_iters}.")
+    return sigmoid_rampup(step * (iteration // step), rampup_iters)
+
+
+def one_hot_label(label: torch.Tensor, num_classes: int, dtype: torch.dtype) -> torch.Tensor:
+    """``(B, 1, *spatial)`` class indices -> ``(B, C, *spatial)`` one-hot of ``dtype``."""
+    return F.one_hot(label[:, 0].long(), num_classes).movedim(-1, 1).to(dtype)
+
+
+class RegionDiceLoss(nn.Module):
+    """BCP's Dice (``mask_DiceLoss``; spec section 1.2, variant ``bcp``), per sample and class with a linear
+    denominator and an optional region weight ``R``:
+
+        ``D = 1 - mean_{n,c} (2 sum_v R_v p_{n,c,v} y_{n,c,v} + eps) / (sum_v R_v (p_{n,c,v} + y_{n,c,v}) + eps)``
+
+    with ``eps = 1e-5``, ``y`` the one-hot label and every class (background included) in the mean. Hand-written:
+    MONAI's ``DiceLoss`` has no per-voxel region weight (its ``weight`` is per class).
+
+    Args (forward):
+        logits: ``(B, C, *spatial)``.
+        label: ``(B, 1, *spatial)`` integer class indices.
+        region: ``(B or 1, 1, *spatial)`` weights in ``[0, 1]`` (BCP's copy-paste mask or its complement), or
+            ``None`` for ``R = 1``.
+    """
+
+    def __init__(self, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, logits: torch.Tensor, label: torch.Tensor, region: Optional[torch.Tensor] = None) -> torch.Tensor:
+        check_label(logits, label)
+        prob = torch.softmax(logits, dim=1)
+        target = one_hot_label(label, logits.shape[1], prob.dtype)
+        weight = torch.ones_like(prob[:, :1]) if region is None else region.to(prob.dtype)
+        spatial_dims = tuple(range(2, logits.dim()))
+        intersection = (weight * prob * target).sum(spatial_dims)
+        denominator = (weight * (prob + target)).sum(spatial_dims)
+        return 1.0 - ((2.0 * intersection + self.eps) / (denominator + self.eps)).mean()
+
+
+def region_cross_entropy(
+    logits: torch.Tensor, label: torch.Tensor, region: Optional[torch.Tensor] = None, eps: float = 1e-16
+) -> torch.Tensor:
+    """``CE_R(z, y) = sum_{n,v} R_v ce_{n,v} / (sum_{n,v} R_v + eps)`` (spec section 5.3), ``ce_{n,v} = -log p_{y}``;
+    ``region`` ``(B or 1, 1, *spatial)`` is broadcast over the batch; ``None`` gives the plain voxel mean."""
+    check_label(logits, label)
+    per_voxel = F.cross_entropy(logits, label[:, 0].long(), reduction="none")
+    if region is None:
+        return per_voxel.mean()
+    weight = region[:, 0].to(per_voxel.dtype).expand_as(per_voxel)
+    return (weight * per_voxel).sum() / (weight.sum() + eps)
+
+
+class HalfCEDiceLoss(nn.Module):
+    """The baselines' supervised loss ``L_sup = 1/2 [CE(z, y) + Dice(p, y)]`` (spec section 1.2), with
+
+    * ``fg_sq`` (UA-MT): ``1 - (2 sum p_1 y + eps) / (sum p_1^2 + sum y^2 + eps)`` over the whole sub-batch,
+      foreground channel(s) only (averaged over them for ``C > 2``), ``eps = 1e-5``. Equal to half of
+      :class:`~bundle.losses.SupervisedLoss`.
+    * ``mean_sq`` (SSL4MIS ``DiceLoss(C)``): the same per class, background included, averaged over ``C``.
+    * ``bcp``: :class:`RegionDiceLoss` with ``R = 1``.
+
+    Args (forward):
+        logits: ``(B, C, *spatial)``; label: ``(B, 1, *spatial)`` integer class indices.
+    """
+
+    def __init__(self, dice_variant: str = "fg_sq") -> None:
+        super().__init__()
+        if dice_variant not in DICE_VARIANTS:
+            raise ValueError(f"dice_variant must be one of {DICE_VARIANTS}, got {dice_variant!r}.")
+        self.dice_variant = dice_variant
+        if dice_variant == "bcp":
+            self.dice: nn.Module = RegionDiceLoss()
+        else:
+            self.dice = DiceLoss(
+                softmax=True,
+                to_onehot_y=True,
+                include_background=dice_variant == "mean_sq",
+                squared_pred=True,
+                batch=True,
+                smooth_nr=1e-5,
+                smooth_dr=1e-5,
+            )
+
+    def forward(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        check_label(logits, label)
+        return 0.5 * (F.cross_entropy(logits, label[:, 0].long()) + self.dice(logits, label))
+
+
+class SoftmaxMSELoss(nn.Module):
+    """Mean Teacher / UA-MT consistency between the student and a detached teacher (spec sections 2.3 and 3.2):
+
+        ``L_cons = sum_{n,c,v} m_{n,v} (p_{n,c,v} - sg(pbar_{n,c,v}))^2 / (C sum_{n,v} m_{n,v} + eps)``
+
+    ``m = 1`` (``mask=None``) gives the plain mean over ``B C V`` (Mean Teacher, exactly ``mean(...)``); UA-MT's
+    certainty mask gives the mean over the selected voxels and all channels, 0 for an empty mask (``eps = 1e-16``).
+    Hand-written: no MONAI loss takes a voxel mask with this normalisation.
+
+    Args (forward):
+        student_logits: ``(B, C, *spatial)``.
+        teacher_prob: ``(B, C, *spatial)`` teacher probabilities (detached here in any case).
+        mask: ``(B, 1, *spatial)`` bool/float, or ``None``.
+    """
+
+    def __init__(self, eps: float = 1e-16) -> None:
+        super().__init__()
+        self.eps = eps
+
+    def forward(
+        self, student_logits: torch.Tensor, teacher_prob: torch.Tensor, mask: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        if student_logits.shape != teacher_prob.shape:
+            raise ValueError(f"shapes differ: student {list(student_logits.shape)}, teacher {list(teacher_prob.shape)}")
+        squared_error = (torch.softmax(student_logits, dim=1) - teacher_prob.detach()) ** 2
+        if mask is None:
+            return squared_error.mean()
+        mask = mask.to(squared_error.dtype)
+        return (mask * squared_error).sum() / (student_logits.shape[1] * mask.sum() + self.eps)
+
+
+class ArgmaxCrossPseudoLoss(nn.Module):
+    """CPS with hard pseudo-labels, as in SSL4MIS's 3D script (spec section 4.1, step 5):
+
+        ``L_cps = CE(z^1, argmax_c sg(p^2)) + CE(z^2, argmax_c sg(p^1))``
+
+    each CE a mean over all voxels. The targets carry no gradient, so each net receives gradient only through its
+    own prediction (one backward of the sum equals two separate backwards). Unlike the dual method's
+    :class:`~bundle.losses.CrossPseudoSupervisionLoss` there is no confidence threshold.
+
+    Args (forward):
+        logits_1, logits_2: ``(B, C, *spatial)`` logits of the two nets on the same images.
+    """
+
+    def forward(self, logits_1: torch.Tensor, logits_2: torch.Tensor) -> torch.Tensor:
+        target_1, target_2 = logits_1.detach().argmax(dim=1), logits_2.detach().argmax(dim=1)
+        return F.cross_entropy(logits_1, target_2) + F.cross_entropy(logits_2, target_1)
+
+
+class CopyPasteLoss(nn.Module):
+    """BCP's loss on one copy-paste image (``mix_loss``; spec section 5.3, step 6). The image holds one source
+    where the mask ``M`` is 1 (outside the cube) and another inside the cube (``M = 0``); each part has its own
+    target and weight (1 for a ground-truth part, ``u_weight`` for a pseudo-labelled part):
+
+        ``L = 1/2 [w_o D(p, y_o; M) + w_i D(p, y_i; 1 - M) + w_o CE_M(z, y_o) + w_i CE_{1-M}(z, y_i)]``
+
+    with ``D`` the :class:`RegionDiceLoss` and ``CE_R`` the :func:`region_cross_entropy`.
+
+    Args (forward):
+        logits: ``(B, C, *spatial)``.
+        outside_label, inside_label: ``(B, 1, *spatial)`` targets of the ``M = 1`` and ``M = 0`` parts.
+        mask: ``(B or 1, 1, *spatial)`` with 1 outside the cube and 0 inside.
+        outside_weight, inside_weight: ``w_o``, ``w_i``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dice = RegionDiceLoss()
+
+    def forward(
+        self,
+        logits: torch.Tensor,
+        outside_label: torch.Tensor,
+        inside_label: torch.Tensor,
+        mask: torch.Tensor,
+        outside_weight: float,
+        inside_weight: float,
+    ) -> torch.Tensor:
+        inside = 1.0 - mask
+        outside_term = self.dice(logits, outside_label, mask) + region_cross_entropy(logits, outside_label, mask)
+        inside_term = self.dice(logits, inside_label, inside) + region_cross_entropy(logits, inside_label, inside)
+        return 0.5 * (outside_weight * outside_term + inside_weight * inside_term)

@@ -1,0 +1,266 @@
+"""DuCiSC loss terms (Wu, Wang, Cui, IEEE TMI 2025; spec ``shared/specs/peer_methods.md`` section 1).
+
+Shapes: ``B`` batch, ``C`` classes (class 0 = background), ``Z_s`` feature width at level ``s``, spatial ``*sp``.
+Every per-scale list is ordered coarse to fine (``s = 1 .. S``, the last one full resolution), as returned by
+:meth:`bundle.networks_peer.DeepSupervisedVNet.forward_deep`.
+
+Differences from the released code, all deliberate: an empty selection (no confident voxel at a scale, an absent
+class in a prototype) leaves that scale or level out instead of producing NaN that the training loop then drops;
+the per-term normalisation by the detached value keeps the term's *value* (so logs show ``L``, not 1) while
+giving the same gradient ``grad L / L`` (:func:`normalize_by_value`); the code is binary-only, these modules take
+any ``C >= 2`` (for ``C = 2`` they reduce to the code's formulas).
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+#: how the soft "CE" of the mixed consistency is computed: the released code's KL divergence, or soft-target CE.
+MIX_CE_MODES = ("kl", "ce")
+
+
+def normalize_by_value(loss: torch.Tensor) -> torch.Tensor:
+    """``L / sg(L) + sg(L) - 1``: the value of ``L`` with the gradient ``grad L / L`` (spec section 1.4 (i)).
+
+    The released code adds ``lambda L / sg(L)`` (value ``lambda``); the optimiser step is the same here, but the
+    term still *reads* ``L`` in logs. A term that is exactly 0 or not finite is returned unchanged (the code drops
+    such terms; ours never produce NaN, and a 0 carries no gradient either way).
+    """
+    value = loss.detach()
+    if not bool(torch.isfinite(value)) or float(value) == 0.0:
+        return loss
+    return loss / value + (value - 1.0)
+
+
+def one_hot(label: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``(B, 1, *sp)`` integer classes -> ``(B, C, *sp)`` float one-hot."""
+    return F.one_hot(label[:, 0].long(), num_classes).movedim(-1, 1).float()
+
+
+def resize_label(label: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Nearest-neighbour resize of ``(B, 1, *sp)`` integer classes to ``size`` (the code's GT per head)."""
+    if tuple(label.shape[2:]) == tuple(size):
+        return label
+    return F.interpolate(label.float(), size=tuple(size), mode="nearest").long()
+
+
+def resize_soft(target: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Trilinear resize (``align_corners=False``) of a soft target ``(B, C, *sp)``; class sums stay 1."""
+    if tuple(target.shape[2:]) == tuple(size):
+        return target
+    return F.interpolate(target, size=tuple(size), mode="trilinear", align_corners=False)
+
+
+def mixup(
+    labeled: torch.Tensor, label_1hot: torch.Tensor, unlabeled: torch.Tensor, pseudo_1hot: torch.Tensor, sigma
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Eq. (5): ``x_k = sigma x_i + (1 - sigma) x_j`` and ``y_k = sigma y_i + (1 - sigma) ybar_j``.
+
+    Args:
+        labeled, unlabeled: ``(n, C_in, *sp)`` images of the ``n`` pairs (labeled ``k`` with unlabeled ``k``).
+        label_1hot, pseudo_1hot: ``(n, C, *sp)`` one-hot ground truth and teacher arg-max (full resolution).
+        sigma: ``(n,)`` mixing ratios (the code draws ``U(0.25, 0.75)`` per pair).
+
+    Returns:
+        ``x_mix (n, C_in, *sp)`` and the soft label ``y_mix (n, C, *sp)`` with values in ``{0, s, 1-s, 1}``.
+    """
+    s = sigma.view(-1, *([1] * (labeled.dim() - 1))).to(labeled)
+    return s * labeled + (1.0 - s) * unlabeled, s * label_1hot + (1.0 - s) * pseudo_1hot
+
+
+class SelfAwareThresholds(nn.Module):
+    """Self-aware class-wise confidence thresholds ``T[s, c]`` (Eq. 8-9; spec section 1.4 (c)), a saved buffer.
+
+    * Init (Eq. 8, ``t = 0``): ``T = 1 / C``.
+    * Certainty mask at scale ``s``: ``M^s(v) = [max_c q_c(v) > T[s, argmax_c q_c(v)]]`` for the teacher
+      probabilities ``q^s``; for ``C = 2`` and ``T >= 0.5`` this is the code's ``q_bg > T_bg or q_fg > T_fg``.
+    * Update (Eq. 8-9, code semantics): ``P[s, c] = mean`` of the **student** probability of class ``c`` over every
+      voxel of the unlabeled sub-batch whose teacher arg-max is ``c`` (pooled over the batch, detached); where that
+      set is non-empty, ``T[s, c] <- clip(beta T[s, c] + (1 - beta) P[s, c], t_min, t_max)``. Empty classes keep
+      their threshold.
+
+    ``per_scale=False`` keeps one row shared by all scales (the paper's single ``T^c``), updated from the
+    full-resolution head only. The paper neither clips nor pools over the batch; ``t_min=0, t_max=1`` removes the
+    clip.
+
+    Args:
+        num_scales: ``S`` (4 heads).
+        num_classes: ``C``.
+        beta: EMA factor (0.99, paper Fig. 7a).
+        t_min, t_max: clip range (code: 0.5, 0.95).
+        per_scale: one row per scale (code) or one shared row.
+    """
+
+    def __init__(
+        self,
+        num_scales: int,
+        num_classes: int,
+        beta: float = 0.99,
+        t_min: float = 0.5,
+        t_max: float = 0.95,
+        per_scale: bool = True,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= beta <= 1.0:
+            raise ValueError(f"threshold beta must be in [0, 1], got {beta}.")
+        if t_min > t_max:
+            raise ValueError(f"threshold clip range is empty: [{t_min}, {t_max}].")
+        self.num_scales = int(num_scales)
+        self.per_scale = bool(per_scale)
+        self.beta = float(beta)
+        self.t_min = float(t_min)
+        self.t_max = float(t_max)
+        rows = self.num_scales if self.per_scale else 1
+        self.register_buffer("thresholds", torch.full((rows, int(num_classes)), 1.0 / num_classes))
+
+    def _row(self, scale: int) -> torch.Tensor:
+        return self.thresholds[scale if self.per_scale else 0]
+
+    def mask(self, prob: torch.Tensor, scale: int) -> torch.Tensor:
+        """``(B, C, *sp)`` teacher probabilities at scale ``scale`` (0-based) -> ``(B, 1, *sp)`` bool mask."""
+        confidence, pseudo = prob.max(dim=1, keepdim=True)
+        return confidence > self._row(scale).to(prob)[pseudo]
+
+    @torch.no_grad()
+    def update(self, student_prob: torch.Tensor, pseudo_label: torch.Tensor, scale: int) -> None:
+        """Eq. 8-9 at scale ``scale``: ``student_prob`` ``(B, C, *sp)``, ``pseudo_label`` ``(B, 1, *sp)``."""
+        if not self.per_scale and scale != self.num_scales - 1:
+            return
+        selector = one_hot(pseudo_label, student_prob.shape[1]).to(student_prob)
+        dims = [0] + list(range(2, student_prob.dim()))
+        count = selector.sum(dim=dims)
+        p_avg = (selector * student_prob.detach()).sum(dim=dims) / count.clamp_min(1.0)
+        row = self._row(scale)
+        updated = (self.beta * row + (1.0 - self.beta) * p_avg.to(row)).clamp(self.t_min, self.t_max)
+        row.copy_(torch.where(count.to(row.device) > 0, updated, row))
+
+
+class DeepSupervisedCEDiceLoss(nn.Module):
+    """``L = 1/2 [ mean_s CE_s + mean_s Dice_s ]`` over the scales (spec section 1.4 (a), (d), (f); Eq. 10).
+
+    At scale ``s`` with logits ``O^s`` ``(B, C, *sp_s)``, soft or one-hot target ``t^s`` ``(B, C, *sp_s)`` and an
+    optional mask ``M^s`` ``(B, 1, *sp_s)`` (all voxels when ``None``), ``n = sum M``:
+
+    * ``ce_mode="ce"``: ``CE_s = (1/n) sum_v M(v) (-sum_c t_c log p_c)`` (standard CE for one-hot targets);
+      ``ce_mode="kl"`` (the code's mixed term): ``CE_s = 1/(n C) sum_v M(v) sum_c t_c (log t_c - log p_c)``.
+    * ``Dice_s = mean_{c >= 1} [1 - (2 sum M p_c t_c + eps) / (sum M p_c + sum M t_c + eps)]``, sums over the whole
+      batch (batch-global, linear denominators, ``eps = 1e-8``); for ``C = 2`` the code's binary Dice.
+
+    A scale with an empty mask is left out of both means (the code's NaN); if every scale is empty the loss is 0
+    (with a graph to the logits).
+
+    Args (forward):
+        logits: list of ``(B, C, *sp_s)``.
+        targets: list of ``(B, C, *sp_s)`` class distributions (one-hot or soft).
+        masks: list of ``(B, 1, *sp_s)`` bool masks, or ``None``.
+    """
+
+    def __init__(self, ce_mode: str = "ce", eps: float = 1e-8) -> None:
+        super().__init__()
+        if ce_mode not in MIX_CE_MODES:
+            raise ValueError(f"ce_mode must be one of {MIX_CE_MODES}, got {ce_mode!r}.")
+        self.ce_mode = ce_mode
+        self.eps = eps
+
+    def forward(
+        self,
+        logits: Sequence[torch.Tensor],
+        targets: Sequence[torch.Tensor],
+        masks: Optional[Sequence[torch.Tensor]] = None,
+    ) -> torch.Tensor:
+        ce_terms: List[torch.Tensor] = []
+        dice_terms: List[torch.Tensor] = []
+        for s, (z, target) in enumerate(zip(logits, targets)):
+            if z.shape != target.shape:
+                raise ValueError(f"scale {s}: logits {list(z.shape)} and target {list(target.shape)} differ.")
+            weight = torch.ones_like(z[:, :1]) if masks is None else masks[s].to(z)
+            count = weight.sum()
+            if float(count) == 0.0:
+                continue
+            log_p = F.log_softmax(z, dim=1)
+            if self.ce_mode == "ce":
+                ce = (-(target * log_p).sum(dim=1, keepdim=True) * weight).sum() / count
+            else:
+                kl = (torch.xlogy(target, target) - target * log_p).sum(dim=1, keepdim=True)
+                ce = (kl * weight).sum() / (count * z.shape[1])
+            prob = log_p.exp()[:, 1:] * weight
+            fg = target[:, 1:] * weight
+            dims = [0] + list(range(2, z.dim()))
+            dice = 1.0 - (2.0 * (prob * fg).sum(dim=dims) + self.eps) / (
+                prob.sum(dim=dims) + fg.sum(dim=dims) + self.eps
+            )
+            ce_terms.append(ce)
+            dice_terms.append(dice.mean())
+        if not ce_terms:
+            return sum(z.sum() for z in logits) * 0.0
+        return 0.5 * (torch.stack(ce_terms).mean() + torch.stack(dice_terms).mean())
+
+
+def masked_average_prototypes(features: torch.Tensor, weights: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Masked average pooling, Eq. (2), (3), (6): ``p_b^c = sum_v w_b^c(v) F_b(v) / sum_v w_b^c(v)``.
+
+    Args:
+        features: ``(B, Z, *sp)``.
+        weights: ``(B, C, *sp)`` class weights (one-hot masks, or the soft mixed label), same spatial size.
+
+    Returns:
+        ``(prototypes (B, C, Z), mass (B, C))``; a class with zero mass has a zero prototype (check ``mass``).
+    """
+    if features.shape[2:] != weights.shape[2:] or features.shape[0] != weights.shape[0]:
+        raise ValueError(f"features {list(features.shape)} and weights {list(weights.shape)} do not match.")
+    with torch.autocast(device_type=features.device.type, enabled=False):  # sums over all voxels: no fp16
+        w = weights.flatten(2).float()
+        features = features.float()
+        mass = w.sum(dim=-1)
+        summed = torch.einsum("bcv,bzv->bcz", w, features.flatten(2))
+    return summed / mass.clamp_min(torch.finfo(features.dtype).tiny).unsqueeze(-1), mass
+
+
+class PrototypeAlignmentLoss(nn.Module):
+    """Cross-image prototype consistency ``L_proto`` (Eq. 4 and 7; spec section 1.4 (g), (h)).
+
+    For levels ``s`` with features ``F_a^s``, ``F_b^s`` ``(B, Z_s, *sp_s)`` and class weights ``w_a^s``, ``w_b^s``
+    ``(B, C, *sp_s)``, prototypes come from :func:`masked_average_prototypes` (student features on both sides,
+    gradient through both).
+
+    * ``batch_mean=True`` (released code): ``P^s = mean_b p_b^s`` ``(C, Z_s)`` on each side and
+      ``L = mean_s mean_{c,z} (P_a^s - P_b^s)^2`` (MSE over ``C x Z_s`` entries). A level where any sample on either
+      side has an empty class is left out (the code's NaN level).
+    * ``batch_mean=False`` (paper): per pair ``k`` (``a_k`` with ``b_k``), ``L_k = (1/C) sum_s sum_c
+      ||p_a^{c,s} - p_b^{c,s}||_2^2`` over the levels where both samples have every class; ``L = mean_k L_k``.
+
+    If no level is usable the loss is 0 (with a graph to the features).
+    """
+
+    def __init__(self, batch_mean: bool = True) -> None:
+        super().__init__()
+        self.batch_mean = bool(batch_mean)
+
+    def forward(
+        self,
+        features_a: Sequence[torch.Tensor],
+        weights_a: Sequence[torch.Tensor],
+        features_b: Sequence[torch.Tensor],
+        weights_b: Sequence[torch.Tensor],
+    ) -> torch.Tensor:
+        zero = sum(f.sum() for f in features_a) * 0.0 + sum(f.sum() for f in features_b) * 0.0
+        pairs = min(features_a[0].shape[0], features_b[0].shape[0])
+        terms: List[torch.Tensor] = []
+        pair_terms = [[] for _ in range(pairs)]
+        for fa, wa, fb, wb in zip(features_a, weights_a, features_b, weights_b):
+            proto_a, mass_a = masked_average_prototypes(fa, wa)
+            proto_b, mass_b = masked_average_prototypes(fb, wb)
+            if self.batch_mean:
+                if bool((mass_a > 0).all()) and bool((mass_b > 0).all()):
+                    terms.append(F.mse_loss(proto_a.mean(dim=0), proto_b.mean(dim=0)))
+                continue
+            for k in range(pairs):
+                if bool((mass_a[k] > 0).all()) and bool((mass_b[k] > 0).all()):
+                    pair_terms[k].append((proto_a[k] - proto_b[k]).pow(2).sum() / proto_a.shape[1])
+        if not self.batch_mean:
+            terms = [torch.stack(t).sum() for t in pair_terms if t]
+        return torch.stack(terms).mean() if terms else zero

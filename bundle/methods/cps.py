@@ -1,0 +1,139 @@
+"""Cross Pseudo Supervision, CPS (Chen et al., CVPR 2021), in the 3D form of SSL4MIS
+(spec ``shared/specs/baselines.md`` section 4)."""
+
+from __future__ import annotations
+
+from typing import Dict, Mapping, Optional
+
+import torch
+from torch import nn
+
+from bundle.losses.baselines import ArgmaxCrossPseudoLoss, HalfCEDiceLoss, stepped_rampup
+from bundle.methods.base import SSLMethod
+from bundle.networks import SoftmaxEnsemble, SoftmaxOutput
+
+#: which voxels the cross pseudo-labels cover (SSL4MIS: unlabeled; CPS paper: labeled + unlabeled).
+CPS_TARGETS = ("unlabeled", "all")
+#: how the two nets differ at start: SSL4MIS re-initialises net 2's Conv3d weights Xavier-normal.
+CPS_INITS = ("kaiming_xavier", "default")
+#: the network exported for inference: one branch (TorchSemiSeg, SSL4MIS) or the mean of both softmaxes.
+CPS_INFER_NETS = ("net1", "net2", "mean")
+
+
+def xavier_conv_init_(network: nn.Module) -> None:
+    """``xavier_normal_`` on every ``Conv3d`` weight of ``network`` (spec section 4.1: Kaiming-normal in net 1,
+    Xavier-normal in net 2). ``ConvTranspose3d`` weights, biases and norm layers keep their initialisation."""
+    for module in network.modules():
+        if isinstance(module, nn.Conv3d):
+            nn.init.xavier_normal_(module.weight)
+
+
+class CrossPseudoSupervisionMethod(SSLMethod):
+    """Two networks of the same architecture, each supervised by the other's hard pseudo-labels.
+
+    One iteration at ``t`` (spec section 4.1), with ``x = cat(x_l, x_u)`` ``(B_l + B_u, C_in, H, W, D)`` given to
+    **both** nets unchanged (no noise; the nets differ through initialisation and dropout):
+
+    * ``z^k = f_k(x)`` ``(B_l + B_u, C, H, W, D)``, ``k = 1, 2``, train mode;
+    * ``sup = sum_k 1/2 [CE(z^k_l, y_l) + Dice(p^k_l, y_l)]`` (:class:`~bundle.losses.baselines.HalfCEDiceLoss`,
+      ``dice_variant``, default SSL4MIS ``mean_sq``);
+    * ``cps = CE(z^1_u, argmax_c sg(p^2_u)) + CE(z^2_u, argmax_c sg(p^1_u))``, each a voxel mean
+      (:class:`~bundle.losses.baselines.ArgmaxCrossPseudoLoss`); ``cps_on="all"`` uses all ``B_l + B_u`` images.
+      The targets are argmaxes of detached predictions, so each net receives gradient only through its own
+      prediction, and one backward of the sum equals two separate backwards.
+
+    :meth:`term_weights`: ``sup`` constant; ``cps`` is ``lambda(t) = w_cps r(step floor(t / step), rampup_iters)``
+    (:func:`~bundle.losses.baselines.stepped_rampup`; LA preset ``w_cps = 0.1``, 6000 iterations in 150-iteration
+    steps). No EMA; one optimizer over both nets (equivalent to two identical SGD optimizers).
+
+    Args:
+        net1, net2: two distinct V-Nets (:class:`~bundle.networks.VNetSeg`), constructed from different RNG draws.
+        loss_weights: weights of ``("sup", "cps")``.
+        max_iterations: total iterations.
+        rampup_iters, rampup_step: the ``cps`` ramp (6000, 150 on LA).
+        cps_on: ``"unlabeled"`` (SSL4MIS, default) or ``"all"`` (CPS paper).
+        init: ``"kaiming_xavier"`` (net 2's Conv3d weights re-drawn Xavier-normal, SSL4MIS) or ``"default"`` (both
+            keep their own Kaiming init).
+        dice_variant: ``"mean_sq"`` (SSL4MIS, default), ``"fg_sq"`` or ``"bcp"``.
+        infer_net: ``"net1"`` (default, as TorchSemiSeg and SSL4MIS), ``"net2"``, or ``"mean"`` (the mean of both
+            softmaxes, :class:`~bundle.networks.SoftmaxEnsemble`; an ensemble, report it as one).
+    """
+
+    term_names = ("sup", "cps")
+
+    def __init__(
+        self,
+        net1: nn.Module,
+        net2: nn.Module,
+        loss_weights: Mapping[str, float],
+        max_iterations: int,
+        rampup_iters: int = 6000,
+        rampup_step: int = 150,
+        cps_on: str = "unlabeled",
+        init: str = "kaiming_xavier",
+        dice_variant: str = "mean_sq",
+        infer_net: str = "net1",
+    ) -> None:
+        super().__init__(loss_weights, max_iterations)
+        if net1 is net2:
+            raise ValueError("net1 and net2 must be two network instances (CPS collapses with one).")
+        if cps_on not in CPS_TARGETS:
+            raise ValueError(f"cps_on must be one of {CPS_TARGETS}, got {cps_on!r}.")
+        if init not in CPS_INITS:
+            raise ValueError(f"init must be one of {CPS_INITS}, got {init!r}.")
+        if infer_net not in CPS_INFER_NETS:
+            raise ValueError(f"infer_net must be one of {CPS_INFER_NETS}, got {infer_net!r}.")
+        stepped_rampup(0, rampup_iters, rampup_step)  # validates the ramp arguments
+        self.net1 = net1
+        self.net2 = net2
+        if init == "kaiming_xavier":
+            xavier_conv_init_(self.net2)
+        self.rampup_iters = int(rampup_iters)
+        self.rampup_step = int(rampup_step)
+        self.cps_on = cps_on
+        self.infer_net = infer_net
+        self.uses_unlabeled = self.loss_weights["cps"] != 0.0
+        self.supervised = HalfCEDiceLoss(dice_variant)
+        self.cross_pseudo = ArgmaxCrossPseudoLoss()
+        exported: nn.Module
+        if infer_net == "mean":
+            exported = SoftmaxEnsemble(net1, net2)
+        else:
+            exported = SoftmaxOutput(net1 if infer_net == "net1" else net2)
+        # Not a registered submodule: its state dict would duplicate ``net1.*`` / ``net2.*``.
+        object.__setattr__(self, "_inference_network", exported)
+
+    def term_weights(self, iteration: int) -> Dict[str, float]:
+        """``sup`` constant; ``cps`` times ``r(step floor(t / step), rampup_iters)`` at ``iteration``."""
+        weights = dict(self.loss_weights)
+        weights["cps"] *= stepped_rampup(iteration, self.rampup_iters, self.rampup_step)
+        return weights
+
+    def compute_losses(
+        self,
+        labeled_image: torch.Tensor,
+        label: torch.Tensor,
+        unlabeled_image: Optional[torch.Tensor],
+        iteration: int,
+    ) -> Dict[str, torch.Tensor]:
+        """See :meth:`SSLMethod.compute_losses`; returns the unweighted active terms among ``sup`` and ``cps``."""
+        active = self.active_terms(iteration)
+        if "cps" in active and unlabeled_image is None:
+            raise ValueError("the cps term needs an unlabeled batch, got None.")
+        images = torch.cat([labeled_image, unlabeled_image]) if "cps" in active else labeled_image
+        num_labeled = labeled_image.shape[0]
+        logits_1, logits_2 = self.net1(images).float(), self.net2(images).float()
+        losses: Dict[str, torch.Tensor] = {}
+        if "sup" in active:
+            losses["sup"] = self.supervised(logits_1[:num_labeled], label) + self.supervised(
+                logits_2[:num_labeled], label
+            )
+        if "cps" in active:
+            start = 0 if self.cps_on == "all" else num_labeled
+            losses["cps"] = self.cross_pseudo(logits_1[start:], logits_2[start:])
+        return losses
+
+    def inference_network(self) -> nn.Module:
+        """``infer_net``: :class:`~bundle.networks.SoftmaxOutput` of one branch (keys ``net.*``) or the
+        :class:`~bundle.networks.SoftmaxEnsemble` of both (keys ``net_a.*``, ``net_b.*``); created once."""
+        return self._inference_network

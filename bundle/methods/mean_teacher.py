@@ -1,0 +1,143 @@
+"""Mean Teacher (Tarvainen & Valpola, NeurIPS 2017) as used in 3D by SSL4MIS and UA-MT's LA recipe
+(spec ``shared/specs/baselines.md`` section 2)."""
+
+from __future__ import annotations
+
+from typing import Dict, Mapping, Optional
+
+import torch
+from torch import nn
+
+from bundle.losses.baselines import HalfCEDiceLoss, SoftmaxMSELoss, stepped_rampup
+from bundle.methods.ema import StudentTeacherMethod
+
+#: the images the consistency term covers: the unlabeled part (README commands) or labeled + unlabeled.
+CONSISTENCY_TARGETS = ("unlabeled", "all")
+
+
+class MeanTeacherMethod(StudentTeacherMethod):
+    """A student and its EMA teacher; the student matches the teacher's softmax on noisy inputs.
+
+    One iteration at ``t`` (spec section 2.2), with ``x = cat(x_l, x_u)`` of shape ``(B_l + B_u, C_in, H, W, D)``:
+
+    1. student on ``x`` in **one** call (BatchNorm statistics mix labeled and unlabeled): ``z = f_theta(x)``,
+       ``p = softmax_C(z)``;
+    2. teacher, no gradient, train mode, on ``x_u + xi`` with ``xi = clip(N(0, noise_std^2), -noise_clip,
+       noise_clip)`` drawn per voxel at every iteration: ``pbar = softmax_C(f_theta_bar(x_u + xi))``; the student's
+       input stays clean;
+    3. unweighted terms:
+
+       * ``sup = 1/2 [CE(z_l, y_l) + Dice(p_l, y_l)]`` on ``(B_l, C, H, W, D)``
+         (:class:`~bundle.losses.baselines.HalfCEDiceLoss`, ``dice_variant``);
+       * ``cons = mean_{n,c,v} (p_u - sg(pbar))^2`` over ``(B_u, C, H, W, D)``
+         (:class:`~bundle.losses.baselines.SoftmaxMSELoss`; restricted to :meth:`consistency_mask` where a
+         subclass defines one); ``consistency_on="all"`` covers all ``B_l + B_u`` images (teacher on ``x + xi``);
+
+    4. after the optimizer step: EMA with ``alpha_t = min(1 - 1/(t+1), ema_decay)`` (:func:`~bundle.methods.ema.
+       ema_alpha`).
+
+    :meth:`term_weights`: ``sup`` keeps its weight; ``cons`` is ``lambda(t) = w_cons r(step floor(t / step), L)``
+    (:func:`~bundle.losses.baselines.stepped_rampup`) with ``w_cons = 0.1``, ``L = rampup_iters`` (LA: 6000) and
+    ``step = rampup_step`` (LA: 150), i.e. the released code's ``0.1 r(floor(t / 150), 40)``.
+
+    Args:
+        student: the V-Net (:class:`~bundle.networks.VNetSeg`); the teacher is its deep copy.
+        loss_weights: weights of ``("sup", "cons")``; ``cons`` is the maximum ``lambda`` of the ramp.
+        max_iterations: total iterations.
+        rampup_iters: ``L`` of the consistency ramp, in iterations (6000 on LA: the whole run).
+        rampup_step: ramp quantisation in iterations (150 in the released code; 1 = smooth).
+        ema_decay: EMA ``alpha`` (0.99).
+        ema_buffers: ``"own"`` or ``"copy"`` (teacher BatchNorm statistics).
+        noise_std, noise_clip: teacher input noise ``sigma`` (0.1) and its clip (0.2).
+        consistency_on: ``"unlabeled"`` (default) or ``"all"``.
+        dice_variant: ``"fg_sq"`` (UA-MT LA recipe, default), ``"mean_sq"`` (SSL4MIS) or ``"bcp"``.
+        teacher_train_mode: teacher dropout/BatchNorm in train mode (True, as the released code).
+        infer_net: ``"student"`` (released code) or ``"teacher"``.
+    """
+
+    term_names = ("sup", "cons")
+
+    def __init__(
+        self,
+        student: nn.Module,
+        loss_weights: Mapping[str, float],
+        max_iterations: int,
+        rampup_iters: int = 6000,
+        rampup_step: int = 150,
+        ema_decay: float = 0.99,
+        ema_buffers: str = "own",
+        noise_std: float = 0.1,
+        noise_clip: float = 0.2,
+        consistency_on: str = "unlabeled",
+        dice_variant: str = "fg_sq",
+        teacher_train_mode: bool = True,
+        infer_net: str = "student",
+    ) -> None:
+        super().__init__(
+            student,
+            loss_weights,
+            max_iterations,
+            ema_decay=ema_decay,
+            ema_warmup=True,
+            ema_buffers=ema_buffers,
+            teacher_train_mode=teacher_train_mode,
+            infer_net=infer_net,
+        )
+        if consistency_on not in CONSISTENCY_TARGETS:
+            raise ValueError(f"consistency_on must be one of {CONSISTENCY_TARGETS}, got {consistency_on!r}.")
+        if noise_std < 0 or noise_clip < 0:
+            raise ValueError(f"noise_std and noise_clip must be >= 0, got {noise_std}, {noise_clip}.")
+        stepped_rampup(0, rampup_iters, rampup_step)  # validates the ramp arguments
+        self.rampup_iters = int(rampup_iters)
+        self.rampup_step = int(rampup_step)
+        self.noise_std = float(noise_std)
+        self.noise_clip = float(noise_clip)
+        self.consistency_on = consistency_on
+        self.uses_unlabeled = self.loss_weights["cons"] != 0.0
+        self.supervised = HalfCEDiceLoss(dice_variant)
+        self.consistency = SoftmaxMSELoss()
+
+    def consistency_ramp(self, iteration: int) -> float:
+        """``r(step floor(t / step), rampup_iters)`` at 0-based ``iteration``."""
+        return stepped_rampup(iteration, self.rampup_iters, self.rampup_step)
+
+    def term_weights(self, iteration: int) -> Dict[str, float]:
+        """``sup`` constant; ``cons`` times :meth:`consistency_ramp` at ``iteration``."""
+        weights = dict(self.loss_weights)
+        weights["cons"] *= self.consistency_ramp(iteration)
+        return weights
+
+    def teacher_noise(self, images: torch.Tensor) -> torch.Tensor:
+        """``xi = clip(N(0, noise_std^2), -noise_clip, noise_clip)``, one fresh draw per voxel, shaped like
+        ``images``."""
+        return torch.clamp(torch.randn_like(images) * self.noise_std, -self.noise_clip, self.noise_clip)
+
+    def consistency_mask(self, images: torch.Tensor, iteration: int) -> Optional[torch.Tensor]:
+        """Voxels the consistency covers, ``(B, 1, *spatial)``; ``None`` = all (Mean Teacher). UA-MT overrides it."""
+        return None
+
+    def compute_losses(
+        self,
+        labeled_image: torch.Tensor,
+        label: torch.Tensor,
+        unlabeled_image: Optional[torch.Tensor],
+        iteration: int,
+    ) -> Dict[str, torch.Tensor]:
+        """See :meth:`SSLMethod.compute_losses`; returns the unweighted active terms among ``sup`` and ``cons``."""
+        active = self.active_terms(iteration)
+        if "cons" in active and unlabeled_image is None:
+            raise ValueError("the consistency term needs an unlabeled batch, got None.")
+        images = torch.cat([labeled_image, unlabeled_image]) if "cons" in active else labeled_image
+        num_labeled = labeled_image.shape[0]
+        logits = self.student(images).float()  # every term in float32, also under AMP
+        losses: Dict[str, torch.Tensor] = {}
+        if "sup" in active:
+            losses["sup"] = self.supervised(logits[:num_labeled], label)
+        if "cons" in active:
+            on_all = self.consistency_on == "all"
+            consistency_images = images if on_all else unlabeled_image
+            student_logits = logits if on_all else logits[num_labeled:]
+            teacher_prob = self.teacher_probabilities(consistency_images + self.teacher_noise(consistency_images))
+            mask = self.consistency_mask(consistency_images, iteration)
+            losses["cons"] = self.consistency(student_logits, teacher_prob, mask)
+        return losses

@@ -1,0 +1,94 @@
+"""Shared helpers of the peer-method tests (DuCiSC, DyCON): tiny datasets and bundle workflows."""
+
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import h5py
+import numpy as np
+from ignite.engine import Events
+from monai.bundle import ConfigWorkflow
+
+from bundle.synthetic import ensure_synthetic_dataset
+from tests.conftest import REPO_ROOT
+
+
+def tiny_nifti_dataset(root: Path) -> Path:
+    """4 labeled + 4 unlabeled + 1 validation NIfTI volumes of 20x20x18 (the synthetic generator)."""
+    return Path(
+        ensure_synthetic_dataset(
+            str(root / "tiny"), num_labeled=4, num_unlabeled=4, num_validation=1, shape=(20, 20, 18)
+        )
+    )
+
+
+def poisoned_la_dataset(root: Path, poison: Optional[str], num_cases: int = 4, num_labeled: int = 2) -> Path:
+    """An LA-layout dataset (``<case>/mri_norm2.h5`` + ``train.list``) of 20x20x18 volumes with a bright ball.
+
+    Cases from ``num_labeled`` on are used without labels. ``poison="unlabeled"`` inverts the stored labels of those
+    cases, ``"labeled"`` those of the labeled cases, ``None`` none; the images are identical in every case.
+    """
+    rng = np.random.default_rng(0)
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in (20, 20, 18)], indexing="ij"))
+    cases = [f"case{i}" for i in range(num_cases)]
+    for i, case in enumerate(cases):
+        centre = np.array([10, 10, 9]) + rng.integers(-3, 4, size=3)
+        label = (np.linalg.norm(grid - centre[:, None, None, None], axis=0) < 5).astype(np.uint8)
+        image = (2.0 * label + rng.standard_normal(label.shape)).astype(np.float32)
+        if poison == ("unlabeled" if i >= num_labeled else "labeled"):
+            label = 1 - label
+        (root / case).mkdir(parents=True, exist_ok=True)
+        with h5py.File(root / case / "mri_norm2.h5", "w") as handle:
+            handle["image"] = image
+            handle["label"] = label
+    (root / "train.list").write_text("\n".join(cases) + "\n")
+    return root
+
+
+def bundle_overrides(dataset_dir, out_dir: Path, **extra) -> Dict:
+    """The tiny-run overrides of ``tests/test_training.py`` (16^3 patches, base width 4, 3 iterations)."""
+    overrides = {
+        "dataset_dir": str(dataset_dir),
+        "output_dir": str(out_dir),
+        "model_dir": str(out_dir / "models"),
+        "patch_size": [16, 16, 16],
+        "base_width": 4,
+        "num_labeled": 2,
+        "max_iterations": 3,
+        "val_interval": 3,
+        "ckpt_interval": 2,
+        "sw_batch_size": 2,
+    }
+    overrides.update(extra)
+    return overrides
+
+
+def make_workflow(configs: List[str], overrides: Dict) -> ConfigWorkflow:
+    files = [str(REPO_ROOT / "configs" / c) for c in configs]
+    return ConfigWorkflow(
+        config_file=files,
+        meta_file=str(REPO_ROOT / "configs" / "metadata.json"),
+        logging_file=str(REPO_ROOT / "configs" / "logging.conf"),
+        workflow_type="train",
+        **overrides,
+    )
+
+
+def record_iterations(workflow: ConfigWorkflow) -> List[Dict[str, float]]:
+    """After ``initialize()``: a list that receives every iteration's ``loss`` / ``loss_<name>`` values."""
+    history: List[Dict[str, float]] = []
+    trainer = workflow.parser.get_parsed_content("train#trainer")
+
+    @trainer.on(Events.ITERATION_COMPLETED)
+    def _record(engine):
+        history.append({k: float(v) for k, v in engine.state.output.items() if k.startswith("loss")})
+
+    return history
+
+
+def run_workflow(workflow: ConfigWorkflow) -> ConfigWorkflow:
+    """``initialize`` (unless done), ``run`` and ``finalize``."""
+    if not workflow.parser.ref_resolver.resolved_content:
+        workflow.initialize()
+    workflow.run()
+    workflow.finalize()
+    return workflow
