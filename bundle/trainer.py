@@ -26,8 +26,10 @@ class SSLTrainer(SupervisedTrainer):
     Args:
         device: where batches and networks live.
         max_iterations: training stops after this many iterations (mid-epoch if need be).
-        max_epochs: passes over the labeled loader; must cover ``max_iterations`` (configs compute it as
-            ``ceil(max_iterations / len(labeled loader))``).
+        max_epochs: passes over the labeled loader; must cover ``max_iterations``. ``train.json`` passes
+            ``max_iterations`` itself, an upper bound for any loader length, so that a checkpoint resumes under
+            another number of processes or batch size (MONAI's ``CheckpointLoader`` refuses a checkpoint whose
+            epoch count exceeds ``max_epochs``).
         train_data_loader: labeled batches ``{"image": (B_l, C, *patch), "label": (B_l, 1, *patch)}``.
         method: the method plug-in; it is also the ``network`` of the underlying ``SupervisedTrainer``. It may be
             wrapped in ``DistributedDataParallel`` (multi-GPU); the trainer calls it through ``forward``.
