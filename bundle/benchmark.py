@@ -191,6 +191,15 @@ def bundle_command(run_id: str, config_files: Sequence[str], overrides: Dict[str
     return command
 
 
+def display_command(command: List[str]) -> str:
+    """``command`` as a shell line to rerun from the bundle root: ``python`` for the interpreter, paths under the
+    current folder made relative."""
+    import shlex
+
+    root = os.getcwd() + os.sep
+    return shlex.join(["python"] + [part.replace(root, "") for part in command[1:]])
+
+
 def run_logged(command: List[str], log_path: str) -> float:
     """Run ``command`` with stdout and stderr appended to ``log_path``; return its wall time in seconds."""
     start = time.perf_counter()
@@ -271,8 +280,9 @@ def accuracy(
     info_path = os.path.join(run_dir, "train_info.json")
     train_command = bundle_command("training", configs, train_overrides)
     if retrain or not os.path.isfile(info_path):
+        commit = git_commit()  # the code that trains: taken before training, as HEAD may move during a long run
         seconds = run_logged(train_command, log_path)
-        write_json({"train_seconds": seconds, "hardware": hardware(), "commit": git_commit()}, run_dir, "train_info")
+        write_json({"train_seconds": seconds, "hardware": hardware(), "commit": commit}, run_dir, "train_info")
     with open(info_path) as handle:
         train_info = json.load(handle)
     eval_dir = os.path.join(run_dir, "eval")
@@ -287,12 +297,13 @@ def accuracy(
         "num_labeled": num_labeled,
         "split": f"train: first {train_cases} of {list_file} ({num_labeled} labeled); test: the remaining cases",
         "test_cases": open(lists["test"]).read().split(),
-        "command": " ".join(train_command),
+        "command": display_command(train_command),
         "commit": train_info["commit"],
         "hardware": train_info["hardware"],
         "seed": seed,
         "config": hyperparameters,
         "train_seconds": train_info["train_seconds"],
+        "notes": train_info.get("notes", ""),
         **read_metrics(eval_dir),
     }
     return write_json(record, results_dir, name)
@@ -432,6 +443,8 @@ def report(results_dir: str = "docs/results", output: str = "docs/RESULTS.md") -
             if r["protocol"] == protocol:
                 lines += [f"- `{name}`: commit {r['commit']}, {r['hardware']}, seed {r['seed']}; command:",
                           f"  `{r['command']}`"]  # fmt: skip
+                if r.get("notes"):
+                    lines.append(f"  Note: {r['notes']}")
         lines.append("")
     speed_records = [(n, r) for n, r in records if r.get("kind") == "speed"]
     if speed_records:
@@ -443,16 +456,20 @@ def report(results_dir: str = "docs/results", output: str = "docs/RESULTS.md") -
             "similar 2-core CPU machine: 8.8 s / 2.4 GB at 64×64×32, 92 s / 12.8 GB at 112×112×80, 122 s per volume",
             "(these CPU VMs drift by ±25 %, so ratios against a baseline timed in one run are more reliable).",
             "",
-            "| record | device | probe | seconds | peak RSS (GiB) | authors' seconds | ratio |",
-            "|---|---|---|---|---|---|---|",
+            "| record | device | probe | seconds | peak RSS (GiB) | authors' seconds | time ratio | authors' GB "
+            "| memory ratio |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for name, r in speed_records:
             for row in r["rows"]:
                 seconds = row.get("seconds_per_iteration", row.get("seconds_per_volume"))
                 theirs = AUTHORS_CPU_SECONDS.get(row["probe"]) if r["device"] == "cpu" else None
+                their_gb = AUTHORS_CPU_PEAK_GIB.get(row["probe"]) if r["device"] == "cpu" else None
                 ratio = "–" if theirs is None else f"{seconds / theirs:.2f}"
+                memory_ratio = "–" if their_gb is None else f"{row['peak_rss_gib'] / their_gb:.2f}"
                 lines.append(f"| `{name}` | {r['device']} | {row['probe']} | {seconds:.2f} | {row['peak_rss_gib']:.2f} "
-                             f"| {theirs if theirs is not None else '–'} | {ratio} |")  # fmt: skip
+                             f"| {theirs if theirs is not None else '–'} | {ratio} "
+                             f"| {their_gb if their_gb is not None else '–'} | {memory_ratio} |")  # fmt: skip
         lines.append("")
         for name, r in speed_records:
             lines.append(f"- `{name}`: commit {r['commit']}, {r['hardware']}; command: `{r['command']}`")
