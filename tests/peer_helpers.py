@@ -1,9 +1,11 @@
 """Shared helpers of the peer-method tests (DuCiSC, DyCON): tiny datasets and bundle workflows."""
 
+import os
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import h5py
+import nibabel as nib
 import numpy as np
 from ignite.engine import Events
 from monai.bundle import ConfigWorkflow
@@ -92,3 +94,22 @@ def run_workflow(workflow: ConfigWorkflow) -> ConfigWorkflow:
     workflow.run()
     workflow.finalize()
     return workflow
+
+
+def segment_with_inference_overlay(overlay: str, trained: Dict, out_dir: Path, **overrides) -> np.ndarray:
+    """Run ``inference.json`` + ``configs/methods/<overlay>`` on the trained fixture's images with its ``model.pt``;
+    assert every output is a NIfTI mask and return the first one as an array."""
+    workflow = ConfigWorkflow(
+        config_file=[str(REPO_ROOT / "configs" / "inference.json"), str(REPO_ROOT / "configs" / "methods" / overlay)],
+        logging_file=False,
+        workflow_type="infer",
+        dataset_dir=str(trained["data"] / "imagesTr"),
+        output_dir=str(out_dir),
+        ckpt_path=str(trained["out"] / "models" / "model.pt"),
+        **overrides,
+    )
+    workflow.initialize()
+    workflow.run()
+    outputs = sorted(os.listdir(out_dir))
+    assert outputs and all(name.endswith(".nii.gz") for name in outputs)
+    return np.asarray(nib.load(str(out_dir / outputs[0])).dataobj)

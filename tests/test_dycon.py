@@ -2,13 +2,10 @@
 label poisoning, inference of the saved model)."""
 
 import math
-import os
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from monai.bundle import ConfigWorkflow
 
 from bundle.losses.dycon import (
     FocalEntropyContrastiveLoss,
@@ -19,13 +16,13 @@ from bundle.losses.dycon import (
 )
 from bundle.methods.dycon import DyCONMethod
 from bundle.networks_peer import ProjectionVNet
-from tests.conftest import REPO_ROOT
 from tests.peer_helpers import (
     bundle_overrides,
     make_workflow,
     poisoned_la_dataset,
     record_iterations,
     run_workflow,
+    segment_with_inference_overlay,
     tiny_nifti_dataset,
 )
 
@@ -221,25 +218,9 @@ def test_overlay_trains_every_term_and_writes_model(trained):
 
 
 def test_saved_model_runs_through_inference_json_with_overlay(trained, tmp_path):
-    workflow = ConfigWorkflow(
-        config_file=[
-            str(REPO_ROOT / "configs" / "inference.json"),
-            str(REPO_ROOT / "configs/methods/dycon_inference.json"),
-        ],
-        logging_file=False,
-        workflow_type="infer",
-        dataset_dir=str(trained["data"] / "imagesTr"),
-        output_dir=str(tmp_path / "pred"),
-        ckpt_path=str(trained["out"] / "models" / "model.pt"),
-        base_width=4,
-        sw_strides=[8, 8, 8],
-        **TINY,
+    mask = segment_with_inference_overlay(
+        "dycon_inference.json", trained, tmp_path / "pred", base_width=4, sw_strides=[8, 8, 8], **TINY
     )
-    workflow.initialize()
-    workflow.run()
-    outputs = sorted(os.listdir(tmp_path / "pred"))
-    assert outputs and all(name.endswith(".nii.gz") for name in outputs)
-    mask = np.asarray(nib.load(str(tmp_path / "pred" / outputs[0])).dataobj)
     assert mask.ndim == 3 and set(np.unique(mask)) <= {0, 1}
 
 
