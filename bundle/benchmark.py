@@ -23,6 +23,7 @@ from monai.bundle import ConfigParser
 from monai.inferers import SlidingWindowInferer
 
 from bundle.inference import strides_to_overlap
+from bundle.network_optimization import optimize_for_inference
 from bundle.trainer import SSLTrainer
 
 CONFIG_DIR = "configs"
@@ -116,12 +117,16 @@ def time_inference(
     overrides: Dict[str, Any],
     volume_shape: Sequence[int],
     strides: Sequence[int],
+    optimize_network: bool = True,
 ) -> Dict[str, float]:
     """Seconds and peak memory to segment one random volume with the bundle's ensemble through MONAI's
-    ``SlidingWindowInferer`` at the given strides (overlaps chosen so MONAI's window grid has exactly them)."""
+    ``SlidingWindowInferer`` at the given strides (overlaps chosen so MONAI's window grid has exactly them), with the
+    inference rewrite of ``configs/inference.json`` (``optimize_network``) or without it."""
     parser = parse_bundle(config_files, overrides)
     device = parser.get_parsed_content("device")
     network = parser.get_parsed_content("network_def").to(device).eval()
+    if optimize_network:
+        optimize_for_inference(network)
     patch = list(parser["patch_size"])
     inferer = SlidingWindowInferer(
         roi_size=patch,
@@ -321,19 +326,28 @@ def speed(
     inference_patch: Sequence[int] = (112, 112, 80),
     strides: Sequence[int] = (18, 18, 4),
     iterations: int = 3,
+    with_baselines: bool = True,
     results_dir: str = "docs/results",
 ) -> str:
     """Training seconds/iteration and peak memory per patch size (batch 2+2), and inference seconds and peak memory
-    for one volume at the given strides, each probe in its own process. Writes ``speed_<device>_<method>.json``."""
+    for one volume at the given strides, each probe in its own process. The defaults (activation checkpointing in
+    training, the inference rewrite) are timed; ``with_baselines`` also times each probe without them in the same
+    run, so the gain is measured on the same machine state. Writes ``speed_<device>_<method>.json``."""
     configs = [f"{CONFIG_DIR}/train.json", f"{CONFIG_DIR}/methods/{method}.json"]
+    settings = (True, False) if with_baselines else (True,)
     rows = []
     for patch in patches:
-        result = run_isolated("time_training", config_files=configs, overrides={"patch_size": list(patch)},
-                              iterations=iterations)  # fmt: skip
-        rows.append({"probe": "train_" + "x".join(map(str, patch)), "batch": "2+2", **result})
-    result = run_isolated("time_inference", config_files=configs, overrides={"patch_size": list(inference_patch)},
-                          volume_shape=list(volume), strides=list(strides))  # fmt: skip
-    rows.append({"probe": "infer_" + "x".join(map(str, volume)), "strides": list(strides), **result})
+        for checkpointing in settings:
+            overrides = {"patch_size": list(patch), "activation_checkpointing": checkpointing}
+            result = run_isolated("time_training", config_files=configs, overrides=overrides, iterations=iterations)
+            variant = "activation checkpointing" if checkpointing else "activations kept"
+            rows.append({"probe": "train_" + "x".join(map(str, patch)), "batch": "2+2", "variant": variant, **result})
+    for optimize in settings:
+        result = run_isolated("time_inference", config_files=configs, overrides={"patch_size": list(inference_patch)},
+                              volume_shape=list(volume), strides=list(strides), optimize_network=optimize)  # fmt: skip
+        variant = "norms folded, channels-last" if optimize else "plain eager"
+        rows.append({"probe": "infer_" + "x".join(map(str, volume)), "strides": list(strides), "variant": variant,
+                     **result})  # fmt: skip
     device = "gpu" if torch.cuda.is_available() else "cpu"
     command = f"python scripts/benchmark.py speed --method {method}"
     record = {"kind": "speed", "method": method, "device": device, "command": command, "commit": git_commit(),
@@ -384,7 +398,7 @@ def inference_memory(
 
 #: Each method's own paper on the full LA protocol (the standard 20-case test set): paper 000 (journal) Table 1 for the
 #: dual-network method and its V-Net supervised-only reference row (Dice only); paper 002 Table I for DuCiSC; paper
-#: 003 Table 3 (V-Net backbone) for DyCON. Baselines are left out: their numbers differ between the papers that cite them.
+#: 003 Table 3 (V-Net backbone) for DyCON. Baselines are left out: the papers that cite them disagree on their numbers.
 PAPER_LA = {
     ("dual_journal", 8): {"dice": 89.95, "jaccard": 81.81, "hd95": 5.73, "asd": 1.79},
     ("dual_journal", 16): {"dice": 90.90, "jaccard": 83.41, "hd95": 5.28, "asd": 1.63},
@@ -467,9 +481,9 @@ def report(results_dir: str = "docs/results", output: str = "docs/RESULTS.md") -
             "similar 2-core CPU machine: 8.8 s / 2.4 GB at 64×64×32, 92 s / 12.8 GB at 112×112×80, 122 s per volume",
             "(these CPU VMs drift by ±25 %, so ratios against a baseline timed in one run are more reliable).",
             "",
-            "| record | device | probe | seconds | peak RSS (GiB) | authors' seconds | time ratio | authors' GB "
-            "| memory ratio |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| record | device | probe | variant | seconds | peak RSS (GiB) | authors' seconds | time ratio "
+            "| authors' GB | memory ratio |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for name, r in speed_records:
             for row in r["rows"]:
@@ -478,7 +492,8 @@ def report(results_dir: str = "docs/results", output: str = "docs/RESULTS.md") -
                 their_gb = AUTHORS_CPU_PEAK_GIB.get(row["probe"]) if r["device"] == "cpu" else None
                 ratio = "–" if theirs is None else f"{seconds / theirs:.2f}"
                 memory_ratio = "–" if their_gb is None else f"{row['peak_rss_gib'] / their_gb:.2f}"
-                lines.append(f"| `{name}` | {r['device']} | {row['probe']} | {seconds:.2f} | {row['peak_rss_gib']:.2f} "
+                lines.append(f"| `{name}` | {r['device']} | {row['probe']} | {row.get('variant', '–')} | {seconds:.2f} "
+                             f"| {row['peak_rss_gib']:.2f} "
                              f"| {theirs if theirs is not None else '–'} | {ratio} "
                              f"| {their_gb if their_gb is not None else '–'} | {memory_ratio} |")  # fmt: skip
         lines.append("")

@@ -1,4 +1,5 @@
-"""Small ignite handlers that MONAI lacks: a progress line with ETA, and deploy weights written only on success."""
+"""Small ignite handlers that MONAI lacks: a progress line with ETA, deploy weights written only on success, and the
+inference rewrite of a loaded network."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from typing import Optional
 import torch
 from ignite.engine import Engine, Events
 from torch import nn
+
+from bundle.network_optimization import optimize_for_inference
 
 
 class ProgressLogger:
@@ -71,3 +74,21 @@ class SaveStateDictOnCompletion:
         torch.save(self.network.state_dict(), tmp)
         os.replace(tmp, self.path)
         logging.getLogger("bundle.progress").info(f"saved {self.path}")
+
+
+class OptimizeNetworkHandler:
+    """At ``Events.STARTED``, after a ``CheckpointLoader`` listed before it has loaded the weights, rewrites ``network``
+    for inference (:func:`bundle.network_optimization.optimize_for_inference`: BatchNorms folded, channels-last
+    weights). Only for evaluation-only runs (``configs/evaluate.json``): the network can no longer be trained.
+    """
+
+    def __init__(self, network: nn.Module, enabled: bool = True) -> None:
+        self.network = network
+        self.enabled = enabled
+
+    def attach(self, engine: Engine) -> None:
+        if self.enabled:
+            engine.add_event_handler(Events.STARTED, self._optimize)
+
+    def _optimize(self, engine: Engine) -> None:
+        optimize_for_inference(self.network)

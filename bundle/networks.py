@@ -13,15 +13,20 @@ Feature maps, for an input of shape ``(N, in_channels, H, W, D)`` and ``f = base
 ``forward(x)`` returns the logits ``(N, out_channels, H, W, D)`` only (TorchScript-able);
 ``forward_features(x)`` also returns the decoder features ``x9`` ``(N, f, H, W, D)`` after dropout, which the
 prototype loss uses. See ``shared/specs/dual_network_method.md`` section 3.
+
+``activation_checkpointing=True`` keeps only the inputs of the full- and half-resolution stages (encoder stem and
+first stage, last two decoder stages) during a training forward and recomputes their insides in backward
+(:func:`checkpoint_keeping_buffers`): the same outputs, gradients and BatchNorm statistics, about half the activation
+memory of a 112x112x80 batch, about a quarter more forward compute.
 """
 
-from __future__ import annotations
-
-from typing import Dict, List, Sequence, Tuple, Union
+from contextlib import contextmanager, nullcontext
+from typing import Any, Callable, Dict, Iterator, List, Sequence, Tuple, Union
 
 import torch
 from monai.networks.layers.utils import get_norm_layer
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 #: a MONAI norm spec: ``"batch"``, ``"instance"`` or a ``(name, kwargs)`` tuple, e.g. ``("group", {"num_groups": 8})``.
 NormSpec = Union[str, Tuple[str, Dict]]
@@ -42,21 +47,64 @@ def check_spatial_shape(x: torch.Tensor, divisor: int = SIZE_DIVISOR) -> None:
             )
 
 
+@contextmanager
+def buffers_restored(module: nn.Module) -> Iterator[None]:
+    """Put ``module``'s buffers (BatchNorm running statistics and batch counters) back as they were on entry."""
+    saved = [(buffer, buffer.clone()) for buffer in module.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
+
+
+def checkpoint_keeping_buffers(module: nn.Module, function: Callable[..., Any], *inputs: torch.Tensor) -> Any:
+    """``function(*inputs)`` through ``torch.utils.checkpoint`` (non-reentrant): only ``inputs`` are kept for backward,
+    which reruns ``function``. The rerun would update ``module``'s BatchNorm running statistics a second time (torch's
+    checkpoint does not prevent it), so it runs inside :func:`buffers_restored`; outputs, gradients, buffers and
+    dropout masks (RNG state replayed) equal those of a plain forward."""
+    return checkpoint(
+        function, *inputs, use_reentrant=False, context_fn=lambda: (nullcontext(), buffers_restored(module))
+    )
+
+
+class CheckpointableSequential(nn.Sequential):
+    """``nn.Sequential`` (same state-dict keys) that recomputes its activations in backward when
+    ``checkpoint_activations`` is set, the module is training and gradients are enabled; plain otherwise (eval,
+    ``no_grad`` teachers, TorchScript)."""
+
+    def __init__(self, *layers: nn.Module) -> None:
+        super().__init__(*layers)
+        self.checkpoint_activations = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.checkpoint_activations and self.training and torch.is_grad_enabled():
+            return self._forward_checkpointed(x)
+        for layer in self:
+            x = layer(x)
+        return x
+
+    @torch.jit.unused
+    def _forward_checkpointed(self, x: torch.Tensor) -> torch.Tensor:
+        return checkpoint_keeping_buffers(self, super().forward, x)
+
+
 def conv_norm_relu(
     in_channels: int, out_channels: int, norm: NormSpec, kernel_size: int = 3, stride: int = 1, bias: bool = True
-) -> nn.Sequential:
+) -> CheckpointableSequential:
     """``Conv3d(kernel_size, stride, 'same' padding for stride 1) + norm + ReLU``."""
     padding = (kernel_size - 1) // 2 if stride == 1 else 0
-    return nn.Sequential(
+    return CheckpointableSequential(
         nn.Conv3d(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias),
         get_norm_layer(norm, spatial_dims=3, channels=out_channels),
         nn.ReLU(inplace=True),
     )
 
 
-def conv_stack(in_channels: int, out_channels: int, num_convs: int, norm: NormSpec) -> nn.Sequential:
+def conv_stack(in_channels: int, out_channels: int, num_convs: int, norm: NormSpec) -> CheckpointableSequential:
     """``num_convs`` times ``Conv3d(3^3, bias) + norm + ReLU``; the first maps ``in_channels -> out_channels``."""
-    return nn.Sequential(
+    return CheckpointableSequential(
         *[conv_norm_relu(in_channels if i == 0 else out_channels, out_channels, norm) for i in range(num_convs)]
     )
 
@@ -80,10 +128,12 @@ class UpBlock(nn.Module):
     """One decoder stage: ``block(ReLU(norm(ConvT_{k2,s2}(x))) + skip)``; the skip is **added**, not concatenated.
 
     Input ``x``: ``(N, in_channels, h, w, d)``; ``skip``: ``(N, in_channels // 2, 2h, 2w, 2d)``; output like ``skip``.
+    With ``checkpoint_activations`` set, a training forward keeps only ``x`` and ``skip`` for backward.
     """
 
     def __init__(self, in_channels: int, num_convs: int, norm: NormSpec) -> None:
         super().__init__()
+        self.checkpoint_activations = False
         out_channels = in_channels // 2
         self.up = nn.Sequential(
             nn.ConvTranspose3d(in_channels, out_channels, kernel_size=2, stride=2),
@@ -93,7 +143,21 @@ class UpBlock(nn.Module):
         self.block = conv_stack(out_channels, out_channels, num_convs, norm)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        return self.block(self.up(x) + skip)
+        return self.forward_with_tap(x, skip)[1]
+
+    def forward_with_tap(self, x: torch.Tensor, skip: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(u, block(u))`` with ``u = ReLU(norm(ConvT(x))) + skip``, the tap DuCiSC reads (shape of ``skip``)."""
+        if self.checkpoint_activations and self.training and torch.is_grad_enabled():
+            return self._forward_checkpointed(x, skip)
+        return self._tap_and_output(x, skip)
+
+    def _tap_and_output(self, x: torch.Tensor, skip: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        tap = self.up(x) + skip
+        return tap, self.block(tap)
+
+    @torch.jit.unused
+    def _forward_checkpointed(self, x: torch.Tensor, skip: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        return checkpoint_keeping_buffers(self, self._tap_and_output, x, skip)
 
 
 class AdditiveSkipDecoder(nn.Module):
@@ -154,7 +218,7 @@ class ResNet34Encoder(nn.Module):
         for i, num_blocks in enumerate(blocks):
             out_width = base_width * 2 ** (i + 1)
             stages.append(
-                nn.Sequential(
+                CheckpointableSequential(
                     *[
                         BasicBlock(width if b == 0 else out_width, out_width, 2 if b == 0 else 1, norm)
                         for b in range(num_blocks)
@@ -183,7 +247,7 @@ class VNetEncoder(nn.Module):
         for i, num_convs in enumerate((2, 3, 3, 3)):
             width = base_width * 2**i
             stages.append(
-                nn.Sequential(
+                CheckpointableSequential(
                     conv_norm_relu(width, 2 * width, norm, kernel_size=2, stride=2),
                     conv_stack(2 * width, 2 * width, num_convs, norm),
                 )
@@ -208,9 +272,18 @@ class EncoderDecoderSeg(nn.Module):
         base_width: ``f``, the width of ``s1`` and of the decoder features.
         norm: MONAI norm spec.
         dropout: ``Dropout3d`` probability on the decoder features ``x9``.
+        activation_checkpointing: see :meth:`set_activation_checkpointing`.
     """
 
-    def __init__(self, encoder: nn.Module, out_channels: int, base_width: int, norm: NormSpec, dropout: float) -> None:
+    def __init__(
+        self,
+        encoder: nn.Module,
+        out_channels: int,
+        base_width: int,
+        norm: NormSpec,
+        dropout: float,
+        activation_checkpointing: bool = False,
+    ) -> None:
         super().__init__()
         if out_channels < 2:
             raise ValueError(f"out_channels must be >= 2 (softmax over classes), got {out_channels}.")
@@ -218,6 +291,17 @@ class EncoderDecoderSeg(nn.Module):
         self.decoder = AdditiveSkipDecoder(base_width, norm, dropout)
         self.head = nn.Conv3d(base_width, out_channels, kernel_size=1)
         init_weights(self)
+        self.set_activation_checkpointing(activation_checkpointing)
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Recompute the full- and half-resolution stages in backward (``enabled``) or keep their activations.
+
+        Those stages (``encoder.stem``, ``encoder.stages[0]``, ``decoder.stages[2:]``) hold most of a training
+        forward's saved tensors, since a map at ``/2`` has 1/8 of the voxels of a full-resolution one; coarser stages
+        are cheap to keep. Only training forwards with gradients are affected; the state dict is unchanged.
+        """
+        for stage in (self.encoder.stem, self.encoder.stages[0], self.decoder.stages[2], self.decoder.stages[3]):
+            stage.checkpoint_activations = bool(enabled)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, in_channels, H, W, D)`` -> logits ``(N, out_channels, H, W, D)``."""
@@ -244,8 +328,16 @@ class ResNet34Seg(EncoderDecoderSeg):
         base_width: int = 16,
         norm: NormSpec = "batch",
         dropout: float = 0.5,
+        activation_checkpointing: bool = False,
     ) -> None:
-        super().__init__(ResNet34Encoder(in_channels, base_width, norm), out_channels, base_width, norm, dropout)
+        super().__init__(
+            ResNet34Encoder(in_channels, base_width, norm),
+            out_channels,
+            base_width,
+            norm,
+            dropout,
+            activation_checkpointing,
+        )
 
 
 class VNetSeg(EncoderDecoderSeg):
@@ -261,8 +353,16 @@ class VNetSeg(EncoderDecoderSeg):
         base_width: int = 16,
         norm: NormSpec = "batch",
         dropout: float = 0.5,
+        activation_checkpointing: bool = False,
     ) -> None:
-        super().__init__(VNetEncoder(in_channels, base_width, norm, dropout), out_channels, base_width, norm, dropout)
+        super().__init__(
+            VNetEncoder(in_channels, base_width, norm, dropout),
+            out_channels,
+            base_width,
+            norm,
+            dropout,
+            activation_checkpointing,
+        )
 
 
 class SoftmaxEnsemble(nn.Module):

@@ -43,8 +43,9 @@ class DeepSupervisedVNet(VNetSeg):
         base_width: int = 16,
         norm: NormSpec = "batch",
         dropout: float = 0.5,
+        activation_checkpointing: bool = False,
     ) -> None:
-        super().__init__(in_channels, out_channels, base_width, norm, dropout)
+        super().__init__(in_channels, out_channels, base_width, norm, dropout, activation_checkpointing)
         self.ds_heads = nn.ModuleList(
             [nn.Conv3d(base_width * m, out_channels, kernel_size=1) for m in (8, 4, 2)]
         )  # on u4, u3, u2
@@ -57,9 +58,8 @@ class DeepSupervisedVNet(VNetSeg):
         out = skips[4]
         taps: List[torch.Tensor] = []
         for i, stage in enumerate(self.decoder.stages):
-            tap = stage.up(out) + skips[3 - i]
+            tap, out = stage.forward_with_tap(out, skips[3 - i])
             taps.append(tap)
-            out = stage.block(tap)
         logits = [head(tap) for head, tap in zip(self.ds_heads, taps[:3])]
         logits.append(self.head(self.decoder.dropout(out)))
         return logits, taps
@@ -123,8 +123,9 @@ class ProjectionVNet(VNetSeg):
         hidden_channels: int = 512,
         head_variant: str = "vnet",
         use_aspp: bool = False,
+        activation_checkpointing: bool = False,
     ) -> None:
-        super().__init__(in_channels, out_channels, base_width, norm, dropout)
+        super().__init__(in_channels, out_channels, base_width, norm, dropout, activation_checkpointing)
         width = 16 * base_width
         self.aspp: Optional[nn.Module] = None
         if use_aspp:

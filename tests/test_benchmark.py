@@ -76,7 +76,8 @@ def test_report_renders_every_record_with_paper_numbers_and_ratios(tmp_path):
     write_json(_accuracy_record("dual_journal", 0.8512), str(results), "la_cpu_dual_journal_k8_seed1337")
     write_json(_accuracy_record("supervised", 0.7), str(results), "la_cpu_supervised_k8_seed1337")
     speed = {"kind": "speed", "device": "cpu", "command": "speed cmd", "commit": "abc1234", "hardware": "test cpu",
-             "rows": [{"probe": "train_64x64x32", "seconds_per_iteration": 4.4, "peak_rss_gib": 2.0}]}  # fmt: skip
+             "rows": [{"probe": "train_64x64x32", "variant": "activation checkpointing", "seconds_per_iteration": 4.4,
+                       "peak_rss_gib": 2.0}]}  # fmt: skip
     write_json(speed, str(results), "speed_cpu_dual_journal")
     memory = {"kind": "memory", "device": "cpu", "volume": [512, 512, 300], "patch": [128, 128, 96],
               "strides": [128, 128, 96], "peak_rss_gib": 3.5, "seconds": 200.0, "command": "memory cmd",
@@ -90,6 +91,7 @@ def test_report_renders_every_record_with_paper_numbers_and_ratios(tmp_path):
     assert cells[10] == "30 min"
     assert "| supervised | 8 | 70.00 ± 5.00 |" in text
     speed_row = next(line for line in text.splitlines() if "train_64x64x32" in line)
-    assert [cell.strip() for cell in speed_row.split("|")[4:-1]] == ["4.40", "2.00", "8.8", "0.50", "2.4", "0.83"]
+    assert [cell.strip() for cell in speed_row.split("|")[4:-1]] == [
+        "activation checkpointing", "4.40", "2.00", "8.8", "0.50", "2.4", "0.83"]  # fmt: skip
     assert "| 512×512×300 | 128×128×96 / 128×128×96 | 3.50 | 200 |" in text
     assert text.count("commit abc1234") == 4
