@@ -48,7 +48,9 @@ def git_commit() -> str:
     """The current commit, with ``+dirty`` when the working tree has uncommitted changes."""
     try:
         commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"]).returncode != 0
+        # benchmark outputs (docs/results, RESULTS.md) written by an earlier probe of the same run are not code
+        excluded = [":(exclude)docs/results", ":(exclude)docs/RESULTS.md"]
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", ".", *excluded]).returncode != 0
         return commit + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -96,6 +98,7 @@ def time_training(
         optimizer=optimizer,
         unlabeled_data_loader=[unlabeled] if method.uses_unlabeled else None,
         amp=bool(parser.get_parsed_content("amp")),
+        cpu_allocator_cache=bool(parser.get("cpu_allocator_cache", False)),
     )
     stamps: List[float] = []
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda engine: stamps.append(time.perf_counter()))
@@ -259,6 +262,7 @@ def accuracy(
     results_dir: str = "docs/results",
     runs_dir: str = "runs/benchmark",
     retrain: bool = False,
+    variant: str = "",
     **overrides: Any,
 ) -> str:
     """Train ``method`` on LA under ``protocol`` and score the final weights on the held-out cases.
@@ -266,9 +270,13 @@ def accuracy(
     Split: the first ``train_cases`` cases of ``list_file`` train (the first ``num_labeled`` labeled, the rest
     unlabeled); the remaining cases are the test set. No validation runs during training and no checkpoint is
     chosen: the last iteration's weights are scored (the papers' protocol). A finished training is reused unless
-    ``retrain``. Writes ``<results_dir>/<name>.json``; returns its path.
+    ``retrain``. ``overrides`` are passed to every bundle command (e.g. ``--loss_weights#pgl 0``); an ablation names
+    itself with ``variant`` (e.g. ``no_pgl``), which goes into the record's name and the report's method column.
+    Writes ``<results_dir>/<name>.json``; returns its path.
     """
-    name = f"la_{protocol}_{method}_k{num_labeled}_seed{seed}"
+    if overrides and not variant:
+        raise ValueError(f"overrides {sorted(overrides)} change the method: name the run with --variant.")
+    name = f"la_{protocol}_{method}{'_' + variant if variant else ''}_k{num_labeled}_seed{seed}"
     run_dir = os.path.abspath(os.path.join(runs_dir, name))
     lists = split_lists(dataset_dir, list_file, train_cases, run_dir)
     configs = method_configs(method, protocol)
@@ -298,6 +306,8 @@ def accuracy(
     record = {
         "kind": "accuracy",
         "method": method,
+        "variant": variant,
+        "overrides": overrides,
         "protocol": protocol,
         "num_labeled": num_labeled,
         "split": f"train: first {train_cases} of {list_file} ({num_labeled} labeled); test: the remaining cases",
@@ -331,18 +341,21 @@ def speed(
 ) -> str:
     """Training seconds/iteration and peak memory per patch size (batch 2+2), and inference seconds and peak memory
     for one volume at the given strides, each probe in its own process. The defaults (activation checkpointing in
-    training, the inference rewrite) are timed; ``with_baselines`` also times each probe without them in the same
-    run, so the gain is measured on the same machine state. Writes ``speed_<device>_<method>.json``."""
+    training, the inference rewrite) are timed; ``with_baselines`` also times each probe without them, and training
+    with the CPU allocator cache, in the same run, so each trade-off is measured on the same machine state. Writes
+    ``speed_<device>_<method>.json``."""
     configs = [f"{CONFIG_DIR}/train.json", f"{CONFIG_DIR}/methods/{method}.json"]
-    settings = (True, False) if with_baselines else (True,)
+    training_variants = {"activation checkpointing": {}}  # train.json's defaults
+    if with_baselines:
+        training_variants["activations kept"] = {"activation_checkpointing": False}
+        training_variants["checkpointing + allocator cache"] = {"cpu_allocator_cache": True}
     rows = []
     for patch in patches:
-        for checkpointing in settings:
-            overrides = {"patch_size": list(patch), "activation_checkpointing": checkpointing}
+        for variant, settings in training_variants.items():
+            overrides = {"patch_size": list(patch), **settings}
             result = run_isolated("time_training", config_files=configs, overrides=overrides, iterations=iterations)
-            variant = "activation checkpointing" if checkpointing else "activations kept"
             rows.append({"probe": "train_" + "x".join(map(str, patch)), "batch": "2+2", "variant": variant, **result})
-    for optimize in settings:
+    for optimize in (True, False) if with_baselines else (True,):
         result = run_isolated("time_inference", config_files=configs, overrides={"patch_size": list(inference_patch)},
                               volume_shape=list(volume), strides=list(strides), optimize_network=optimize)  # fmt: skip
         variant = "norms folded, channels-last" if optimize else "plain eager"
@@ -458,6 +471,8 @@ def report(results_dir: str = "docs/results", output: str = "docs/RESULTS.md") -
             if r["protocol"] != protocol:
                 continue
             s, m, k = r["summary"], r["method"], r["num_labeled"]
+            if r.get("variant"):
+                m = f"{m} [{r['variant']}]"  # an ablation: no paper numbers
             lines.append(
                 f"| {m} | {k} | {_cell(s, 'dice', 100)} | {_cell(s, 'jaccard', 100)} | {_cell(s, 'hd95')} "
                 f"| {_cell(s, 'asd')} | {_paper(m, k, 'dice')} | {_paper(m, k, 'jaccard')} | {_paper(m, k, 'hd95')} "

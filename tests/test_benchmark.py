@@ -6,7 +6,7 @@ import shlex
 import numpy as np
 import pytest
 
-from bundle.benchmark import bundle_command, mean_std, report, split_lists, write_json
+from bundle.benchmark import accuracy, bundle_command, mean_std, report, split_lists, write_json
 
 
 def test_split_lists_trains_on_the_first_cases_and_tests_on_the_rest(tmp_path):
@@ -75,6 +75,8 @@ def test_report_renders_every_record_with_paper_numbers_and_ratios(tmp_path):
     results = tmp_path / "results"
     write_json(_accuracy_record("dual_journal", 0.8512), str(results), "la_cpu_dual_journal_k8_seed1337")
     write_json(_accuracy_record("supervised", 0.7), str(results), "la_cpu_supervised_k8_seed1337")
+    ablation = {**_accuracy_record("dual_journal", 0.83), "variant": "no_pgl", "overrides": {"loss_weights#pgl": 0}}
+    write_json(ablation, str(results), "la_cpu_dual_journal_no_pgl_k8_seed1337")
     speed = {"kind": "speed", "device": "cpu", "command": "speed cmd", "commit": "abc1234", "hardware": "test cpu",
              "rows": [{"probe": "train_64x64x32", "variant": "activation checkpointing", "seconds_per_iteration": 4.4,
                        "peak_rss_gib": 2.0}]}  # fmt: skip
@@ -90,8 +92,17 @@ def test_report_renders_every_record_with_paper_numbers_and_ratios(tmp_path):
                            "89.95", "81.81", "5.73", "1.79"]  # fmt: skip
     assert cells[10] == "30 min"
     assert "| supervised | 8 | 70.00 ± 5.00 |" in text
+    ablation_row = next(line for line in text.splitlines() if line.startswith("| dual_journal [no_pgl] | 8 |"))
+    assert [cell.strip() for cell in ablation_row.split("|")[3:11]] == ["83.00 ± 5.00", "73.00 ± 4.00", "7.25 ± 2.00",
+                                                                        "1.50 ± 0.50", "–", "–", "–", "–"]  # fmt: skip
     speed_row = next(line for line in text.splitlines() if "train_64x64x32" in line)
     assert [cell.strip() for cell in speed_row.split("|")[4:-1]] == [
         "activation checkpointing", "4.40", "2.00", "8.8", "0.50", "2.4", "0.83"]  # fmt: skip
     assert "| 512×512×300 | 128×128×96 / 128×128×96 | 3.50 | 200 |" in text
-    assert text.count("commit abc1234") == 4
+    assert text.count("commit abc1234") == 5
+
+
+def test_accuracy_overrides_need_a_variant_name(tmp_path):
+    with pytest.raises(ValueError, match="--variant"):
+        accuracy(str(tmp_path), method="dual_journal", **{"loss_weights#pgl": 0})
+    assert list(tmp_path.iterdir()) == []  # refused before any split or run folder is written

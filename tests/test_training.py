@@ -150,3 +150,16 @@ def test_missing_dataset_dir_fails_before_training(tmp_path):
         workflow.run()
     cause = info.value.__cause__  # MONAI wraps component errors; the user sees this cause in the traceback
     assert isinstance(cause, DatasetError) and "nope: dataset_dir does not exist" in str(cause)
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_cpu_allocator_cache_is_opt_in(tiny_dataset, tmp_path, monkeypatch, cache):
+    calls = []
+    monkeypatch.setattr("bundle.trainer.tune_cpu_allocator", lambda: calls.append(True))
+    overrides = tiny_overrides(tiny_dataset, tmp_path, max_iterations=1, device="$torch.device('cpu')")
+    if cache:
+        overrides["cpu_allocator_cache"] = True
+    workflow = make_workflow(["train.json"], overrides)
+    workflow.initialize()
+    workflow.parser.get_parsed_content("train#trainer")
+    assert calls == ([True] if cache else [])
