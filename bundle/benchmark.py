@@ -496,8 +496,9 @@ def report(results_dir: str = "docs/results", output: str = "docs/RESULTS.md") -
             "similar 2-core CPU machine: 8.8 s / 2.4 GB at 64×64×32, 92 s / 12.8 GB at 112×112×80, 122 s per volume",
             "(these CPU VMs drift by ±25 %, so ratios against a baseline timed in one run are more reliable).",
             "Variants: `activation checkpointing` is train.json's default; `activations kept` is",
-            "`--activation_checkpointing false`; `+ allocator cache` adds `--cpu_allocator_cache true`. For inference,",
-            "`norms folded, channels-last` is inference.json's default (`optimize_network`); `plain eager` is without it.",
+            "`--activation_checkpointing false`; `+ allocator cache` adds `--cpu_allocator_cache true`. For",
+            "inference, `norms folded, channels-last` is inference.json's default (`optimize_network`); `plain eager`",
+            "is without it.",
             "",
             "| record | device | probe | variant | seconds | peak RSS (GiB) | authors' seconds | time ratio "
             "| authors' GB | memory ratio |",
