@@ -16,8 +16,8 @@ prototype loss uses. See ``shared/specs/dual_network_method.md`` section 3.
 
 ``activation_checkpointing=True`` keeps only the inputs of the full- and half-resolution stages (encoder stem and
 first stage, last two decoder stages) during a training forward and recomputes their insides in backward
-(:func:`checkpoint_keeping_buffers`): the same outputs, gradients and BatchNorm statistics, about half the activation
-memory of a 112x112x80 batch, about a quarter more forward compute.
+(:func:`checkpoint_keeping_buffers`): the same outputs, gradients and BatchNorm statistics; for the dual-network batch
+of 2+2 at 112x112x80 the tensors kept for backward drop from 7.4 to 2.7 GiB, for about 18 % more compute per step.
 """
 
 from contextlib import contextmanager, nullcontext
