@@ -217,7 +217,7 @@ class FolderInference:
             subnets; needs ``network.net_a`` / ``network.net_b``).
         optimize_network: after loading the weights, fold the BatchNorms into the convolutions and store the weights
             channels-last (:func:`bundle.network_optimization.optimize_for_inference`): the same outputs within float
-            rounding, about 1.6x faster on CPU.
+            rounding, about 1.7x faster on CPU (docs/RESULTS.md, speed table).
     """
 
     def __init__(

@@ -18,7 +18,7 @@ def tune_cpu_allocator(mmap_threshold: int = 2**30, trim_threshold: int = 2**31 
     glibc serves allocations above ``M_MMAP_THRESHOLD`` (dynamic, at most 32 MiB) with fresh ``mmap`` pages and
     unmaps them on free, so each 3D activation of every iteration is page-faulted in again (about 600 000 minor
     faults per 64x64x32 iteration here, ~20 % of its time). Raising both thresholds lets the heap reuse those pages.
-    The price is fragmentation: freed heap chunks are not returned, so the peak RSS grows (5.7 -> 8.4 GiB for a
+    The price is fragmentation: freed heap chunks are not returned, so the peak RSS grows (6.1 -> 9.4 GiB for a
     112x112x80 dual-network iteration; ``python scripts/benchmark.py speed``). No-op on non-glibc platforms; returns
     whether the settings were applied.
     """

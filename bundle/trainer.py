@@ -40,7 +40,7 @@ class SSLTrainer(SupervisedTrainer):
             to restart the schedule at a stage boundary (``method.stage_starts``).
         cpu_allocator_cache: on CPU, keep freed tensor memory in the process (``bundle.runtime.tune_cpu_allocator``):
             fewer page faults, faster iterations, but a higher peak RSS from heap fragmentation (112x112x80, batch
-            2+2, activation checkpointing: 29 s and 8.4 GiB with it, 35 s and 5.7 GiB without; docs/RESULTS.md).
+            2+2, activation checkpointing: 29 s and 9.4 GiB with it, 40 s and 6.1 GiB without; docs/RESULTS.md).
             Off by default, so that training memory stays within half of the authors' code.
         kwargs: passed to ``SupervisedTrainer`` (``train_handlers``, ``amp``, ``amp_kwargs``, ...).
 
