@@ -12,6 +12,7 @@ import math
 import os
 import platform
 import resource
+import shlex
 import subprocess
 import sys
 import time
@@ -202,8 +203,6 @@ def bundle_command(run_id: str, config_files: Sequence[str], overrides: Dict[str
 def display_command(command: List[str]) -> str:
     """``command`` as a shell line to rerun from the bundle root: ``python`` for the interpreter, paths under the
     current folder made relative."""
-    import shlex
-
     root = os.getcwd() + os.sep
     return shlex.join(["python"] + [part.replace(root, "") for part in command[1:]])
 
@@ -348,7 +347,8 @@ def speed(
     training_variants = {"activation checkpointing": {}}  # train.json's defaults
     if with_baselines:
         training_variants["activations kept"] = {"activation_checkpointing": False}
-        training_variants["checkpointing + allocator cache"] = {"cpu_allocator_cache": True}
+        if not torch.cuda.is_available():  # the allocator cache is a CPU setting
+            training_variants["checkpointing + allocator cache"] = {"cpu_allocator_cache": True}
     rows = []
     for patch in patches:
         for variant, settings in training_variants.items():
