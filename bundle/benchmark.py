@@ -25,6 +25,7 @@ from monai.inferers import SlidingWindowInferer
 
 from bundle.inference import strides_to_overlap
 from bundle.network_optimization import optimize_for_inference
+from bundle.precision import cpu_has_native_bf16
 from bundle.trainer import SSLTrainer
 
 CONFIG_DIR = "configs"
@@ -39,7 +40,8 @@ def hardware() -> str:
         cpu = names[0] if names else cpu
     except OSError:
         pass
-    text = f"{cpu}, {torch.get_num_threads()} torch threads, {os.cpu_count()} cores, torch {torch.__version__}"
+    bf16 = "native bf16" if cpu_has_native_bf16() else "no native bf16"
+    text = f"{cpu} ({bf16}), {torch.get_num_threads()} torch threads, {os.cpu_count()} cores, torch {torch.__version__}"
     if torch.cuda.is_available():
         text += f", GPU {torch.cuda.get_device_name(0)}"
     return text
@@ -98,7 +100,7 @@ def time_training(
         method=method,
         optimizer=optimizer,
         unlabeled_data_loader=[unlabeled] if method.uses_unlabeled else None,
-        amp=bool(parser.get_parsed_content("amp")),
+        precision=parser["precision"],
         cpu_allocator_cache=bool(parser.get("cpu_allocator_cache", False)),
     )
     stamps: List[float] = []
@@ -233,6 +235,21 @@ def method_configs(method: str, protocol: str) -> List[str]:
     return files
 
 
+def resolved_hyperparameters(parser: ConfigParser) -> Dict[str, Any]:
+    """The top-level settings of a parsed bundle with references and expressions resolved (``"@max_iterations"``
+    becomes its number); components, and expressions that do not resolve to JSON values, are left out."""
+    values: Dict[str, Any] = {}
+    for key, raw in parser.get().items():
+        if key in ("imports", "initialize", "run", "training") or (isinstance(raw, dict) and key != "loss_weights"):
+            continue
+        value = parser.get_parsed_content(key) if isinstance(raw, str) and raw[:1] in "@$" else raw
+        try:
+            values[key] = json.loads(json.dumps(value))
+        except TypeError:
+            continue
+    return values
+
+
 def read_metrics(eval_dir: str) -> Dict[str, Any]:
     """Per-case rows and the summary written by the evaluation overlay (``metrics.csv``, ``summary.json``):
     ``summary`` maps each metric (``dice``, ``jaccard``, ``hd95``, ``asd``, ...) to its ``mean``, ``std`` and ``n``."""
@@ -276,11 +293,11 @@ def accuracy(
     if overrides and not variant:
         raise ValueError(f"overrides {sorted(overrides)} change the method: name the run with --variant.")
     name = f"la_{protocol}_{method}{'_' + variant if variant else ''}_k{num_labeled}_seed{seed}"
-    run_dir = os.path.abspath(os.path.join(runs_dir, name))
+    run_dir = os.path.relpath(os.path.join(runs_dir, name))  # records keep repository-relative paths
     lists = split_lists(dataset_dir, list_file, train_cases, run_dir)
     configs = method_configs(method, protocol)
     common = {
-        "dataset_dir": os.path.abspath(dataset_dir),
+        "dataset_dir": os.path.relpath(dataset_dir),
         "train_list": lists["train"],
         "num_labeled": num_labeled,
         "seed": seed,
@@ -301,7 +318,7 @@ def accuracy(
     eval_overrides = {**common, "val_list": lists["test"], "output_dir": eval_dir}
     run_logged(bundle_command("run", configs + [f"{CONFIG_DIR}/evaluate.json"], eval_overrides), log_path)
     parser = parse_bundle(configs, train_overrides)
-    hyperparameters = {k: v for k, v in parser.get().items() if not isinstance(v, dict) or k == "loss_weights"}
+    hyperparameters = resolved_hyperparameters(parser)
     record = {
         "kind": "accuracy",
         "method": method,

@@ -8,7 +8,8 @@ step, the LR schedule, stage boundaries, and the events MONAI handlers rely on. 
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, Iterator, Optional
+import logging
+from typing import Any, Dict, Iterable, Iterator, Optional, Tuple
 
 import torch
 from ignite.engine import Engine, Events
@@ -17,7 +18,10 @@ from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys
 
 from bundle.methods.base import SSLMethod
+from bundle.precision import autocast, resolve_precision
 from bundle.runtime import tune_cpu_allocator
+
+logger = logging.getLogger(__name__)
 
 
 class SSLTrainer(SupervisedTrainer):
@@ -38,11 +42,14 @@ class SSLTrainer(SupervisedTrainer):
             ``method.uses_unlabeled``. It is cycled endlessly and reshuffled at every pass.
         lr_scheduler: the per-iteration LR scheduler (stepped by a ``LrScheduleHandler``); the trainer only uses it
             to restart the schedule at a stage boundary (``method.stage_starts``).
+        precision: ``auto`` (fp16 AMP with a gradient scaler on CUDA, fp32 on CPU) | ``fp32`` | ``bf16`` (autocast;
+            fast on CPUs with native bf16) | ``fp16`` (:mod:`bundle.precision`). The resolved value is
+            :attr:`precision`.
         cpu_allocator_cache: on CPU, keep freed tensor memory in the process (``bundle.runtime.tune_cpu_allocator``):
             fewer page faults, faster iterations, but a higher peak RSS from heap fragmentation (112x112x80, batch
             2+2, activation checkpointing: 29 s and 9.4 GiB with it, 40 s and 6.1 GiB without; docs/RESULTS.md).
             Off by default, so that training memory stays within half of the authors' code.
-        kwargs: passed to ``SupervisedTrainer`` (``train_handlers``, ``amp``, ``amp_kwargs``, ...).
+        kwargs: passed to ``SupervisedTrainer`` (``train_handlers``, ...); AMP is set by ``precision``.
 
     ``engine.state.output`` holds ``image``, ``label``, ``loss`` (the weighted sum) and ``loss_<name>`` (each
     unweighted term), all detached.
@@ -58,9 +65,12 @@ class SSLTrainer(SupervisedTrainer):
         optimizer: torch.optim.Optimizer,
         unlabeled_data_loader: Optional[Iterable] = None,
         lr_scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None,
+        precision: str = "auto",
         cpu_allocator_cache: bool = False,
         **kwargs: Any,
     ) -> None:
+        self.precision = resolve_precision(precision, device)
+        kwargs["amp"] = self.precision == "fp16"  # the gradient scaler is for fp16 only
         if cpu_allocator_cache and torch.device(device).type == "cpu":
             tune_cpu_allocator()
         plugin: SSLMethod = getattr(method, "module", method)  # unwrap DistributedDataParallel
@@ -113,6 +123,31 @@ class SSLTrainer(SupervisedTrainer):
             self.lr_scheduler.last_epoch = 0
         self.method.on_stage_start(list(self.method.stage_starts).index(iteration) + 1)
 
+    def _forward_backward(
+        self,
+        engine: SSLTrainer,
+        image: torch.Tensor,
+        label: torch.Tensor,
+        unlabeled: Optional[torch.Tensor],
+        iteration: int,
+        weights: Dict[str, float],
+        precision: str,
+    ) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
+        """Zeroed gradients, the method's terms under ``precision``, one backward of their weighted sum (scaled
+        under fp16 AMP); fires ``FORWARD_COMPLETED``, ``LOSS_COMPLETED`` and ``BACKWARD_COMPLETED``."""
+        engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+        with autocast(precision, engine.state.device):
+            terms = engine.network(image, label.long(), unlabeled, iteration)
+            engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+            loss = sum(weights[name] * value for name, value in terms.items())
+        engine.fire_event(IterationEvents.LOSS_COMPLETED)
+        if engine.amp and engine.scaler is not None:
+            engine.scaler.scale(loss).backward()
+        else:
+            loss.backward()
+        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        return terms, loss
+
     def _iteration(self, engine: SSLTrainer, batchdata: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """One step: draw the unlabeled batch, let the method compute its terms, one backward of the weighted
         sum, one optimizer step, the method's post-step hook. Fires the standard ``IterationEvents``."""
@@ -126,27 +161,29 @@ class SSLTrainer(SupervisedTrainer):
         engine.state.output = {CommonKeys.IMAGE: image, CommonKeys.LABEL: label}
 
         engine.network.train()
-        engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
         weights = self.method.active_terms(iteration)
-        with torch.autocast("cuda", enabled=bool(engine.amp), **engine.amp_kwargs):
-            terms = engine.network(image, label.long(), unlabeled, iteration)
-            engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-            loss = sum(weights[name] * value for name, value in terms.items())
-        engine.fire_event(IterationEvents.LOSS_COMPLETED)
+        terms, loss = self._forward_backward(engine, image, label, unlabeled, iteration, weights, self.precision)
+        if self.precision == "bf16" and not gradients_finite(self.method):
+            # oneDNN's bf16 convolution backward (torch 2.13 CPU) reads uninitialised memory when the first spatial
+            # axis of its input is 2 (e.g. the 1/16 stage of a 32^3 patch): redo such a step in fp32
+            logger.warning("iteration %d: non-finite bf16 gradients, step recomputed in fp32", iteration + 1)
+            terms, loss = self._forward_backward(engine, image, label, unlabeled, iteration, weights, "fp32")
         if engine.amp and engine.scaler is not None:
-            engine.scaler.scale(loss).backward()
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
             engine.scaler.step(engine.optimizer)
             engine.scaler.update()
         else:
-            loss.backward()
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
             engine.optimizer.step()
         self.method.after_step(iteration)
         engine.state.output[CommonKeys.LOSS] = loss.detach()
         engine.state.output.update({f"loss_{name}": value.detach() for name, value in terms.items()})
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
+
+
+def gradients_finite(module: torch.nn.Module) -> bool:
+    """Whether every gradient of ``module``'s parameters is finite (parameters without a gradient are skipped)."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
 
 def loss_terms(output: Dict[str, Any]) -> Dict[str, float]:

@@ -13,11 +13,12 @@ from monai.transforms import (
     Compose,
     EnsureChannelFirstd,
     EnsureTyped,
+    Flipd,
     LoadImaged,
     MapTransform,
     NormalizeIntensityd,
+    OneOf,
     Orientationd,
-    RandFlipd,
     RandRotate90d,
     RandSpatialCropd,
     SpatialPadd,
@@ -80,25 +81,27 @@ def training_transforms(
     resample_factor: float = 1.0,
     augment: bool = False,
 ) -> Compose:
-    """Preprocessing + the random part of training: pad to the patch, uniform random crop, optional rot90/flip.
+    """Preprocessing + the random part of training: optional rot90/flip, pad to the patch, uniform random crop.
 
     Volumes smaller than the patch in some dimension are zero-padded symmetrically to the patch size (the
     released code pads every dimension by ``floor((P-S)/2)+3`` instead; both leave every crop inside the padded
     volume, ours pads no more than needed). The dual-network method uses no augmentation (``augment=False``, as in
-    the paper); ``augment=True`` adds the field's rot90 in the first two axes plus a flip, used by baselines.
+    the paper); ``augment=True`` adds the field's ``RandomRotFlip`` of the UA-MT/BCP/SSL4MIS code, used by the
+    single-V-Net methods: ``rot90`` by k in {0, 1, 2, 3} in the first two axes, then exactly one flip, along axis 0
+    or axis 1 with equal probability (the same draw for image and label).
     Output ``image`` (C, *patch_size), ``label`` (1, *patch_size) when labeled.
     """
     keys = list(keys)
     transforms = list(preprocessing(keys, resample_factor).transforms)
+    if augment:  # before the crop, as in the released code, so a non-square patch keeps its shape
+        transforms += [
+            # MONAI draws k in {1, ..., max_k} when it rotates: prob 3/4 makes k uniform in {0, 1, 2, 3}
+            RandRotate90d(keys=keys, prob=0.75, max_k=3, spatial_axes=(0, 1)),
+            OneOf([Flipd(keys=keys, spatial_axis=0), Flipd(keys=keys, spatial_axis=1)]),
+        ]
     transforms += [
         SpatialPadd(keys=keys, spatial_size=list(patch_size), mode="constant"),
         RandSpatialCropd(keys=keys, roi_size=list(patch_size), random_size=False),
     ]
-    if augment:
-        transforms += [
-            RandRotate90d(keys=keys, prob=1.0, max_k=3, spatial_axes=(0, 1)),
-            RandFlipd(keys=keys, prob=0.5, spatial_axis=0),
-            RandFlipd(keys=keys, prob=0.5, spatial_axis=1),
-        ]
     transforms.append(EnsureTyped(keys=keys, track_meta=False))
     return Compose(transforms)

@@ -17,12 +17,15 @@ from bundle.losses import (
     SupervisedLoss,
     UncertaintyRectifiedLoss,
     contrastive_ramp,
+    sigmoid_rampup,
 )
 from bundle.methods.base import SSLMethod
 from bundle.networks import SoftmaxEnsemble
 
 #: terms that need the unlabeled batch (``ue`` and ``cos`` run on labeled + unlabeled samples).
 UNLABELED_TERMS = ("cps", "efs", "ue", "pgl", "cos")
+#: unlabeled terms scaled by the ``rampup_iters`` ramp (``pgl`` has its own ``lambda_c(t)``).
+RAMPED_TERMS = ("cps", "efs", "ue", "cos")
 
 
 class DualNetworkMethod(SSLMethod):
@@ -73,6 +76,8 @@ class DualNetworkMethod(SSLMethod):
         pgl_ramp_max: maximum of ``lambda_c(t)`` (0.1).
         pgl_ramp_step: quantisation of ``t`` in ``lambda_c`` (1 = smooth; 150 with ``max_iterations=6000``
             reproduces the released code's ``floor(t / 150) / 40``).
+        rampup_iters: ``L`` of the sigmoid ramp ``r(t, L) = exp(-5 (1 - min(t, L) / L)^2)`` multiplying ``cps``,
+            ``efs``, ``ue`` and ``cos``; 0 (the papers: full weight from the first iteration) disables it.
     """
 
     term_names = ("sup", "cr", "cps", "efs", "ue", "pgl", "cos")
@@ -96,6 +101,7 @@ class DualNetworkMethod(SSLMethod):
         pgl_detach_prototypes: bool = False,
         pgl_ramp_max: float = 0.1,
         pgl_ramp_step: int = 1,
+        rampup_iters: int = 0,
     ) -> None:
         super().__init__(loss_weights, max_iterations)
         self.net_a = network_a
@@ -118,11 +124,18 @@ class DualNetworkMethod(SSLMethod):
         self.pgl_ramp_max = pgl_ramp_max
         self.pgl_ramp_step = pgl_ramp_step
         self.pgl_feature_net: Optional[str] = None
+        if rampup_iters < 0:
+            raise ValueError(f"rampup_iters must be >= 0, got {rampup_iters}.")
+        self.rampup_iters = int(rampup_iters)
 
     def term_weights(self, iteration: int) -> Dict[str, float]:
-        """The config weights, with ``pgl`` multiplied by ``lambda_c(iteration)`` (spec section 4.9)."""
+        """The config weights, with ``pgl`` multiplied by ``lambda_c(iteration)`` (spec section 4.9) and ``cps``,
+        ``efs``, ``ue``, ``cos`` by ``r(iteration, rampup_iters)``."""
         weights = dict(self.loss_weights)
         weights["pgl"] *= contrastive_ramp(iteration, self.max_iterations, self.pgl_ramp_max, self.pgl_ramp_step)
+        ramp = sigmoid_rampup(iteration, self.rampup_iters)
+        for name in RAMPED_TERMS:
+            weights[name] *= ramp
         return weights
 
     def compute_losses(

@@ -1,0 +1,51 @@
+"""Supervised-only training of one V-Net: the reference every single-V-Net semi-supervised method is compared with."""
+
+from __future__ import annotations
+
+from typing import Dict, Mapping, Optional
+
+import torch
+from torch import nn
+
+from bundle.losses.baselines import HalfCEDiceLoss
+from bundle.methods.base import SSLMethod
+from bundle.networks import SoftmaxOutput
+
+
+class SupervisedVNetMethod(SSLMethod):
+    """One V-Net trained on the labeled batch only, with the baselines' supervised loss
+    ``sup = 1/2 [CE(z_l, y_l) + Dice(p_l, y_l)]`` (:class:`~bundle.losses.baselines.HalfCEDiceLoss`, ``fg_sq``: the
+    Dice of Mean Teacher, UA-MT and CPS), so that its row differs from theirs only by the unlabeled terms.
+
+    Args:
+        network: the V-Net (:class:`~bundle.networks.VNetSeg`), stored as ``net``.
+        loss_weights: weight of ``("sup",)``.
+        max_iterations: total iterations.
+        dice_variant: see :class:`~bundle.losses.baselines.HalfCEDiceLoss`.
+    """
+
+    term_names = ("sup",)
+    uses_unlabeled = False
+
+    def __init__(
+        self, network: nn.Module, loss_weights: Mapping[str, float], max_iterations: int, dice_variant: str = "fg_sq"
+    ) -> None:
+        super().__init__(loss_weights, max_iterations)
+        self.net = network
+        self.supervised = HalfCEDiceLoss(dice_variant)
+        # Not a registered submodule: its state dict would duplicate ``net.*``.
+        object.__setattr__(self, "_inference_network", SoftmaxOutput(network))
+
+    def compute_losses(
+        self,
+        labeled_image: torch.Tensor,
+        label: torch.Tensor,
+        unlabeled_image: Optional[torch.Tensor],
+        iteration: int,
+    ) -> Dict[str, torch.Tensor]:
+        """``{"sup": 1/2 (CE + Dice)}`` of the V-Net's float32 logits ``(B_l, C, H, W, D)`` on the labeled batch."""
+        return {"sup": self.supervised(self.net(labeled_image).float(), label)}
+
+    def inference_network(self) -> nn.Module:
+        """:class:`~bundle.networks.SoftmaxOutput` of the V-Net (state dict keys ``net.*``)."""
+        return self._inference_network
