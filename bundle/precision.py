@@ -6,7 +6,9 @@ forward + backward of both subnets at 64x64x32 on an AMD EPYC with AVX-512 BF16;
 and slower than fp32. ``auto`` does not choose it yet because oneDNN's bf16 convolution backward (torch 2.13 CPU)
 reads uninitialised memory when the first spatial axis of its input is 2 (a 32^3 patch's 1/16 stage; not the
 64x64x32, 96^3 or 112x112x80 patches' stages), giving NaN or wrong gradients; the trainer redoes a step with
-non-finite bf16 gradients in fp32 (:class:`bundle.trainer.SSLTrainer`). Under autocast only the autocast-listed ops (convolutions, matmuls) run in
+non-finite bf16 gradients in fp32 (:class:`bundle.trainer.SSLTrainer`).
+
+Under autocast only the autocast-listed ops (convolutions, matmuls) run in
 the low precision; parameters, BatchNorm statistics, optimizer state and checkpoints stay fp32, and every method casts
 its logits to fp32 before its losses, softmaxes and pseudo-labels. Hand-written because torch offers the autocast
 context but no way to ask whether bf16 is native on this CPU.
