@@ -145,6 +145,13 @@ def _resolve(dataset_dir: str, path: str) -> str:
     return path if os.path.isabs(path) else os.path.normpath(os.path.join(dataset_dir, path))
 
 
+def _resolve_list(dataset_dir: str, list_file: str) -> str:
+    """A list file relative to ``dataset_dir`` (``train.list``), else as given (absolute, or relative to the working
+    folder, e.g. a benchmark's ``runs/benchmark/<run>/train.list``)."""
+    in_dataset = _resolve(dataset_dir, list_file)
+    return in_dataset if os.path.isfile(in_dataset) or not os.path.isfile(list_file) else list_file
+
+
 def _msd_items(dataset_dir: str, entries: Sequence[Any]) -> List[Dict[str, str]]:
     items = []
     for entry in entries:
@@ -184,8 +191,10 @@ def build_datalists(
         dataset_dir: the dataset root (one of the layouts in the module docstring).
         num_labeled: how many labeled items to keep as labeled (the first ones, in list order); the remaining
             labeled items become unlabeled (their labels are dropped). -1 keeps all labels.
-        train_list: LA layout only: the list file of training cases (default ``<dataset_dir>/train.list``).
-        val_list: LA layout only: an optional list file of validation cases (labeled, never trained on).
+        train_list: LA layout only: the list file of training cases (default ``<dataset_dir>/train.list``); a
+            relative path is looked up in ``dataset_dir`` first, then in the working folder.
+        val_list: LA layout only: an optional list file of validation cases (labeled, never trained on), looked up
+            like ``train_list``.
         require_unlabeled: raise when no unlabeled item remains (every SSL method needs some).
         in_channels: expected number of image channels.
 
@@ -203,10 +212,10 @@ def build_datalists(
         items += _msd_items(dataset_dir, spec.get("unlabeled", []) + spec.get("test", []))
         validation = _msd_items(dataset_dir, spec.get("validation", []))
     elif train_list or os.path.isfile(os.path.join(dataset_dir, "train.list")):
-        list_path = _resolve(dataset_dir, train_list or "train.list")
+        list_path = _resolve_list(dataset_dir, train_list or "train.list")
         items = la_items(dataset_dir, read_case_list(list_path))
         if val_list:
-            validation = la_items(dataset_dir, read_case_list(_resolve(dataset_dir, val_list)))
+            validation = la_items(dataset_dir, read_case_list(_resolve_list(dataset_dir, val_list)))
     elif (Path(dataset_dir) / "imagesTr").is_dir():
         items = _folder_items(dataset_dir)
     else:
