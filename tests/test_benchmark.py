@@ -6,7 +6,7 @@ import shlex
 import numpy as np
 import pytest
 
-from bundle.benchmark import accuracy, bundle_command, mean_std, report, split_lists, write_json
+from bundle.benchmark import accuracy, bundle_command, report, split_lists, write_json
 
 
 def test_split_lists_trains_on_the_first_cases_and_tests_on_the_rest(tmp_path):
@@ -29,10 +29,6 @@ def test_bundle_command_passes_every_override_as_monai_bundle_reads_it():
     assert shlex.split(shlex.join(command)) == command
 
 
-def test_mean_std_is_the_population_statistic():
-    assert mean_std([1.0, 3.0]) == {"mean": 2.0, "std": 1.0}
-
-
 def test_read_metrics_flattens_the_evaluation_summary(tmp_path):
     from bundle.benchmark import read_metrics
     from bundle.evaluation import MetricsReport
@@ -51,17 +47,21 @@ def test_read_metrics_flattens_the_evaluation_summary(tmp_path):
     assert result["num_cases"] == 2 and result["empty_predictions"] == []
 
 
-def _accuracy_record(method, dice):
+def _accuracy_record(method, dice, seed=1337, variant=""):
+    """A record whose 20 test cases score ``dice + (i - 9.5) / 1000``: case means equal ``dice``."""
+    per_case = [{"case": f"c{i:02d}", "dice": dice + (i - 9.5) / 1000} for i in range(20)]
     return {
         "kind": "accuracy",
         "method": method,
+        "variant": variant,
         "protocol": "cpu",
         "num_labeled": 8,
         "command": f"python -m monai.bundle run training {method}",
         "commit": "abc1234",
         "hardware": "test cpu",
-        "seed": 1337,
+        "seed": seed,
         "train_seconds": 1800.0,
+        "per_case": per_case,
         "summary": {
             "dice": {"mean": dice, "std": 0.05},
             "jaccard": {"mean": dice - 0.1, "std": 0.04},
@@ -71,12 +71,22 @@ def _accuracy_record(method, dice):
     }
 
 
-def test_report_renders_every_record_with_paper_numbers_and_ratios(tmp_path):
+def _row(text, label):
+    line = next(line for line in text.splitlines() if line.startswith(f"| {label} |"))
+    return [cell.strip() for cell in line.split("|")[1:-1]]
+
+
+def test_report_summarises_seeds_and_compares_each_row_with_its_reference(tmp_path):
     results = tmp_path / "results"
-    write_json(_accuracy_record("dual_journal", 0.8512), str(results), "la_cpu_dual_journal_k8_seed1337")
-    write_json(_accuracy_record("supervised", 0.7), str(results), "la_cpu_supervised_k8_seed1337")
-    ablation = {**_accuracy_record("dual_journal", 0.83), "variant": "no_pgl", "overrides": {"loss_weights#pgl": 0}}
-    write_json(ablation, str(results), "la_cpu_dual_journal_no_pgl_k8_seed1337")
+    for seed, (dual, sup, vnet, mt) in {1: (0.85, 0.80, 0.70, 0.69), 2: (0.87, 0.82, 0.72, 0.71)}.items():
+        write_json(_accuracy_record("dual_journal", dual, seed), str(results), f"la_cpu_dual_journal_k8_seed{seed}")
+        write_json(_accuracy_record("supervised", sup, seed), str(results), f"la_cpu_supervised_k8_seed{seed}")
+        write_json(
+            _accuracy_record("supervised_vnet", vnet, seed), str(results), f"la_cpu_supervised_vnet_k8_seed{seed}"
+        )
+        write_json(_accuracy_record("mean_teacher", mt, seed), str(results), f"la_cpu_mean_teacher_k8_seed{seed}")
+    ablation = _accuracy_record("dual_journal", 0.80, 1, variant="no_pgl")
+    write_json(ablation, str(results), "la_cpu_dual_journal_no_pgl_k8_seed1")
     speed = {"kind": "speed", "device": "cpu", "command": "speed cmd", "commit": "abc1234", "hardware": "test cpu",
              "rows": [{"probe": "train_64x64x32", "variant": "activation checkpointing", "seconds_per_iteration": 4.4,
                        "peak_rss_gib": 2.0}]}  # fmt: skip
@@ -85,21 +95,25 @@ def test_report_renders_every_record_with_paper_numbers_and_ratios(tmp_path):
               "strides": [128, 128, 96], "peak_rss_gib": 3.5, "seconds": 200.0, "command": "memory cmd",
               "commit": "abc1234", "hardware": "test cpu"}  # fmt: skip
     write_json(memory, str(results), "memory_cpu_512x512x300")
-    text = open(report(str(results), str(tmp_path / "RESULTS.md"))).read()
-    dual_row = next(line for line in text.splitlines() if line.startswith("| dual_journal | 8 |"))
-    cells = [cell.strip() for cell in dual_row.split("|")[1:-1]]
-    assert cells[2:10] == ["85.12 ± 5.00", "75.12 ± 4.00", "7.25 ± 2.00", "1.50 ± 0.50",
-                           "89.95", "81.81", "5.73", "1.79"]  # fmt: skip
-    assert cells[10] == "30 min"
-    assert "| supervised | 8 | 70.00 ± 5.00 |" in text
-    ablation_row = next(line for line in text.splitlines() if line.startswith("| dual_journal [no_pgl] | 8 |"))
-    assert [cell.strip() for cell in ablation_row.split("|")[3:11]] == ["83.00 ± 5.00", "73.00 ± 4.00", "7.25 ± 2.00",
-                                                                        "1.50 ± 0.50", "–", "–", "–", "–"]  # fmt: skip
+    output = tmp_path / "docs" / "RESULTS.md"
+    text = open(report(str(results), str(output), str(tmp_path / "docs" / "figures"))).read()
+    # mean ± sample sd over the two seeds; the paired difference is exactly +5 points on every case and seed
+    assert _row(text, "dual_journal") == ["dual_journal", "1, 2", "86.00 ± 1.41", "76.00 ± 1.41", "7.25 ± 0.00",
+                                          "1.50 ± 0.00", "supervised", "+5.00 [+5.00, +5.00]", "20/20", "above",
+                                          "30 min", "89.95"]  # fmt: skip
+    assert _row(text, "mean_teacher")[6:10] == ["supervised_vnet", "-1.00 [-1.00, -1.00]", "0/20", "below"]
+    assert _row(text, "supervised")[6:10] == ["–", "–", "–", "–"]
+    assert _row(text, "supervised_vnet")[11] == "51.76"  # the paper's V-Net row sits on the V-Net reference
+    # the ablation has one seed: paired on the common seed 1 only, and no paper number
+    assert _row(text, "dual_journal [no_pgl]")[6:12] == ["supervised", "+0.00 [+0.00, +0.00]", "0/20",
+                                                         "not separable", "30 min", "–"]  # fmt: skip
+    assert "![Dice per method and paired differences](figures/la_cpu_k8.png)" in text
+    assert (tmp_path / "docs" / "figures" / "la_cpu_k8.png").stat().st_size > 10000
     speed_row = next(line for line in text.splitlines() if "train_64x64x32" in line)
     assert [cell.strip() for cell in speed_row.split("|")[4:-1]] == [
         "activation checkpointing", "4.40", "2.00", "8.8", "0.50", "2.4", "0.83"]  # fmt: skip
     assert "| 512×512×300 | 128×128×96 / 128×128×96 | 3.50 | 200 |" in text
-    assert text.count("commit abc1234") == 5
+    assert text.count("commit abc1234") == 11
 
 
 def test_accuracy_overrides_need_a_variant_name(tmp_path):

@@ -1,0 +1,181 @@
+"""The accuracy part of ``docs/RESULTS.md``: one row per method over its seeds, each semi-supervised row against its
+supervised reference with a paired per-case interval (:mod:`bundle.statistics`), and a figure per setting."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from bundle.statistics import (
+    bootstrap_interval,
+    case_means,
+    excludes_zero,
+    format_interval,
+    paired_differences,
+    seed_summary,
+)
+
+#: the supervised-only run that a method's unlabeled terms are measured against: the same networks and supervised
+#: loss on the labeled data only. Dual-network methods -> the two-subnet ``supervised``; every single-V-Net method
+#: (baselines and peers) -> ``supervised_vnet``.
+DUAL_NETWORK_METHODS = ("dual_journal", "dual_isbi")
+REFERENCE_RUNS = ("supervised", "supervised_vnet")
+
+#: Each method's own paper on the full LA protocol (the standard 20-case test set): paper 000 (journal) Table 1 for
+#: the dual-network method and its V-Net supervised-only row (Dice only); paper 002 Table I for DuCiSC; paper 003
+#: Table 3 (V-Net backbone) for DyCON. Baselines are left out: the papers that cite them disagree on their numbers.
+PAPER_LA_DICE = {
+    ("dual_journal", 8): 89.95,
+    ("dual_journal", 16): 90.90,
+    ("supervised_vnet", 8): 51.76,
+    ("supervised_vnet", 16): 77.48,
+    ("ducisc", 8): 91.81,
+    ("ducisc", 16): 92.11,
+    ("dycon", 8): 91.58,
+}
+
+Record = Dict[str, Any]
+GroupKey = Tuple[str, int, str, str]  # protocol, K, method, variant
+
+
+def reference_of(method: str) -> Optional[str]:
+    """The reference run of ``method`` (None for a reference itself)."""
+    if method in REFERENCE_RUNS:
+        return None
+    return "supervised" if method in DUAL_NETWORK_METHODS else "supervised_vnet"
+
+
+def group_records(records: Sequence[Tuple[str, Record]]) -> Dict[GroupKey, Dict[int, Tuple[str, Record]]]:
+    """Accuracy records grouped by protocol, K, method and variant, then keyed by seed."""
+    groups: Dict[GroupKey, Dict[int, Tuple[str, Record]]] = {}
+    for name, record in records:
+        key = (record["protocol"], record["num_labeled"], record["method"], record.get("variant", ""))
+        groups.setdefault(key, {})[record["seed"]] = (name, record)
+    return groups
+
+
+def per_case(by_seed: Dict[int, Tuple[str, Record]], metric: str = "dice") -> Dict[int, Dict[str, float]]:
+    """``{seed: {case: metric}}`` of one group."""
+    return {seed: {row["case"]: row[metric] for row in r["per_case"]} for seed, (_, r) in by_seed.items()}
+
+
+def _label(method: str, variant: str) -> str:
+    return f"{method} [{variant}]" if variant else method
+
+
+def _seed_cell(by_seed: Dict[int, Tuple[str, Record]], metric: str, scale: float) -> str:
+    summary = seed_summary([r["summary"][metric]["mean"] * scale for _, r in by_seed.values()])
+    return f"{summary['mean']:.2f} ± {summary['sd']:.2f}"
+
+
+def comparison(groups, key: GroupKey) -> Optional[Dict[str, Any]]:
+    """The paired Dice comparison of group ``key`` with its reference group (same protocol and K), or None."""
+    protocol, k, method, _ = key
+    reference = reference_of(method)
+    if reference is None or (protocol, k, reference, "") not in groups:
+        return None
+    differences = paired_differences(per_case(groups[key]), per_case(groups[(protocol, k, reference, "")]))
+    return {"reference": reference, "differences": differences, **bootstrap_interval(differences)}
+
+
+def verdict(result: Dict[str, Any]) -> str:
+    """``above`` / ``below`` the reference when the interval excludes 0, else ``not separable``."""
+    if not excludes_zero(result):
+        return "not separable"
+    return "above" if result["low"] > 0 else "below"
+
+
+def accuracy_sections(records: Sequence[Tuple[str, Record]], figure_dir: Optional[str], doc_dir: str) -> List[str]:
+    """Markdown lines of every protocol's accuracy table (and figures written to ``figure_dir``)."""
+    groups = group_records(records)
+    lines: List[str] = []
+    for protocol in sorted({key[0] for key in groups}):
+        lines += [f"## LA, `{protocol}` protocol", ""]
+        if protocol != "full":
+            lines += [
+                "The paper Dice column is each method's own paper on the full protocol (112×112×80 patches,",
+                "thousands of iterations, the standard LA test set): a reference point, not comparable with this",
+                "protocol's rows.",
+                "",
+            ]
+        for k in sorted({key[1] for key in groups if key[0] == protocol}):
+            keys = sorted((key for key in groups if key[:2] == (protocol, k)), key=lambda key: (key[2], key[3]))
+            lines += [
+                f"### K = {k} labeled",
+                "",
+                "| method | seeds | Dice | Jaccard | HD95 | ASD | reference | Δ Dice vs reference [95 % CI] | wins "
+                "| verdict | train time | paper Dice |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            ]
+            compared = {}
+            for key in keys:
+                by_seed = groups[key]
+                result = comparison(groups, key)
+                if result is not None:
+                    compared[key] = result
+                wins = f"{result['wins']}/{result['cases']}" if result else "–"
+                minutes = sum(r["train_seconds"] for _, r in by_seed.values()) / len(by_seed) / 60
+                paper = PAPER_LA_DICE.get((key[2], k)) if not key[3] else None
+                lines.append(
+                    f"| {_label(key[2], key[3])} | {', '.join(str(s) for s in sorted(by_seed))} "
+                    f"| {_seed_cell(by_seed, 'dice', 100)} | {_seed_cell(by_seed, 'jaccard', 100)} "
+                    f"| {_seed_cell(by_seed, 'hd95', 1)} | {_seed_cell(by_seed, 'asd', 1)} "
+                    f"| {result['reference'] if result else '–'} "
+                    f"| {format_interval(result, 100) if result else '–'} "
+                    f"| {wins} "
+                    f"| {verdict(result) if result else '–'} | {minutes:.0f} min "
+                    f"| {'–' if paper is None else f'{paper:.2f}'} |"
+                )
+            lines.append("")
+            if figure_dir and compared:
+                path = write_figure(groups, keys, compared, os.path.join(figure_dir, f"la_{protocol}_k{k}.png"))
+                lines += [f"![Dice per method and paired differences]({os.path.relpath(path, doc_dir)})", ""]
+        lines += ["Records (commit, hardware, seed, command to rerun):", ""]
+        for key in sorted(key for key in groups if key[0] == protocol):
+            for seed, (name, r) in sorted(groups[key].items()):
+                lines += [f"- `{name}`: commit {r['commit']}, {r['hardware']}, seed {seed}; command:",
+                          f"  `{r['command']}`"]  # fmt: skip
+                if r.get("notes"):
+                    lines.append(f"  Note: {r['notes']}")
+        lines.append("")
+    return lines
+
+
+def write_figure(groups, keys: Sequence[GroupKey], compared: Dict[GroupKey, Dict[str, Any]], path: str) -> str:
+    """Two panels: each method's Dice (one dot per seed, bar = mean over seeds); each compared method's per-case
+    Dice differences from its reference (one dot per test case, averaged over seeds; line = 95 % interval)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [_label(key[2], key[3]) for key in keys]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [1, 1]})
+    for x, key in enumerate(keys):
+        dice = [r["summary"]["dice"]["mean"] * 100 for _, r in groups[key].values()]
+        left.bar(x, sum(dice) / len(dice), color="#9ecae1", width=0.6)
+        left.scatter([x] * len(dice), dice, color="#08519c", s=14, zorder=3)
+    left.set_xticks(range(len(keys)), labels, rotation=35, ha="right", fontsize=8)
+    left.set_ylabel("Dice (%) over the test cases\ndot: one seed; bar: mean")
+    lowest = min(r["summary"]["dice"]["mean"] * 100 for key in keys for _, r in groups[key].values())
+    left.set_ylim(max(0.0, lowest - 10.0), 100.0)
+    left.set_xlim(-0.6, len(keys) - 0.4)
+    compared_keys = [key for key in keys if key in compared]
+    for x, key in enumerate(compared_keys):
+        result = compared[key]
+        values = [v * 100 for v in case_means(result["differences"]).values()]
+        right.scatter([x] * len(values), values, color="#636363", s=10, alpha=0.7, zorder=2)
+        right.plot([x, x], [result["low"] * 100, result["high"] * 100], color="#cb181d", lw=3, zorder=3)
+        right.scatter([x], [result["mean"] * 100], color="#cb181d", s=30, zorder=4)
+    right.axhline(0.0, color="black", lw=0.8)
+    ticks = [f"{_label(key[2], key[3])}\n− {compared[key]['reference']}" for key in compared_keys]
+    right.set_xticks(range(len(compared_keys)), ticks, rotation=35, ha="right", fontsize=8)
+    right.set_xlim(-0.6, max(len(compared_keys), 3) - 0.4)
+    right.set_ylabel("Δ Dice per test case (points)\nred: mean and 95 % CI")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
