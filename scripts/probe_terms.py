@@ -1,0 +1,125 @@
+"""Probe a dual-network method on LA crops: each term's weighted gradient and its alignment with the supervised one,
+and how good its pseudo-labels are on the unlabeled training cases.
+
+A few batches decide what deserves a full training run. Run from the bundle root, e.g. on a benchmark checkpoint::
+
+    python scripts/probe_terms.py --dataset_dir ../shared/data/LA \
+        --checkpoint runs/benchmark/la_cpu_dual_journal_k8_seed1337/checkpoints/checkpoint_iteration=250.pt \
+        --iteration 250 --output runs/probe_dual_journal_250.json
+
+The unlabeled cases' labels are read for the diagnostics only (pseudo-label Dice and foreground fractions); they
+never reach a loss. The cases come from the benchmark's training part (the first ``train_cases`` of the list), never
+from its test part.
+"""
+
+import json
+import os
+import sys
+from typing import Any, Dict, List
+
+import fire
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bundle.benchmark import method_configs, parse_bundle  # noqa: E402
+from bundle.data import la_items, read_case_list  # noqa: E402
+from bundle.losses.reliability import entropy_uncertain, union_pseudo_label  # noqa: E402
+from bundle.transforms import training_transforms  # noqa: E402
+
+
+def dice(pred: torch.Tensor, truth: torch.Tensor) -> float:
+    """Foreground Dice of two boolean maps (1 when both are empty)."""
+    total = pred.sum() + truth.sum()
+    return 1.0 if total == 0 else float(2 * (pred & truth).sum() / total)
+
+
+def crops(items: List[Dict[str, str]], patch: List[int], resample: float, count: int, seed: int) -> List[Dict]:
+    """``count`` random labeled crops ``{"image": (1, *patch), "label": (1, *patch)}`` from ``items``."""
+    transform = training_transforms(["image", "label"], patch, resample)
+    transform.set_random_state(seed)
+    generator = torch.Generator().manual_seed(seed)
+    picks = torch.randint(len(items), (count,), generator=generator).tolist()
+    return [transform(items[i]) for i in picks]
+
+
+def gradient(loss: torch.Tensor, params: List[torch.nn.Parameter]) -> torch.Tensor:
+    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params)])
+
+
+def probe(
+    dataset_dir: str,
+    method: str = "dual_journal",
+    checkpoint: str = "",
+    iteration: int = 250,
+    num_labeled: int = 8,
+    train_cases: int = 60,
+    batches: int = 4,
+    seed: int = 0,
+    output: str = "",
+    **overrides: Any,
+) -> Dict[str, Any]:
+    """Per term: ``norm`` of its weighted gradient relative to the supervised (``sup`` + ``cr``) one and the
+    ``cosine`` between them, averaged over ``batches`` batches of 2 labeled + 2 unlabeled crops at ``iteration``
+    (which sets the ramps). Pseudo-labels on the unlabeled crops: foreground fraction of the truth, of each net's
+    argmax and of the EFS union target, each one's Dice against the truth, and the fraction of voxels EFS keeps."""
+    parser = parse_bundle(method_configs(method, "cpu"), {"dataset_dir": dataset_dir, **overrides})
+    model = parser.get_parsed_content("method")
+    if checkpoint:
+        model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["method"])
+    model.train()
+    cases = read_case_list(os.path.join(dataset_dir, "train.list"))[:train_cases]
+    patch, resample = list(parser["patch_size"]), float(parser["resample_factor"])
+    labeled = crops(la_items(dataset_dir, cases[:num_labeled]), patch, resample, 2 * batches, seed)
+    unlabeled = crops(la_items(dataset_dir, cases[num_labeled:]), patch, resample, 2 * batches, seed + 1)
+    params = [p for p in model.trainable_parameters()]
+    weights = model.term_weights(iteration)
+    sums: Dict[str, Dict[str, float]] = {}
+    labels: Dict[str, float] = {}
+    for b in range(batches):
+        pair = slice(2 * b, 2 * b + 2)
+        x_l = torch.stack([c["image"] for c in labeled[pair]])
+        y_l = torch.stack([c["label"] for c in labeled[pair]]).long()
+        x_u = torch.stack([c["image"] for c in unlabeled[pair]])
+        y_u = torch.stack([c["label"] for c in unlabeled[pair]])[:, 0] > 0
+        terms = model(x_l, y_l, x_u, iteration)
+        reference = gradient(sum(weights[n] * terms[n] for n in ("sup", "cr") if n in terms), params)
+        for name, value in terms.items():
+            g = gradient(weights[name] * value, params)
+            row = sums.setdefault(name, {"weight": weights[name], "value": 0.0, "norm": 0.0, "cosine": 0.0})
+            row["value"] += float(value) / batches
+            row["norm"] += float(g.norm() / reference.norm()) / batches
+            row["cosine"] += float(torch.nn.functional.cosine_similarity(g, reference, dim=0)) / batches
+        with torch.no_grad():
+            prob_a = torch.softmax(model.net_a(x_u).float(), 1)
+            prob_b = torch.softmax(model.net_b(x_u).float(), 1)
+            pred_a, pred_b = prob_a.argmax(1), prob_b.argmax(1)
+            union = union_pseudo_label(pred_a, pred_b) > 0
+            kept = ~(entropy_uncertain(prob_a, model.entropy_filtered.percentile)
+                     & entropy_uncertain(prob_b, model.entropy_filtered.percentile))  # fmt: skip
+            stats = {
+                "fg_truth": float(y_u.float().mean()),
+                "fg_a": float((pred_a > 0).float().mean()),
+                "fg_b": float((pred_b > 0).float().mean()),
+                "fg_union": float(union.float().mean()),
+                "dice_a": dice(pred_a > 0, y_u),
+                "dice_b": dice(pred_b > 0, y_u),
+                "dice_union": dice(union, y_u),
+                "dice_union_kept": dice(union & kept, y_u & kept),
+                "efs_kept": float(kept.float().mean()),
+            }
+        for key, value in stats.items():
+            labels[key] = labels.get(key, 0.0) + value / batches
+    result = {"method": method, "checkpoint": checkpoint, "iteration": iteration, "batches": batches,
+              "terms": sums, "unlabeled_pseudo_labels": labels}  # fmt: skip
+    if output:
+        os.makedirs(os.path.dirname(output) or ".", exist_ok=True)
+        with open(output + ".tmp", "w") as handle:
+            json.dump(result, handle, indent=4)
+        os.replace(output + ".tmp", output)
+    return result
+
+
+if __name__ == "__main__":
+    fire.Fire(probe)
