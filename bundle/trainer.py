@@ -168,6 +168,12 @@ class SSLTrainer(SupervisedTrainer):
             # axis of its input is 2 (e.g. the 1/16 stage of a 32^3 patch): redo such a step in fp32
             logger.warning("iteration %d: non-finite bf16 gradients, step recomputed in fp32", iteration + 1)
             terms, loss = self._forward_backward(engine, image, label, unlabeled, iteration, weights, "fp32")
+        if not (torch.isfinite(loss) and (engine.amp or gradients_finite(self.method))):
+            bad = [name for name, value in terms.items() if not torch.isfinite(value)] or ["the gradients"]
+            raise FloatingPointError(
+                f"iteration {iteration + 1}: non-finite {', '.join(bad)} (loss {float(loss.detach())}); training stopped "
+                "before the optimizer step, so the weights are those of the last finite iteration."
+            )
         if engine.amp and engine.scaler is not None:
             engine.scaler.step(engine.optimizer)
             engine.scaler.update()
@@ -183,7 +189,7 @@ class SSLTrainer(SupervisedTrainer):
 def gradients_finite(module: torch.nn.Module) -> bool:
     """Whether every gradient of ``module``'s parameters is finite (parameters without a gradient are skipped)."""
     grads = [p.grad for p in module.parameters() if p.grad is not None]
-    return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+    return not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
 
 
 def loss_terms(output: Dict[str, Any]) -> Dict[str, float]:

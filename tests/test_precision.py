@@ -3,6 +3,7 @@ BatchNorm buffers, and the trainer's fp32 redo of a step whose bf16 gradients ar
 
 import pytest
 import torch
+from ignite.engine import Events
 from torch import nn
 
 from bundle.methods.supervised_vnet import SupervisedVNetMethod
@@ -85,3 +86,32 @@ def test_gradients_finite():
     assert gradients_finite(net)
     net.weight.grad[0, 0] = float("inf")
     assert not gradients_finite(net)
+
+
+class NaNAtSecondIteration(nn.Module):
+    """Finite logits at the first call, NaN from the second on."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = tiny_bn_net()
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        out = self.net(x)
+        return out if self.calls == 1 else out * float("nan")
+
+
+def test_a_non_finite_loss_stops_training_before_the_step_naming_iteration_and_term():
+    method = SupervisedVNetMethod(NaNAtSecondIteration(), {"sup": 1.0}, max_iterations=3)
+    optimizer = torch.optim.SGD(method.trainable_parameters(), lr=0.01)
+    image = torch.randn(2, 1, 8, 8, 8, generator=torch.Generator().manual_seed(2))
+    trainer = SSLTrainer("cpu", 3, 3, [{"image": image, "label": (image > 0).float()}], method, optimizer)
+    after_first = {}
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: after_first or after_first.update(
+        {k: v.clone() for k, v in method.state_dict().items()}))  # fmt: skip
+    with pytest.raises(FloatingPointError, match="iteration 2: non-finite sup"):
+        trainer.run()
+    for key, value in method.state_dict().items():
+        if value.is_floating_point() and "running" not in key:  # the NaN forward still updated BatchNorm statistics
+            assert torch.equal(value, after_first[key]), key
