@@ -171,8 +171,8 @@ class SSLTrainer(SupervisedTrainer):
         if not (torch.isfinite(loss) and (engine.amp or gradients_finite(self.method))):
             bad = [name for name, value in terms.items() if not torch.isfinite(value)] or ["the gradients"]
             raise FloatingPointError(
-                f"iteration {iteration + 1}: non-finite {', '.join(bad)} (loss {float(loss.detach())}); training stopped "
-                "before the optimizer step, so the weights are those of the last finite iteration."
+                f"iteration {iteration + 1}: non-finite {', '.join(bad)} (loss {float(loss.detach())}); training "
+                "stopped before the optimizer step, so the weights are those of the last finite iteration."
             )
         if engine.amp and engine.scaler is not None:
             engine.scaler.step(engine.optimizer)

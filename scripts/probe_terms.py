@@ -1,5 +1,5 @@
-"""Probe a dual-network method on LA crops: each term's weighted gradient and its alignment with the supervised one,
-and how good its pseudo-labels are on the unlabeled training cases.
+"""Probe a dual-network or student-teacher method on LA crops: each term's weighted gradient and its alignment with
+the supervised one, and how good its pseudo-labels are on the unlabeled training cases.
 
 A few batches decide what deserves a full training run. Run from the bundle root, e.g. on a benchmark checkpoint::
 
@@ -43,6 +43,33 @@ def crops(items: List[Dict[str, str]], patch: List[int], resample: float, count:
     return [transform(items[i]) for i in picks]
 
 
+def pseudo_label_stats(model: torch.nn.Module, x_u: torch.Tensor, y_u: torch.Tensor) -> Dict[str, float]:
+    """Foreground fractions and Dice against the truth ``y_u`` (bool ``(B, *spatial)``) of the predictions that the
+    method learns from on the unlabeled crops: both subnets and the EFS union target (dual-network methods), or the
+    student and the teacher (student-teacher methods)."""
+    if hasattr(model, "net_a"):
+        prob_a, prob_b = (torch.softmax(net(x_u).float(), 1) for net in (model.net_a, model.net_b))
+        names = ("a", "b")
+    else:
+        prob_a = torch.softmax(model.student(x_u).float(), 1)
+        prob_b = model.teacher_probabilities(x_u)
+        names = ("student", "teacher")
+    preds = dict(zip(names, (prob_a.argmax(1), prob_b.argmax(1))))
+    stats = {"fg_truth": float(y_u.float().mean())}
+    for name, pred in preds.items():
+        stats[f"fg_{name}"] = float((pred > 0).float().mean())
+        stats[f"dice_{name}"] = dice(pred > 0, y_u)
+    if hasattr(model, "entropy_filtered"):
+        union = union_pseudo_label(*preds.values()) > 0
+        percentile = model.entropy_filtered.percentile
+        kept = ~(entropy_uncertain(prob_a, percentile) & entropy_uncertain(prob_b, percentile))
+        stats["fg_union"] = float(union.float().mean())
+        stats["dice_union"] = dice(union, y_u)
+        stats["dice_union_kept"] = dice(union & kept, y_u & kept)
+        stats["efs_kept"] = float(kept.float().mean())
+    return stats
+
+
 def gradient(loss: torch.Tensor, params: List[torch.nn.Parameter]) -> torch.Tensor:
     grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
     return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params)])
@@ -62,8 +89,8 @@ def probe(
 ) -> Dict[str, Any]:
     """Per term: ``norm`` of its weighted gradient relative to the supervised (``sup`` + ``cr``) one and the
     ``cosine`` between them, averaged over ``batches`` batches of 2 labeled + 2 unlabeled crops at ``iteration``
-    (which sets the ramps). Pseudo-labels on the unlabeled crops: foreground fraction of the truth, of each net's
-    argmax and of the EFS union target, each one's Dice against the truth, and the fraction of voxels EFS keeps."""
+    (which sets the ramps); and :func:`pseudo_label_stats` on the unlabeled crops. ``method`` is a preset with a
+    dual-network or a student-teacher method."""
     parser = parse_bundle(method_configs(method, "cpu"), {"dataset_dir": dataset_dir, **overrides})
     model = parser.get_parsed_content("method")
     if checkpoint:
@@ -88,27 +115,11 @@ def probe(
         for name, value in terms.items():
             g = gradient(weights[name] * value, params)
             row = sums.setdefault(name, {"weight": weights[name], "value": 0.0, "norm": 0.0, "cosine": 0.0})
-            row["value"] += float(value) / batches
+            row["value"] += float(value.detach()) / batches
             row["norm"] += float(g.norm() / reference.norm()) / batches
             row["cosine"] += float(torch.nn.functional.cosine_similarity(g, reference, dim=0)) / batches
         with torch.no_grad():
-            prob_a = torch.softmax(model.net_a(x_u).float(), 1)
-            prob_b = torch.softmax(model.net_b(x_u).float(), 1)
-            pred_a, pred_b = prob_a.argmax(1), prob_b.argmax(1)
-            union = union_pseudo_label(pred_a, pred_b) > 0
-            kept = ~(entropy_uncertain(prob_a, model.entropy_filtered.percentile)
-                     & entropy_uncertain(prob_b, model.entropy_filtered.percentile))  # fmt: skip
-            stats = {
-                "fg_truth": float(y_u.float().mean()),
-                "fg_a": float((pred_a > 0).float().mean()),
-                "fg_b": float((pred_b > 0).float().mean()),
-                "fg_union": float(union.float().mean()),
-                "dice_a": dice(pred_a > 0, y_u),
-                "dice_b": dice(pred_b > 0, y_u),
-                "dice_union": dice(union, y_u),
-                "dice_union_kept": dice(union & kept, y_u & kept),
-                "efs_kept": float(kept.float().mean()),
-            }
+            stats = pseudo_label_stats(model, x_u, y_u)
         for key, value in stats.items():
             labels[key] = labels.get(key, 0.0) + value / batches
     result = {"method": method, "checkpoint": checkpoint, "iteration": iteration, "batches": batches,
