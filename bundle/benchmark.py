@@ -273,6 +273,7 @@ def accuracy(
     runs_dir: str = "runs/benchmark",
     retrain: bool = False,
     variant: str = "",
+    notes: str = "",
     **overrides: Any,
 ) -> str:
     """Train ``method`` on LA under ``protocol`` and score the final weights on the held-out cases.
@@ -282,6 +283,7 @@ def accuracy(
     chosen: the last iteration's weights are scored (the papers' protocol). A finished training is reused unless
     ``retrain``. ``overrides`` are passed to every bundle command (e.g. ``--loss_weights#pgl 0``); an ablation names
     itself with ``variant`` (e.g. ``no_pgl``), which goes into the record's name and the report's method column.
+    ``notes`` (e.g. how the machine was shared during training) go into the record and the report.
     Writes ``<results_dir>/<name>.json``; returns its path.
     """
     if overrides and not variant:
@@ -328,7 +330,7 @@ def accuracy(
         "seed": seed,
         "config": hyperparameters,
         "train_seconds": train_info["train_seconds"],
-        "notes": train_info.get("notes", ""),
+        "notes": notes or train_info.get("notes", ""),
         **read_metrics(eval_dir),
     }
     return write_json(record, results_dir, name)
