@@ -34,7 +34,9 @@ def test_supervised_vnet_is_half_ce_plus_dice_of_one_net_on_the_labeled_batch():
     y = label[:, 0].float()
     dice = 1 - (2 * (p * y).sum() + 1e-5) / ((p * p).sum() + (y * y).sum() + 1e-5)
     assert float(terms["sup"].detach()) == pytest.approx(float((0.5 * (ce + dice)).detach()), rel=1e-5)
-    assert float(terms["sup"].detach()) == pytest.approx(float(HalfCEDiceLoss("fg_sq")(logits, label).detach()), rel=1e-6)
+    assert float(terms["sup"].detach()) == pytest.approx(
+        float(HalfCEDiceLoss("fg_sq")(logits, label).detach()), rel=1e-6
+    )
     terms["sup"].backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
     assert set(method.inference_network().state_dict()) == {f"net.{k}" for k in net.state_dict()}
