@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import platform
 from typing import ContextManager
 
 import torch
@@ -64,8 +63,3 @@ def autocast(precision: str, device: torch.device | str) -> ContextManager:
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type, dtype=dtype)
-
-
-def describe() -> str:
-    """One line for records: the processor and whether it has native bf16."""
-    return f"{platform.machine()}, native bf16: {'yes' if cpu_has_native_bf16() else 'no'}"

@@ -163,12 +163,14 @@ class SSLTrainer(SupervisedTrainer):
         engine.network.train()
         weights = self.method.active_terms(iteration)
         terms, loss = self._forward_backward(engine, image, label, unlabeled, iteration, weights, self.precision)
-        if self.precision == "bf16" and not gradients_finite(self.method):
+        finite = engine.amp or gradients_finite(self.method)  # under fp16 AMP the gradient scaler skips such steps
+        if self.precision == "bf16" and not finite:
             # oneDNN's bf16 convolution backward (torch 2.13 CPU) reads uninitialised memory when the first spatial
             # axis of its input is 2 (e.g. the 1/16 stage of a 32^3 patch): redo such a step in fp32
             logger.warning("iteration %d: non-finite bf16 gradients, step recomputed in fp32", iteration + 1)
             terms, loss = self._forward_backward(engine, image, label, unlabeled, iteration, weights, "fp32")
-        if not (torch.isfinite(loss) and (engine.amp or gradients_finite(self.method))):
+            finite = gradients_finite(self.method)
+        if not (finite and torch.isfinite(loss)):
             bad = [name for name, value in terms.items() if not torch.isfinite(value)] or ["the gradients"]
             raise FloatingPointError(
                 f"iteration {iteration + 1}: non-finite {', '.join(bad)} (loss {float(loss.detach())}); training "

@@ -3,7 +3,7 @@ the supervised one, and how good its pseudo-labels are on the unlabeled training
 
 A few batches decide what deserves a full training run. Run from the bundle root, e.g. on a benchmark checkpoint::
 
-    python scripts/probe_terms.py --dataset_dir ../shared/data/LA \
+    python scripts/probe_terms.py --dataset_dir /path/to/LA \
         --checkpoint runs/benchmark/la_cpu_dual_journal_k8_seed1337/checkpoints/checkpoint_iteration=250.pt \
         --iteration 250 --output runs/probe_dual_journal_250.json
 
@@ -100,7 +100,7 @@ def probe(
     patch, resample = list(parser["patch_size"]), float(parser["resample_factor"])
     labeled = crops(la_items(dataset_dir, cases[:num_labeled]), patch, resample, 2 * batches, seed)
     unlabeled = crops(la_items(dataset_dir, cases[num_labeled:]), patch, resample, 2 * batches, seed + 1)
-    params = [p for p in model.trainable_parameters()]
+    params = list(model.trainable_parameters())
     weights = model.term_weights(iteration)
     sums: Dict[str, Dict[str, float]] = {}
     labels: Dict[str, float] = {}
