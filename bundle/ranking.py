@@ -27,7 +27,6 @@ import csv
 import logging
 import math
 import os
-import tempfile
 from typing import Dict, List, Optional, Sequence
 
 import nibabel as nib
@@ -153,11 +152,10 @@ def write_ranking_csv(rows: Sequence[Dict], path: str) -> str:
             return NOT_AVAILABLE
         return f"{value:.6g}" if isinstance(value, float) else value
 
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=".ranking-", suffix=".csv", dir=folder)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = _partial_name(path)
     try:
-        with os.fdopen(handle, "w", newline="") as stream:
+        with open(tmp, "w", newline="") as stream:
             writer = csv.DictWriter(stream, fieldnames=CSV_COLUMNS, extrasaction="ignore")
             writer.writeheader()
             writer.writerows({k: cell(row.get(k)) for k in CSV_COLUMNS} for row in rows)
@@ -166,6 +164,11 @@ def write_ranking_csv(rows: Sequence[Dict], path: str) -> str:
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def _partial_name(path: str) -> str:
+    """The hidden temporary name an output is written under before ``os.replace`` gives it its final name."""
+    return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.partial-{os.getpid()}")
 
 
 def middle_slice(mask: np.ndarray) -> int:
@@ -197,10 +200,9 @@ def save_ranking_figure(previews: Sequence[Dict], path: str) -> str:
         axis.set_title(preview["title"], fontsize=8)
         axis.axis("off")
     figure.suptitle("Label next: middle slices of the top-ranked scans (cyan: predicted foreground)", fontsize=9)
-    handle, tmp = tempfile.mkstemp(prefix=".ranking-", suffix=".png", dir=os.path.dirname(path) or ".")
-    os.close(handle)
+    tmp = _partial_name(path)
     try:
-        figure.savefig(tmp, dpi=100, bbox_inches="tight")
+        figure.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
