@@ -213,8 +213,8 @@ def payoff_sections(manifests: Sequence[Tuple[str, Record]]) -> List[str]:
             f"From K₀ = {base_k} labeled cases, {add} more are labeled: the top {add} of the base model's ranking",
             "(`configs/rank.json`: most uncertain first), the next cases of the list (the standard run), or cases",
             "drawn at random from the same unlabeled pool (`random`: the per-case mean over the draws). Same seeds,",
-            "protocol and 20 test cases; Δ Dice is the per-case difference paired by seed and test case with a 95 %",
-            "bootstrap interval over test cases within seeds (`bundle/statistics.py`).",
+            "protocol and held-out test cases; Δ Dice is the per-case difference paired by seed and test case with a",
+            "95 % bootstrap interval over test cases within seeds (`bundle/statistics.py`).",
             "",
             "| arm | seeds | Dice (mean ± sd over seeds) |",
             "|---|---|---|",
@@ -228,6 +228,7 @@ def payoff_sections(manifests: Sequence[Tuple[str, Record]]) -> List[str]:
                 cell = f"{summary['mean']:.2f} ± {summary['sd']:.2f}"
                 lines.append(f"| {labels[arm]} | {', '.join(map(str, seeds))} | {cell} |")
         lines += ["", "| comparison | Δ Dice [95 % CI] | wins | verdict |", "|---|---|---|---|"]
+        answer = "not measured yet: the top-ranked or the random arm has no record."
         for arm, reference in COMPARISONS:
             pairs = {s: scores for s, scores in by_seed.items() if arm in scores and reference in scores}
             if not pairs:
@@ -236,13 +237,12 @@ def payoff_sections(manifests: Sequence[Tuple[str, Record]]) -> List[str]:
                 {s: scores[arm] for s, scores in pairs.items()}, {s: scores[reference] for s, scores in pairs.items()}
             )
             result = bootstrap_interval(differences)
-            wins = f"{result['wins']}/{result['cases']}"
-            lines.append(f"| {ARMS[arm]} − {ARMS[reference]} | {format_interval(result, 100)} | {wins} "
-                         f"| {verdict(result)} |")  # fmt: skip
+            interval, wins = format_interval(result, 100), f"{result['wins']}/{result['cases']}"
+            lines.append(f"| {ARMS[arm]} − {ARMS[reference]} | {interval} | {wins} | {verdict(result)} |")
             if (arm, reference) == ("ranked", "random"):
-                answer = {"above": "beat", "below": "do worse than", "not separable": "are not separable from"}
-                lines[-1] += f" ← uncertainty-chosen scans {answer[verdict(result)]} random ones"
-        lines += ["", "Chosen cases and records:", ""]
+                outcome = {"above": "beat", "below": "do worse than", "not separable": "are not separable from"}
+                answer = f"uncertainty-chosen scans {outcome[verdict(result)]} random ones (Δ Dice {interval})."
+        lines += ["", f"**Answer:** {answer}", "", "Chosen cases and records:", ""]
         for manifest in sorted(group, key=lambda m: m["seed"]):
             ranking = manifest.get("ranking", {})
             top = ", ".join(f"{r['scan']} ({r['ranked_by']} {float(r[r['ranked_by']]):.4f})"
@@ -252,6 +252,7 @@ def payoff_sections(manifests: Sequence[Tuple[str, Record]]) -> List[str]:
             for draw, chosen in enumerate(manifest.get("random_draws", [])):
                 lines.append(f"  - random draw {draw}: {', '.join(chosen)}")
             for arm, path in sorted(manifest.get("arms", {}).items()):
-                lines.append(f"  - {arm}: `{path}`")
+                commit = _load(path)["commit"] if os.path.isfile(path) else "not found"
+                lines.append(f"  - {arm}: `{path}` (commit {commit})")
         lines.append("")
     return lines

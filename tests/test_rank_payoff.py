@@ -46,7 +46,11 @@ def test_inference_configs_per_method():
 
 
 def _arm(results, name, dice_by_case):
-    record = {"kind": "accuracy", "per_case": [{"case": c, "dice": d} for c, d in dice_by_case.items()]}
+    record = {
+        "kind": "accuracy",
+        "commit": "abc1234",
+        "per_case": [{"case": c, "dice": d} for c, d in dice_by_case.items()],
+    }
     return os.path.relpath(write_json(record, str(results / "rank_payoff"), name))
 
 
@@ -73,17 +77,17 @@ def test_report_pairs_each_arm_by_seed_and_case(tmp_path, monkeypatch):
             ],
         }
         manifest = {"kind": "rank_payoff", "protocol": "cpu", "method": "dual_journal", "seed": seed, "base_k": 4,
-                    "add": 4, "tag": "", "arms": arms, "ranking": ranking, "random_draws": [["a", "b"]] * 3}  # fmt: skip
+                    "add": 4, "tag": "", "arms": arms, "ranking": ranking, "random_draws": [["a"]] * 3}  # fmt: skip
         write_json(manifest, str(results), f"rank_payoff_cpu_dual_journal_seed{seed}")
     text = open(report(str(results), str(tmp_path / "RESULTS.md"), str(tmp_path / "figures"))).read()
     assert "## Which scans to label next: LA, `cpu` protocol, dual_journal, K = 4 → 8" in text
     assert "| base (K₀ labeled) | 1, 2 | 70.95 ± 0.00 |" in text
     assert "| + random, draw 0 | 1, 2 | 76.95 ± 0.00 |" in text
     assert "| + top-ranked | 1, 2 | 82.95 ± 0.00 |" in text
-    row = next(line for line in text.splitlines() if line.startswith("| + top-ranked − + random |"))
-    assert row == ("| + top-ranked − + random | +4.00 [+4.00, +4.00] | 20/20 | above | "
-                   "← uncertainty-chosen scans beat random ones")  # fmt: skip
+    assert "| + top-ranked − + random | +4.00 [+4.00, +4.00] | 20/20 | above |" in text
+    assert "**Answer:** uncertainty-chosen scans beat random ones (Δ Dice +4.00 [+4.00, +4.00])." in text
     assert "| + random − + next of the list | -2.00 [-2.00, -2.00] | 0/20 | below |" in text
     assert "| + top-ranked − base (K₀ labeled) | +12.00 [+12.00, +12.00] | 20/20 | above |" in text
     assert "- seed 1: top-ranked w (disagreement 0.5000), x (disagreement 0.4000)" in text
+    assert "  - ranked: `results/rank_payoff/ranked1.json` (commit abc1234)" in text
     assert payoff_sections([]) == []
