@@ -271,7 +271,7 @@ class FolderRanking(FolderInference):
         scores = score_scan(prob, None if disagreement is None else torch.as_tensor(disagreement), self.band_voxels)
         voxel_ml = voxel_volume_ml(path)
         volume_ml = None if voxel_ml is None else scores["foreground_voxels"] * voxel_ml
-        row = {"scan": data["scan"], **scores, "foreground_ml": volume_ml, "path": os.path.relpath(path)}
+        row = {"scan": data["scan"], **scores, "foreground_ml": volume_ml, "path": path}
         self.rows.append(row)
         mask = prob.argmax(dim=0).numpy() != 0
         shown = entropy_map(prob, dim=0)[0] if self.rank_by == "entropy" else torch.as_tensor(disagreement)[0]
