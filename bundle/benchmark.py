@@ -310,6 +310,10 @@ def accuracy(
     """
     if overrides and not variant:
         raise ValueError(f"overrides {sorted(overrides)} change the method: name the run with --variant.")
+    if isinstance(labeled_cases, str):  # fire passes an unparsable list through as text
+        raise ValueError(
+            f'labeled_cases must be a list of case names, e.g. \'["a","b"]\'; got the text {labeled_cases}.'
+        )
     if labeled_cases is not None:
         labeled_cases = list(labeled_cases)
         if not variant or len(labeled_cases) != num_labeled:

@@ -27,6 +27,8 @@ def test_explicit_labeled_cases_need_a_variant_and_k_cases(tmp_path):
         accuracy(str(tmp_path), num_labeled=2, labeled_cases=["a", "b"])
     with pytest.raises(ValueError, match="num_labeled=8"):
         accuracy(str(tmp_path), variant="x", labeled_cases=["a", "b"])
+    with pytest.raises(ValueError, match="list of case names"):
+        accuracy(str(tmp_path), num_labeled=2, variant="x", labeled_cases="[1D7CUD,06SR5R]")
     with pytest.raises(ValueError, match="--tag"):
         payoff(str(tmp_path), max_iterations=2)
     assert list(tmp_path.iterdir()) == []  # refused before any split or run folder is written
