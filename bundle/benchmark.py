@@ -15,7 +15,7 @@ import shlex
 import subprocess
 import sys
 import time
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from ignite.engine import Events
@@ -173,16 +173,35 @@ def write_json(record: Dict[str, Any], output_dir: str, name: str) -> str:
     return path
 
 
-def split_lists(dataset_dir: str, list_file: str, train_cases: int, run_dir: str) -> Dict[str, str]:
-    """Write the benchmark split: the first ``train_cases`` of the list train (first K labeled), the rest test."""
+def split_lists(
+    dataset_dir: str,
+    list_file: str,
+    train_cases: int,
+    run_dir: str,
+    labeled_cases: Optional[Sequence[str]] = None,
+) -> Dict[str, str]:
+    """Write the benchmark split: the first ``train_cases`` of the list train (first K labeled), the rest test.
+
+    ``labeled_cases`` (training cases) are moved to the front of the written train list, in the given order, the
+    other training cases following in list order, so that they are the first K (labeled) of a run with K =
+    ``len(labeled_cases)``; the test cases are unchanged."""
     from bundle.data import read_case_list
 
     cases = read_case_list(os.path.join(dataset_dir, list_file) if not os.path.isabs(list_file) else list_file)
     if len(cases) <= train_cases:
         raise ValueError(f"{list_file}: {len(cases)} cases, need more than train_cases={train_cases}.")
+    train = cases[:train_cases]
+    if labeled_cases is not None:
+        outside = [case for case in labeled_cases if case not in train]
+        if outside or len(set(labeled_cases)) != len(labeled_cases):
+            raise ValueError(
+                f"{list_file}: labeled cases must be distinct training cases (first {train_cases}); "
+                f"not training cases: {outside}, given: {list(labeled_cases)}."
+            )
+        train = list(labeled_cases) + [case for case in train if case not in labeled_cases]
     os.makedirs(run_dir, exist_ok=True)
     paths = {"train": os.path.join(run_dir, "train.list"), "test": os.path.join(run_dir, "test.list")}
-    for name, subset in (("train", cases[:train_cases]), ("test", cases[train_cases:])):
+    for name, subset in (("train", train), ("test", cases[train_cases:])):
         with open(paths[name], "w") as handle:
             handle.write("\n".join(subset) + "\n")
     return paths
@@ -274,6 +293,7 @@ def accuracy(
     retrain: bool = False,
     variant: str = "",
     notes: str = "",
+    labeled_cases: Optional[Sequence[str]] = None,
     **overrides: Any,
 ) -> str:
     """Train ``method`` on LA under ``protocol`` and score the final weights on the held-out cases.
@@ -284,13 +304,25 @@ def accuracy(
     ``retrain``. ``overrides`` are passed to every bundle command (e.g. ``--loss_weights#pgl 0``); an ablation names
     itself with ``variant`` (e.g. ``no_pgl``), which goes into the record's name and the report's method column.
     ``notes`` (e.g. how the machine was shared during training) go into the record and the report.
+    ``labeled_cases`` (``num_labeled`` training cases) replace the first ``num_labeled`` as the labeled set (the
+    payoff experiment of ``scripts/rank_payoff.py``); such a run needs a ``variant`` and its record lists them.
     Writes ``<results_dir>/<name>.json``; returns its path.
     """
     if overrides and not variant:
         raise ValueError(f"overrides {sorted(overrides)} change the method: name the run with --variant.")
+    if isinstance(labeled_cases, str):  # fire passes an unparsable list through as text
+        raise ValueError(
+            f'labeled_cases must be a list of case names, e.g. \'["a","b"]\'; got the text {labeled_cases}.'
+        )
+    if labeled_cases is not None:
+        labeled_cases = list(labeled_cases)
+        if not variant or len(labeled_cases) != num_labeled:
+            raise ValueError(
+                f"labeled_cases {labeled_cases}: need a --variant name and num_labeled={num_labeled} cases."
+            )
     name = f"la_{protocol}_{method}{'_' + variant if variant else ''}_k{num_labeled}_seed{seed}"
     run_dir = os.path.relpath(os.path.join(runs_dir, name))  # records keep repository-relative paths
-    lists = split_lists(dataset_dir, list_file, train_cases, run_dir)
+    lists = split_lists(dataset_dir, list_file, train_cases, run_dir, labeled_cases)
     configs = method_configs(method, protocol)
     common = {
         "dataset_dir": os.path.relpath(dataset_dir),
@@ -333,6 +365,11 @@ def accuracy(
         "notes": notes or train_info.get("notes", ""),
         **read_metrics(eval_dir),
     }
+    if labeled_cases is not None:
+        record["labeled_cases"] = labeled_cases
+        record["split"] = (
+            f"train: first {train_cases} of {list_file} (labeled: labeled_cases); test: the remaining cases"
+        )
     return write_json(record, results_dir, name)
 
 
@@ -448,6 +485,9 @@ def report(results_dir: str = "docs/results", output: str = "docs/RESULTS.md", f
     ]
     accuracy_records = [(n, r) for n, r in records if r.get("kind") == "accuracy"]
     lines += accuracy_sections(accuracy_records, figure_dir, os.path.dirname(output) or ".")
+    from bundle.rank_payoff import payoff_sections  # it imports this module's runner
+
+    lines += payoff_sections([(n, r) for n, r in records if r.get("kind") == "rank_payoff"])
     speed_records = [(n, r) for n, r in records if r.get("kind") == "speed"]
     if speed_records:
         lines += [

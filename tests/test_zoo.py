@@ -143,6 +143,7 @@ def test_network_data_format_matches_inference_config():
     [
         (["train.json"], "train"),
         (["inference.json"], "infer"),
+        (["inference.json", "rank.json"], "infer"),
         # evaluate.json overrides train.json, so the Zoo's tests check it as a "train" workflow
         (["train.json", "evaluate.json"], "train"),
     ],
