@@ -108,7 +108,7 @@ def datalists_or_exit(**kwargs: Any) -> Dict[str, List[Dict[str, str]]]:
     try:
         return build_datalists(**kwargs)
     except DatasetError as err:
-        stop("Data check failed; nothing was trained:", str(err).splitlines())
+        stop("Data check failed:", str(err).splitlines())
 
 
 def problem_lines(item: Dict[str, str], err: BaseException) -> List[str]:
