@@ -171,10 +171,8 @@ class AtomicCheckpointSaver:
 
     def checkpoint(self) -> Dict[str, Any]:
         """The state dict of every object of ``save_dict`` (DDP / DataParallel unwrapped)."""
-        objects = {
-            name: getattr(obj, "module", obj) if isinstance(obj, nn.Module) else obj
-            for name, obj in self.save_dict.items()
-        }
+        parallel = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+        objects = {name: obj.module if isinstance(obj, parallel) else obj for name, obj in self.save_dict.items()}
         return {name: obj.state_dict() for name, obj in objects.items()}
 
     def _save_interval(self, engine: Engine) -> None:
