@@ -70,16 +70,26 @@ def _flatten(state, prefix=""):
     return {prefix: state}
 
 
+def _full_run(dataset, full, preset):
+    """The uninterrupted run, keeping the checkpoint of every iteration."""
+    iterations = CASES[preset][0]
+    overrides = _overrides(dataset, full, iterations, preset, **{"train#checkpoint_saver#n_saved": iterations})
+    run_workflow(make_workflow(_configs(preset), overrides))
+    return full
+
+
+@pytest.fixture(scope="module")
+def dual_full_run(resume_dataset, tmp_path_factory):
+    return _full_run(resume_dataset, tmp_path_factory.mktemp("dual_full"), "dual_journal")
+
+
 @pytest.mark.parametrize("preset", sorted(CASES))
-def test_resume_from_any_checkpoint_is_bit_identical(preset, resume_dataset, tmp_path):
+def test_resume_from_any_checkpoint_is_bit_identical(preset, resume_dataset, request, tmp_path):
     iterations, resume_points = CASES[preset]
-    full = tmp_path / "full"
-    run_workflow(
-        make_workflow(
-            _configs(preset),
-            _overrides(resume_dataset, full, iterations, preset, **{"train#checkpoint_saver#n_saved": iterations}),
-        )
-    )
+    if preset == "dual_journal":
+        full = request.getfixturevalue("dual_full_run")  # shared with the kill test
+    else:
+        full = _full_run(resume_dataset, tmp_path / "full", preset)
     reference = _final_state(full)
     for k in resume_points:
         checkpoint = full / "checkpoints" / f"checkpoint_iteration={k}.pt"
@@ -116,9 +126,8 @@ run_workflow(make_workflow(json.loads(sys.argv[1]), json.loads(sys.argv[2])))
 """
 
 
-def test_kill_during_save_keeps_previous_checkpoint_and_resumes_exactly(resume_dataset, tmp_path):
-    preset, iterations = "dual_journal", 5
-    run_workflow(make_workflow(_configs(preset), _overrides(resume_dataset, tmp_path / "full", iterations)))
+def test_kill_during_save_keeps_previous_checkpoint_and_resumes_exactly(resume_dataset, dual_full_run, tmp_path):
+    preset, iterations = "dual_journal", CASES["dual_journal"][0]
     out = tmp_path / "killed"
     overrides = _overrides(resume_dataset, out, iterations)
     overrides["output_dir"], overrides["model_dir"] = str(out), str(out / "models")
@@ -138,7 +147,7 @@ def test_kill_during_save_keeps_previous_checkpoint_and_resumes_exactly(resume_d
     assert torch.load(checkpoint, weights_only=True)["trainer"]["iteration"] == 2
 
     run_workflow(make_workflow(_configs(preset), {**overrides, "resume_from": str(checkpoint)}))
-    _assert_identical(_final_state(out), _final_state(tmp_path / "full"))
+    _assert_identical(_final_state(out), _final_state(dual_full_run))
     assert sorted(os.listdir(out / "checkpoints")) == [
         "checkpoint_final.pt",
         "checkpoint_iteration=2.pt",  # the killed run's: a resumed run rotates only the files it wrote
