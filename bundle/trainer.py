@@ -131,11 +131,16 @@ class SSLTrainer(SupervisedTrainer):
 
     def load_state_dict(self, state_dict: Mapping) -> None:
         """Restore :meth:`state_dict`. A checkpoint without generator and stream states (written before they were
-        saved) resumes at its iteration with fresh data passes, i.e. not bit-identically (a warning says so)."""
+        saved), or any checkpoint in a multi-process run (it holds rank 0's generators only), resumes at its
+        iteration with fresh generators and data passes, i.e. not bit-identically (a warning says so)."""
         super().load_state_dict(state_dict)
         self._unlabeled_iterator = None
         if "rng" not in state_dict:
             logger.warning("checkpoint has no generator or data-stream state: the run resumes, but not exactly")
+            return
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # the checkpoint holds rank 0's generators only; other ranks must keep their own seeds
+            logger.warning("multi-process resume: generators and data streams restart, the run resumes not exactly")
             return
         restore_rng(state_dict["rng"])
         self.data_loader.load_state_dict(state_dict["labeled_stream"])
