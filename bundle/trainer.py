@@ -138,7 +138,8 @@ class SSLTrainer(SupervisedTrainer):
         if "rng" not in state_dict:
             logger.warning("checkpoint has no generator or data-stream state: the run resumes, but not exactly")
             return
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if distributed and torch.distributed.get_world_size() > 1:
             # the checkpoint holds rank 0's generators only; other ranks must keep their own seeds
             logger.warning("multi-process resume: generators and data streams restart, the run resumes not exactly")
             return
