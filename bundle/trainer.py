@@ -121,8 +121,11 @@ class SSLTrainer(SupervisedTrainer):
 
     def state_dict(self) -> OrderedDict:
         """Ignite's state (``iteration``, ``epoch_length``, ``max_epochs``) plus ``rng`` (every global generator,
-        :func:`~bundle.resume.capture_rng`) and the ``labeled_stream`` / ``unlabeled_stream`` positions."""
+        :func:`~bundle.resume.capture_rng`), the ``labeled_stream`` / ``unlabeled_stream`` positions and, under fp16
+        AMP, the gradient ``scaler``."""
         state = super().state_dict()
+        if self.scaler is not None:  # fp16 AMP's loss scale
+            state["scaler"] = self.scaler.state_dict()
         state["rng"] = capture_rng()
         state["labeled_stream"] = self.data_loader.state_dict()
         if self.unlabeled_stream is not None:
@@ -135,6 +138,8 @@ class SSLTrainer(SupervisedTrainer):
         iteration with fresh generators and data passes, i.e. not bit-identically (a warning says so)."""
         super().load_state_dict(state_dict)
         self._unlabeled_iterator = None
+        if self.scaler is not None and "scaler" in state_dict:
+            self.scaler.load_state_dict(state_dict["scaler"])
         if "rng" not in state_dict:
             logger.warning("checkpoint has no generator or data-stream state: the run resumes, but not exactly")
             return
