@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+import zipfile
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from monai.data import CacheDataset
@@ -101,6 +102,21 @@ def check_writable(folders: Sequence[str]) -> None:
             problems.append(f"{folder}: not writable ({err.strerror or err})")
     if problems:
         stop("Output folders are not writable; nothing was trained:", problems)
+
+
+def check_resume_file(path: Optional[str]) -> None:
+    """Before anything is built or read: the ``resume_from`` checkpoint exists and is a complete zip archive (the
+    format of ``torch.save``; its index is at the end, so a truncated or empty file fails here). ``None`` passes.
+    The full read, in :class:`bundle.handlers.ResumeLoader`, checks the content."""
+    if path is None:
+        return
+    if not os.path.isfile(path):
+        stop("Cannot resume:", [f"{path}: checkpoint file not found"])
+    try:
+        with zipfile.ZipFile(path):
+            pass
+    except (zipfile.BadZipFile, OSError) as err:
+        stop("Cannot resume:", [f"{path}: not a complete checkpoint, truncated or corrupt ({err})"])
 
 
 def datalists_or_exit(**kwargs: Any) -> Dict[str, List[Dict[str, str]]]:

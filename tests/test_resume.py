@@ -14,6 +14,7 @@ import sys
 import pytest
 import torch
 
+from bundle.checks import check_resume_file
 from bundle.handlers import ResumeLoader, SaveStateDictOnCompletion
 from bundle.synthetic import ensure_synthetic_dataset
 from tests.conftest import REPO_ROOT
@@ -162,12 +163,12 @@ def test_damaged_resume_checkpoint_is_named(tmp_path, damage):
     torch.save({"method": network.state_dict()}, path)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"")
-    with pytest.raises(SystemExit) as info:
-        ResumeLoader(str(path), {"method": network}).read()
-    lines = str(info.value.code).splitlines()
-    assert lines[0] == "Cannot resume:" and lines[1].startswith(
-        f"  {path}: not a complete checkpoint, truncated or corrupt ("
-    )
+    for check in (lambda: check_resume_file(str(path)), lambda: ResumeLoader(str(path), {"method": network}).read()):
+        with pytest.raises(SystemExit) as info:
+            check()
+        lines = str(info.value.code).splitlines()
+        assert lines[0] == "Cannot resume:"
+        assert lines[1].startswith(f"  {path}: not a complete checkpoint, truncated or corrupt (")
     with pytest.raises(SystemExit, match="checkpoint lacks \\['optimizer'\\]"):
         torch.save({"method": network.state_dict()}, path)
         ResumeLoader(str(path), {"method": network, "optimizer": torch.optim.SGD(network.parameters(), 0.1)}).read()
