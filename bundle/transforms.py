@@ -64,8 +64,8 @@ class LoadVolumed(MapTransform):
 
 
 class CheckVolumed(MapTransform):
-    """Voxel checks of one loaded item (channel first, before reorientation); raises :class:`DatasetError` listing
-    every problem, one line each, naming the file.
+    """Voxel checks of one loaded item (channel first, before reorientation: ``image`` (C, H, W, D), ``label``
+    (1, H, W, D) MetaTensors); raises :class:`DatasetError` listing every problem, one line each, naming the file.
 
     * every key: all voxels finite (one NaN spreads over the whole volume with z-scoring);
     * ``label``: integer class indices in ``[0, num_classes)`` (``num_classes=None`` skips the range);
