@@ -100,17 +100,27 @@ def volume_shape(path: str, dataset: str = "image") -> tuple:
 
 def check_items(items: Sequence[Dict[str, str]], in_channels: int = 1) -> None:
     """Check that every file exists and is readable, is 3D (or 4D with ``in_channels`` channels), and that image
-    and label shapes match. Reads headers only. Raises :class:`DatasetError` naming the first bad file."""
+    and label shapes match. Reads headers only. Raises one :class:`DatasetError` listing every bad file, one line
+    per file and problem."""
+    problems: List[str] = []
     for item in items:
-        shape = volume_shape(item["image"], "image")
-        spatial = _spatial_shape(item["image"], shape, in_channels)
-        if "label" in item:
-            label_shape = volume_shape(item["label"], "label")
-            if tuple(label_shape[:3]) != spatial or any(s != 1 for s in label_shape[3:]):
-                raise DatasetError(
-                    f"{item['label']}: label shape {label_shape} does not match image shape {shape} "
-                    f"of {item['image']}."
-                )
+        try:
+            _check_item(item, in_channels)
+        except DatasetError as err:
+            problems += [line for line in str(err).splitlines() if line not in problems]
+    if problems:
+        raise DatasetError("\n".join(problems))
+
+
+def _check_item(item: Dict[str, str], in_channels: int) -> None:
+    shape = volume_shape(item["image"], "image")
+    spatial = _spatial_shape(item["image"], shape, in_channels)
+    if "label" in item:
+        label_shape = volume_shape(item["label"], "label")
+        if tuple(label_shape[:3]) != spatial or any(s != 1 for s in label_shape[3:]):
+            raise DatasetError(
+                f"{item['label']}: label shape {label_shape} does not match image shape {shape} of {item['image']}."
+            )
 
 
 def _spatial_shape(path: str, shape: tuple, in_channels: int) -> tuple:

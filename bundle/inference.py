@@ -199,9 +199,11 @@ class FolderInference:
     ``probabilities/`` (C-channel 4D), ``entropy/`` and ``disagreement/``, each with the input's affine, header
     codes and shape.
 
-    Robustness: a file that fails at any step is logged with its reason and skipped, and the others are still
-    written. Outputs are written into a hidden staging folder inside ``output_dir`` and moved into place with
-    ``os.replace``, so a final name never holds a half-written file. After the last item, if any failed,
+    Robustness: a file that fails at any step (unreadable, truncated, non-finite voxels: the preprocessing's
+    :class:`~bundle.transforms.CheckVolumed`) is logged with its reason and skipped, and the others are still
+    written. Outputs are written into a hidden staging folder (``.partial-*``) inside ``output_dir`` and moved into
+    place with ``os.replace``, so a final name never holds a half-written file; staging folders left by an
+    interrupted run are removed at the start. After the last item, if any failed,
     :meth:`run` raises ``SystemExit`` with the list of failures (exit status 1 on the command line).
 
     Args:
@@ -253,6 +255,8 @@ class FolderInference:
         if self.optimize_network:
             optimize_for_inference(self.network)
         os.makedirs(self.output_dir, exist_ok=True)
+        for stale in glob.glob(os.path.join(glob.escape(self.output_dir), ".partial-*")):
+            shutil.rmtree(stale, ignore_errors=True)  # staging folders of an interrupted run
         written: List[str] = []
         failed: List[Tuple[str, str]] = []
         total = len(self.dataset)

@@ -9,7 +9,8 @@ step, the LR schedule, stage boundaries, and the events MONAI handlers rely on. 
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, Iterable, Iterator, Optional, Tuple
+from collections import OrderedDict
+from typing import Any, Dict, Iterable, Iterator, Mapping, Optional, Tuple
 
 import torch
 from ignite.engine import Engine, Events
@@ -19,6 +20,7 @@ from monai.utils import CommonKeys
 
 from bundle.methods.base import SSLMethod
 from bundle.precision import autocast, resolve_precision
+from bundle.resume import ResumableStream, capture_rng, restore_rng
 from bundle.runtime import tune_cpu_allocator
 
 logger = logging.getLogger(__name__)
@@ -53,6 +55,12 @@ class SSLTrainer(SupervisedTrainer):
 
     ``engine.state.output`` holds ``image``, ``label``, ``loss`` (the weighted sum) and ``loss_<name>`` (each
     unweighted term), all detached.
+
+    Exact resume: both loaders are read through :class:`~bundle.resume.ResumableStream`, and :meth:`state_dict`
+    (the ``trainer`` entry of a resume checkpoint) adds to ignite's iteration count every global generator
+    (``rng``) and each stream's pass and position, so that a resumed run draws the same batches and random numbers
+    as the uninterrupted one. The checkpoint must be written after every other ``ITERATION_COMPLETED`` handler
+    (validation draws from torch's generator), as ``train.json`` does by attaching the saver last.
     """
 
     def __init__(
@@ -88,10 +96,13 @@ class SSLTrainer(SupervisedTrainer):
         )
         self.method = plugin
         self.max_iterations = int(max_iterations)
+        self.data_loader = ResumableStream(self.data_loader)
         self.unlabeled_data_loader = unlabeled_data_loader
+        self.unlabeled_stream = None
+        if unlabeled_data_loader is not None:
+            self.unlabeled_stream = ResumableStream(unlabeled_data_loader, set_sampler_epoch=True)
         self.lr_scheduler = lr_scheduler
         self._unlabeled_iterator: Optional[Iterator] = None
-        self._unlabeled_pass = 0
         self.add_event_handler(Events.ITERATION_COMPLETED, self._stop_at_max_iterations)
 
     def _stop_at_max_iterations(self, engine: Engine) -> None:
@@ -102,15 +113,45 @@ class SSLTrainer(SupervisedTrainer):
         """The next unlabeled batch; a new (reshuffled) pass starts when the loader is exhausted."""
         while True:
             if self._unlabeled_iterator is None:
-                sampler = getattr(self.unlabeled_data_loader, "sampler", None)
-                if hasattr(sampler, "set_epoch"):
-                    sampler.set_epoch(self._unlabeled_pass)
-                self._unlabeled_pass += 1
-                self._unlabeled_iterator = iter(self.unlabeled_data_loader)
+                self._unlabeled_iterator = iter(self.unlabeled_stream)
             try:
                 return next(self._unlabeled_iterator)
             except StopIteration:
                 self._unlabeled_iterator = None
+
+    def state_dict(self) -> OrderedDict:
+        """Ignite's state (``iteration``, ``epoch_length``, ``max_epochs``) plus ``rng`` (every global generator,
+        :func:`~bundle.resume.capture_rng`), the ``labeled_stream`` / ``unlabeled_stream`` positions and, under fp16
+        AMP, the gradient ``scaler``."""
+        state = super().state_dict()
+        if self.scaler is not None:  # fp16 AMP's loss scale
+            state["scaler"] = self.scaler.state_dict()
+        state["rng"] = capture_rng()
+        state["labeled_stream"] = self.data_loader.state_dict()
+        if self.unlabeled_stream is not None:
+            state["unlabeled_stream"] = self.unlabeled_stream.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: Mapping) -> None:
+        """Restore :meth:`state_dict`. A checkpoint without generator and stream states (written before they were
+        saved), or any checkpoint in a multi-process run (it holds rank 0's generators only), resumes at its
+        iteration with fresh generators and data passes, i.e. not bit-identically (a warning says so)."""
+        super().load_state_dict(state_dict)
+        self._unlabeled_iterator = None
+        if self.scaler is not None and "scaler" in state_dict:
+            self.scaler.load_state_dict(state_dict["scaler"])
+        if "rng" not in state_dict:
+            logger.warning("checkpoint has no generator or data-stream state: the run resumes, but not exactly")
+            return
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if distributed and torch.distributed.get_world_size() > 1:
+            # the checkpoint holds rank 0's generators only; other ranks must keep their own seeds
+            logger.warning("multi-process resume: generators and data streams restart, the run resumes not exactly")
+            return
+        restore_rng(state_dict["rng"])
+        self.data_loader.load_state_dict(state_dict["labeled_stream"])
+        if self.unlabeled_stream is not None and "unlabeled_stream" in state_dict:
+            self.unlabeled_stream.load_state_dict(state_dict["unlabeled_stream"])
 
     def _start_stage_if_due(self, iteration: int) -> None:
         """At a stage boundary: fresh optimizer state, LR schedule restarted, and the method told."""

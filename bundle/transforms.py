@@ -7,8 +7,10 @@ grid with ``Invertd`` against it.
 
 from __future__ import annotations
 
-from typing import Dict, Mapping, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
+import numpy as np
+import torch
 from monai.transforms import (
     Compose,
     EnsureChannelFirstd,
@@ -25,7 +27,10 @@ from monai.transforms import (
     Zoomd,
 )
 
-from bundle.data import H5Reader
+from bundle.data import DatasetError, H5Reader
+
+#: largest difference (in the affine's units, mm) tolerated between an image's and its label's affine.
+AFFINE_TOLERANCE = 1e-3
 
 
 class LoadVolumed(MapTransform):
@@ -45,12 +50,87 @@ class LoadVolumed(MapTransform):
         item = dict(data)
         for key in self.key_iterator(item):
             loaders = self.h5_loaders if str(item[key]).endswith(".h5") else self.default_loaders
-            loader = loaders[key]
-            item[key] = loader({key: item[key]})[key]
+            try:
+                item[key] = loaders[key]({key: item[key]})[key]
+            except DatasetError:
+                raise
+            except Exception as err:  # name the file: MONAI's error names the transform, not the file
+                while err.__cause__ is not None:
+                    err = err.__cause__
+                raise DatasetError(
+                    f"{item[key]}: cannot be read to the end ({type(err).__name__}: {' '.join(str(err).split())})"
+                ) from err
         return item
 
 
-def preprocessing(keys: Sequence[str] = ("image", "label"), resample_factor: float = 1.0) -> Compose:
+class CheckVolumed(MapTransform):
+    """Voxel checks of one loaded item (channel first, before reorientation: ``image`` (C, H, W, D), ``label``
+    (1, H, W, D) MetaTensors); raises :class:`DatasetError` listing every problem, one line each, naming the file.
+
+    * every key: all voxels finite (one NaN spreads over the whole volume with z-scoring);
+    * ``label``: integer class indices in ``[0, num_classes)`` (``num_classes=None`` skips the range);
+    * ``label`` vs ``image``: affines equal within ``affine_tolerance`` (a label flipped in x would otherwise be
+      reoriented differently from its image and train silently misaligned).
+
+    MONAI has no such check transform (``DataStatsd`` only logs). Returns the item unchanged.
+    """
+
+    def __init__(
+        self, keys: Sequence[str], num_classes: Optional[int] = None, affine_tolerance: float = AFFINE_TOLERANCE
+    ) -> None:
+        super().__init__(keys)
+        self.num_classes = num_classes
+        self.affine_tolerance = affine_tolerance
+
+    def __call__(self, data: Mapping) -> Mapping:
+        problems: List[str] = []
+        for key in self.key_iterator(data):
+            volume = data[key]
+            path = volume.meta.get("filename_or_obj", key)
+            values = volume.as_tensor() if hasattr(volume, "as_tensor") else torch.as_tensor(volume)
+            bad = int((~torch.isfinite(values)).sum())
+            if bad:
+                problems.append(f"{path}: {bad} non-finite voxel(s) (NaN or Inf) in the {key}")
+            elif key == "label":
+                problems += self._label_problems(path, values)
+        if "label" in self.keys and "image" in data and "label" in data:
+            image, label = data["image"], data["label"]
+            difference = float(np.abs(np.asarray(image.affine) - np.asarray(label.affine)).max())
+            if difference > self.affine_tolerance:
+                problems.append(
+                    f"{label.meta.get('filename_or_obj')}: label affine differs from the image's "
+                    f"({image.meta.get('filename_or_obj')}) by up to {difference:.4g} "
+                    f"(tolerance {self.affine_tolerance})"
+                )
+        if problems:
+            raise DatasetError("\n".join(problems))
+        return data
+
+    def _label_problems(self, path: str, label: torch.Tensor) -> List[str]:
+        problems = []
+        if bool((label != torch.round(label)).any()):
+            problems.append(f"{path}: label has non-integer values (expected class indices)")
+        if self.num_classes is not None:
+            outside = (label < 0) | (label >= self.num_classes)
+            if bool(outside.any()):
+                values = torch.unique(label[outside])[:5].tolist()
+                problems.append(
+                    f"{path}: label values {values} outside [0, {self.num_classes}) (out_channels={self.num_classes})"
+                )
+        return problems
+
+
+def check_volume_transforms(keys: Sequence[str], num_classes: Optional[int] = None) -> list:
+    """What follows :class:`LoadVolumed` to check an item: channel first, then :class:`CheckVolumed`."""
+    return [EnsureChannelFirstd(keys=list(keys)), CheckVolumed(keys=list(keys), num_classes=num_classes)]
+
+
+def preprocessing(
+    keys: Sequence[str] = ("image", "label"),
+    resample_factor: float = 1.0,
+    num_classes: Optional[int] = None,
+    check: bool = True,
+) -> Compose:
     """Deterministic, invertible preprocessing of one item.
 
     Reads NIfTI (or anything MONAI reads) and LA ``.h5`` files (datasets ``image`` / ``label``), puts the channel
@@ -61,13 +141,14 @@ def preprocessing(keys: Sequence[str] = ("image", "label"), resample_factor: flo
     Args:
         keys: ``("image",)`` for unlabeled / inference items, ``("image", "label")`` for labeled ones.
         resample_factor: isotropic zoom applied after loading; 1.0 keeps the native grid.
+        num_classes: with ``check``, label values must lie in ``[0, num_classes)``; ``None`` skips that test.
+        check: :class:`CheckVolumed` right after loading (finite voxels, label values, label affine); a failure
+            raises :class:`~bundle.data.DatasetError` naming the file.
     """
     keys = list(keys)
-    transforms = [
-        LoadVolumed(keys=keys),
-        EnsureChannelFirstd(keys=keys),
-        Orientationd(keys=keys, axcodes="RAS", labels=None),
-    ]
+    transforms = [LoadVolumed(keys=keys)]
+    transforms += check_volume_transforms(keys, num_classes) if check else [EnsureChannelFirstd(keys=keys)]
+    transforms.append(Orientationd(keys=keys, axcodes="RAS", labels=None))
     if resample_factor != 1.0:
         modes = ["trilinear" if k == "image" else "nearest" for k in keys]
         transforms.append(Zoomd(keys=keys, zoom=resample_factor, mode=modes, keep_size=False))
@@ -80,6 +161,8 @@ def training_transforms(
     patch_size: Sequence[int],
     resample_factor: float = 1.0,
     augment: bool = False,
+    num_classes: Optional[int] = None,
+    check: bool = True,
 ) -> Compose:
     """Preprocessing + the random part of training: optional rot90/flip, pad to the patch, uniform random crop.
 
@@ -89,10 +172,11 @@ def training_transforms(
     the paper); ``augment=True`` adds the field's ``RandomRotFlip`` of the UA-MT/BCP/SSL4MIS code, used by the
     single-V-Net methods: ``rot90`` by k in {0, 1, 2, 3} in the first two axes, then exactly one flip, along axis 0
     or axis 1 with equal probability (the same draw for image and label).
-    Output ``image`` (C, *patch_size), ``label`` (1, *patch_size) when labeled.
+    Output ``image`` (C, *patch_size), ``label`` (1, *patch_size) when labeled. ``num_classes`` and ``check``: see
+    :func:`preprocessing`.
     """
     keys = list(keys)
-    transforms = list(preprocessing(keys, resample_factor).transforms)
+    transforms = list(preprocessing(keys, resample_factor, num_classes, check).transforms)
     if augment:  # before the crop, as in the released code, so a non-square patch keeps its shape
         transforms += [
             # MONAI draws k in {1, ..., max_k} when it rotates: prob 3/4 makes k uniform in {0, 1, 2, 3}

@@ -1,0 +1,223 @@
+"""Checks that run before training starts: setting types, writable output folders, and every volume's voxels.
+
+Each check collects *all* problems it finds and stops the run with :func:`stop`: the report (one line per file and
+problem) is the last thing printed and the exit status is 1, instead of a traceback ending in MONAI's generic
+"Failed to instantiate component". ``SystemExit`` passes through MONAI's config resolution, which wraps every
+``Exception``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import zipfile
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from monai.data import CacheDataset
+
+from bundle.data import DatasetError, build_datalists
+from bundle.transforms import LoadVolumed, check_volume_transforms
+
+#: expected types of train.json's top-level settings (any of them can be a ``--key value`` override).
+INT, FLOAT, BOOL, STR, INTS = (int,), (int, float), (bool,), (str,), "list of int"
+SETTING_TYPES: Dict[str, Any] = {
+    **dict.fromkeys(
+        (
+            "num_labeled in_channels out_channels base_width labeled_batch_size unlabeled_batch_size num_workers "
+            "max_iterations val_interval ckpt_interval log_interval seed sw_batch_size rampup_iters"
+        ).split(),
+        INT,
+    ),
+    **dict.fromkeys(
+        (
+            "dropout resample_factor cache_rate learning_rate momentum weight_decay lr_gamma val_overlap "
+            "cr_threshold cps_threshold efs_percentile ue_temperature pgl_sample_fraction"
+        ).split(),
+        FLOAT,
+    ),
+    **dict.fromkeys(
+        "activation_checkpointing cpu_allocator_cache augment check_data pgl_detach_prototypes".split(), BOOL
+    ),
+    **dict.fromkeys("dataset_dir output_dir model_dir precision norm cr_mask efs_target ue_target".split(), STR),
+    **dict.fromkeys("patch_size lr_milestones sw_strides".split(), INTS),
+}
+#: settings that may also be ``null``.
+OPTIONAL_SETTINGS = ("train_list", "val_list", "resume_from")
+
+
+def stop(title: str, lines: Sequence[str]) -> None:
+    """Exit with status 1, printing ``title`` and one indented line per problem as the last output."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    raise SystemExit("\n".join([title] + [f"  {line}" for line in lines]))
+
+
+def _type_problem(key: str, value: Any, expected: Any) -> Optional[str]:
+    if expected == INTS:
+        ok = isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        name = "a list of integers, e.g. [96,96,96]"
+    else:
+        ok = isinstance(value, expected) and (expected == BOOL or not isinstance(value, bool))
+        name = {INT: "an integer", FLOAT: "a number", BOOL: "true or false (True/False on the command line)"}.get(
+            expected, "a string"
+        )
+    return None if ok else f"{key}: expected {name}, got {value!r} ({type(value).__name__})"
+
+
+def check_settings(**settings: Any) -> None:
+    """Check the type of each given top-level setting against :data:`SETTING_TYPES` (``loss_weights``: a dict of
+    numbers; :data:`OPTIONAL_SETTINGS`: a string or null) and stop naming every wrong key, before anything is built
+    (``--max_iterations abc`` would otherwise fail deep inside training with a ``TypeError`` naming no key)."""
+    problems = []
+    for key, value in settings.items():
+        if key == "loss_weights":
+            if not isinstance(value, dict):
+                problems.append(f"loss_weights: expected a dict of term weights, got {value!r}")
+                continue
+            problems += filter(None, (_type_problem(f"loss_weights#{k}", v, FLOAT) for k, v in value.items()))
+        elif key in OPTIONAL_SETTINGS:
+            if value is not None and not isinstance(value, str):
+                problems.append(f"{key}: expected a path or null, got {value!r} ({type(value).__name__})")
+        elif key in SETTING_TYPES:
+            problem = _type_problem(key, value, SETTING_TYPES[key])
+            if problem:
+                problems.append(problem)
+        else:
+            raise KeyError(f"check_settings: no expected type for setting '{key}'.")
+    if problems:
+        stop("Invalid settings (config or command-line overrides):", problems)
+
+
+def check_writable(folders: Sequence[str]) -> None:
+    """Create each folder if needed and write (then remove) a probe file in it; stop naming every folder that is not
+    writable, so that a bad ``output_dir`` / ``model_dir`` is found before training rather than after it."""
+    problems = []
+    for folder in folders:
+        try:
+            os.makedirs(folder, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+                pass
+        except OSError as err:
+            problems.append(f"{folder}: not writable ({err.strerror or err})")
+    if problems:
+        stop("Output folders are not writable; nothing was trained:", problems)
+
+
+def check_resume_file(path: Optional[str]) -> None:
+    """Before anything is built or read: the ``resume_from`` checkpoint exists and is a complete zip archive (the
+    format of ``torch.save``; its index is at the end, so a truncated or empty file fails here). ``None`` passes.
+    The full read, in :class:`bundle.handlers.ResumeLoader`, checks the content."""
+    if path is None:
+        return
+    if not os.path.isfile(path):
+        stop("Cannot resume:", [f"{path}: checkpoint file not found"])
+    try:
+        with zipfile.ZipFile(path):
+            pass
+    except (zipfile.BadZipFile, OSError) as err:
+        stop("Cannot resume:", [f"{path}: not a complete checkpoint, truncated or corrupt ({err})"])
+
+
+def datalists_or_exit(**kwargs: Any) -> Dict[str, List[Dict[str, str]]]:
+    """:func:`bundle.data.build_datalists`, stopping with its report (every header problem) instead of a traceback."""
+    try:
+        return build_datalists(**kwargs)
+    except DatasetError as err:
+        stop("Data check failed:", str(err).splitlines())
+
+
+def problem_lines(item: Dict[str, str], err: BaseException) -> List[str]:
+    """The report lines of an item whose loading or checking raised ``err``: the lines of the innermost
+    :class:`DatasetError` in the cause chain (they name the file), else the innermost cause prefixed by the item's
+    files (MONAI wraps transform errors in ``RuntimeError("applying transform ...")``)."""
+    cause: Optional[BaseException] = err
+    innermost = err
+    while cause is not None:
+        if isinstance(cause, DatasetError):
+            return str(cause).splitlines()
+        innermost, cause = cause, cause.__cause__
+    files = " / ".join(dict.fromkeys(v for k, v in item.items() if k in ("image", "label")))
+    return [f"{files}: {type(innermost).__name__}: {' '.join(str(innermost).split())}"]
+
+
+class CheckedCacheDataset(CacheDataset):
+    """``CacheDataset`` whose up-front pass doubles as the data check: every item is read once, checked by the
+    transform chain (:class:`bundle.transforms.CheckVolumed`), and the result cached, so nothing is read twice.
+
+    MONAI's ``CacheDataset`` stops at the first failing item with a traceback naming no file; here each failure is
+    recorded in :attr:`problems` (``(index, lines)``) and the item is cached as ``None``, so that
+    :func:`report_data_problems` can list every problem of every dataset at once. Items beyond ``cache_rate`` are
+    read once up front to check them too (and again when drawn). With ``check=False`` it is a plain
+    ``CacheDataset``.
+
+    Args:
+        data, transform, cache_rate, kwargs: as ``monai.data.CacheDataset``.
+        check: record problems instead of raising, and read the uncached items once.
+    """
+
+    def __init__(self, data: Sequence, transform: Any, cache_rate: float = 1.0, check: bool = True, **kwargs) -> None:
+        self.check = check
+        self.problems: List[Tuple[int, List[str]]] = []
+        super().__init__(data, transform, cache_rate=cache_rate, **kwargs)
+        if check:
+            for index in range(self.cache_num, len(self.data)):
+                self._load_cache_item(index)
+
+    def _load_cache_item(self, idx: int):
+        if not self.check:
+            return super()._load_cache_item(idx)
+        try:
+            return super()._load_cache_item(idx)
+        except Exception as err:  # every kind of unreadable or invalid item is reported, not raised
+            self.problems.append((idx, problem_lines(self.data[idx], err)))
+            return None
+
+
+def report_data_problems(datasets: Sequence[Optional[CheckedCacheDataset]]) -> None:
+    """Stop with every problem recorded by the given datasets (in dataset and item order), if there are any."""
+    lines: List[str] = []
+    for dataset in datasets:
+        for _, item_lines in sorted(getattr(dataset, "problems", []), key=lambda p: p[0]):
+            lines += [line for line in item_lines if line not in lines]
+    if lines:
+        stop(
+            f"Data check failed: {len(lines)} problem(s); nothing was trained. Fix or remove these files "
+            "(check_data false skips the voxel checks):",
+            lines,
+        )
+
+
+def check_dataset(
+    dataset_dir: str,
+    out_channels: int = 2,
+    in_channels: int = 1,
+    train_list: Optional[str] = None,
+    val_list: Optional[str] = None,
+) -> int:
+    """Check a whole dataset as training would, without training: every header (:func:`bundle.data.check_items`),
+    then every volume's voxels (readable to the end, finite, labels in ``[0, out_channels)``, label affine equal to
+    the image's). Labels of every labeled item are checked (``num_labeled`` = all). Returns the number of items
+    checked; stops with the report when anything is wrong."""
+    lists = datalists_or_exit(
+        dataset_dir=dataset_dir,
+        num_labeled=-1,
+        train_list=train_list,
+        val_list=val_list,
+        require_unlabeled=False,
+        in_channels=in_channels,
+    )
+    items = lists["labeled"] + lists["unlabeled"] + lists["validation"]
+    problems: List[str] = []
+    for item in items:
+        keys = [k for k in ("image", "label") if k in item]
+        chain = [LoadVolumed(keys)] + check_volume_transforms(keys, num_classes=out_channels)
+        try:
+            data = dict(item)
+            for transform in chain:
+                data = transform(data)
+        except Exception as err:  # reported per item, as in training
+            problems += [line for line in problem_lines(item, err) if line not in problems]
+    if problems:
+        stop(f"Data check failed: {len(problems)} problem(s) in {dataset_dir}:", problems)
+    return len(items)

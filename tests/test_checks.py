@@ -1,0 +1,235 @@
+"""Checks before training: one test per bad-input kind (NIfTI and LA h5 layouts), all problems in one report,
+settings of the wrong type, unwritable output folders, the check-only command, and bad files at inference."""
+
+import os
+import subprocess
+import sys
+
+import h5py
+import nibabel as nib
+import numpy as np
+import pytest
+
+from bundle.checks import CheckedCacheDataset, check_dataset, check_settings, check_writable, report_data_problems
+from bundle.data import build_datalists
+from bundle.transforms import training_transforms
+from tests.conftest import REPO_ROOT
+from tests.test_inference import _synthetic_image, _workflow, _write_nifti
+
+SHAPE = (12, 10, 8)
+AFFINE = np.diag([1.0, 1.0, 1.5, 1.0])
+
+
+def _volumes(seed=0):
+    rng = np.random.default_rng(seed)
+    label = np.zeros(SHAPE, np.uint8)
+    label[3:8, 3:7, 2:6] = 1
+    return rng.standard_normal(SHAPE).astype(np.float32) + label, label
+
+
+def _truncate(path):
+    """Keep the header and the first half of the data: the header still reads, the voxels do not."""
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 2])
+
+
+def _nifti_root(tmp_path, breakage=None):
+    """A folder dataset (imagesTr/labelsTr) of 4 labeled + 2 unlabeled cases; ``breakage(case) -> (image, label,
+    label_affine)`` changes what a case writes."""
+    for folder in ("imagesTr", "labelsTr"):
+        (tmp_path / folder).mkdir()
+    for index in range(6):
+        image, label = _volumes(index)
+        label_affine = AFFINE
+        if breakage is not None:
+            image, label, label_affine = breakage(index, image, label, label_affine)
+        nib.save(nib.Nifti1Image(image, AFFINE), tmp_path / "imagesTr" / f"c{index}.nii.gz")
+        if index < 4:
+            nib.save(nib.Nifti1Image(label, label_affine), tmp_path / "labelsTr" / f"c{index}.nii.gz")
+    return tmp_path
+
+
+def _la_root(tmp_path, breakage=None):
+    """An LA layout (``<case>/mri_norm2.h5`` + ``train.list``) of 6 cases."""
+    cases = [f"case{i}" for i in range(6)]
+    for index, case in enumerate(cases):
+        image, label = _volumes(index)
+        if breakage is not None:
+            image, label, _ = breakage(index, image, label, None)
+        os.makedirs(tmp_path / case)
+        with h5py.File(tmp_path / case / "mri_norm2.h5", "w") as handle:
+            handle["image"], handle["label"] = image, label
+    (tmp_path / "train.list").write_text("\n".join(cases) + "\n")
+    return tmp_path
+
+
+def _report(root, num_labeled=4, out_channels=2):
+    """Build the datalists and the checked datasets as train.json does; the report raised by the data check."""
+    lists = build_datalists(str(root), num_labeled=num_labeled)
+    datasets = [
+        CheckedCacheDataset(
+            lists["labeled"], training_transforms(["image", "label"], [8, 8, 8], num_classes=out_channels)
+        ),
+        CheckedCacheDataset(
+            lists["unlabeled"], training_transforms(["image"], [8, 8, 8], num_classes=out_channels), progress=False
+        ),
+    ]
+    with pytest.raises(SystemExit) as info:
+        report_data_problems(datasets)
+    return str(info.value.code)
+
+
+def _nan_image(index, image, label, affine):
+    if index == 1:
+        image[2, 3, 4] = np.nan
+        image[0, 0, 0] = np.inf
+    return image, label, affine
+
+
+def _label_seven(index, image, label, affine):
+    if index == 2:
+        label[0, 0, 0] = 7  # a corner that a random crop may never hit
+    return image, label, affine
+
+
+def _flipped_label_affine(index, image, label, affine):
+    return image, label, (np.diag([-1.0, 1.0, 1.5, 1.0]) if index == 3 else affine)
+
+
+@pytest.mark.parametrize("layout", ["nifti", "h5"])
+@pytest.mark.parametrize(
+    "breakage, nifti_file, h5_case, message",
+    [
+        (_nan_image, "imagesTr/c1.nii.gz", "case1", "2 non-finite voxel(s) (NaN or Inf) in the image"),
+        (_label_seven, "labelsTr/c2.nii.gz", "case2", "label values [7.0] outside [0, 2) (out_channels=2)"),
+    ],
+)
+def test_bad_voxels_are_named(tmp_path, layout, breakage, nifti_file, h5_case, message):
+    root = (_nifti_root if layout == "nifti" else _la_root)(tmp_path, breakage)
+    path = root / nifti_file if layout == "nifti" else root / h5_case / "mri_norm2.h5"
+    assert _report(root).splitlines()[1:] == [f"  {path}: {message}"]
+
+
+def test_label_affine_differing_from_image_is_named(tmp_path):
+    root = _nifti_root(tmp_path, _flipped_label_affine)
+    lines = _report(root).splitlines()[1:]
+    assert len(lines) == 1
+    assert lines[0].startswith(f"  {root / 'labelsTr' / 'c3.nii.gz'}: label affine differs from the image's")
+    assert "by up to 2 " in lines[0]
+
+
+@pytest.mark.parametrize("layout", ["nifti", "h5"])
+def test_truncated_file_with_intact_header_is_named(tmp_path, layout):
+    root = (_nifti_root if layout == "nifti" else _la_root)(tmp_path)
+    path = root / "imagesTr" / "c5.nii.gz" if layout == "nifti" else root / "case5" / "mri_norm2.h5"
+    _truncate(path)
+    if layout == "nifti":
+        assert nib.load(path).shape == SHAPE  # the header check alone passes
+        lines = _report(root).splitlines()[1:]
+        assert len(lines) == 1 and lines[0].startswith(f"  {path}: cannot be read to the end (")
+    else:  # h5 keeps its index at the end of the file: the header check already names it
+        with pytest.raises(Exception, match=f"{path}: not a readable h5 file"):
+            build_datalists(str(root), num_labeled=4)
+
+
+def test_every_problem_of_every_dataset_in_one_report(tmp_path):
+    def several(index, image, label, affine):
+        image, label, affine = _nan_image(index, image, label, affine)
+        image, label, affine = _label_seven(index, image, label, affine)
+        if index == 4:  # unlabeled
+            image[:] = np.nan
+        return image, label, affine
+
+    root = _nifti_root(tmp_path, several)
+    report = _report(root)
+    assert report.splitlines() == [
+        "Data check failed: 3 problem(s); nothing was trained. Fix or remove these files (check_data false skips the "
+        "voxel checks):",
+        f"  {root / 'imagesTr' / 'c1.nii.gz'}: 2 non-finite voxel(s) (NaN or Inf) in the image",
+        f"  {root / 'labelsTr' / 'c2.nii.gz'}: label values [7.0] outside [0, 2) (out_channels=2)",
+        f"  {root / 'imagesTr' / 'c4.nii.gz'}: 960 non-finite voxel(s) (NaN or Inf) in the image",
+    ]
+
+
+def test_checked_dataset_caches_the_checked_read(tmp_path, monkeypatch):
+    root = _nifti_root(tmp_path)
+    lists = build_datalists(str(root), num_labeled=4)
+    reads = []
+    original = nib.load
+    monkeypatch.setattr(nib, "load", lambda path, *a, **k: reads.append(str(path)) or original(path, *a, **k))
+    dataset = CheckedCacheDataset(
+        lists["labeled"], training_transforms(["image", "label"], [8, 8, 8], num_classes=2), progress=False
+    )
+    for _ in range(3):
+        assert dataset[0]["image"].shape == (1, 8, 8, 8)
+    assert len(reads) == 8 and dataset.problems == []  # 4 images + 4 labels, each read once
+    report_data_problems([dataset])  # nothing to report: returns
+
+
+def test_check_data_false_skips_the_voxel_checks(tmp_path):
+    root = _nifti_root(tmp_path, _label_seven)
+    lists = build_datalists(str(root), num_labeled=4)
+    transform = training_transforms(["image", "label"], [8, 8, 8], num_classes=2, check=False)
+    dataset = CheckedCacheDataset(lists["labeled"], transform, check=False, progress=False)
+    assert dataset.problems == [] and float(dataset._cache[2]["label"].max()) == 7.0
+
+
+def test_check_data_command(tmp_path):
+    root = _la_root(tmp_path, _label_seven)
+    command = [sys.executable, "scripts/check_data.py", str(root), "--out_channels", "2"]
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"  {root / 'case2' / 'mri_norm2.h5'}: label values [7.0] outside [0, 2) (out_channels=2)"
+    )
+    assert check_dataset(str(root), out_channels=8) == 6  # 7 is a valid class of an 8-class problem
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"max_iterations": "abc"}, "max_iterations: expected an integer, got 'abc' (str)"),
+        ({"augment": "false"}, "augment: expected true or false (True/False on the command line), got 'false' (str)"),
+        (
+            {"patch_size": [96, "a", 96]},
+            "patch_size: expected a list of integers, e.g. [96,96,96], got [96, 'a', 96] (list)",
+        ),
+        ({"loss_weights": {"sup": 1, "pgl": "x"}}, "loss_weights#pgl: expected a number, got 'x' (str)"),
+        ({"learning_rate": True}, "learning_rate: expected a number, got True (bool)"),
+    ],
+)
+def test_settings_of_the_wrong_type_name_the_key(settings, message):
+    with pytest.raises(SystemExit) as info:
+        check_settings(**settings)
+    assert str(info.value.code).splitlines()[1:] == [f"  {message}"]
+
+
+def test_good_settings_pass():
+    check_settings(max_iterations=5, learning_rate=1, augment=False, patch_size=[8, 8, 8], resume_from=None)
+
+
+def test_unwritable_output_folder_is_named(tmp_path):
+    (tmp_path / "file").write_text("x")
+    check_writable([str(tmp_path / "out")])
+    assert os.listdir(tmp_path / "out") == []  # the probe file is removed
+    with pytest.raises(SystemExit) as info:
+        check_writable([str(tmp_path / "out"), str(tmp_path / "file" / "models")])
+    assert str(info.value.code).splitlines()[1].startswith(f"  {tmp_path / 'file' / 'models'}: not writable")
+
+
+def test_inference_reports_non_finite_input_and_removes_stale_staging(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    _write_nifti(folder / "good.nii.gz", _synthetic_image())
+    image = _synthetic_image()
+    image[1, 1, 1] = np.nan
+    bad = _write_nifti(folder / "nan.nii.gz", image)
+    (tmp_path / "out" / ".partial-stale" / "pred").mkdir(parents=True)
+    workflow = _workflow(folder, tmp_path / "out")
+    workflow.initialize()
+    with pytest.raises(SystemExit) as info:
+        workflow.run()
+    lines = str(info.value.code).splitlines()
+    assert lines[0] == f"1 of 2 images segmented into {tmp_path / 'out'}; 1 failed:"
+    assert lines[1:] == [f"  {bad}: DatasetError: {bad}: 1 non-finite voxel(s) (NaN or Inf) in the image"]
+    assert sorted(os.listdir(tmp_path / "out")) == ["good.nii.gz"]
