@@ -57,8 +57,8 @@ def bundle_overrides(dataset_dir, out_dir: Path, **extra) -> Dict:
         "num_labeled": 2,
         "max_iterations": 3,
         "val_interval": 3,
-        "ckpt_interval": 2,
-        "sw_batch_size": 2,
+        "train#checkpoint_saver#save_interval": 2,
+        "validate#inferer#sw_batch_size": 2,
     }
     overrides.update(extra)
     return overrides

@@ -17,7 +17,8 @@ from monai.bundle import ConfigWorkflow
 from monai.engines.utils import IterationEvents
 from torch import nn
 
-from bundle.losses.baselines import CopyPasteLoss, HalfCEDiceLoss, RegionDiceLoss, SoftmaxMSELoss, stepped_rampup
+from bundle.losses.baselines import CopyPasteLoss, HalfCEDiceLoss, RegionDiceLoss, SoftmaxMSELoss
+from bundle.losses.ramps import stepped_rampup
 from bundle.methods.bcp import BidirectionalCopyPasteMethod, copy_paste_mask, pseudo_label
 from bundle.methods.cps import CrossPseudoSupervisionMethod
 from bundle.methods.ema import ema_alpha, ema_update_

@@ -100,8 +100,8 @@ def tiny_overrides(dataset_dir, out_dir, **extra):
         "num_labeled": 4,
         "max_iterations": ITERATIONS,
         "val_interval": ITERATIONS,
-        "ckpt_interval": 2,
-        "sw_batch_size": 2,
+        "train#checkpoint_saver#save_interval": 2,
+        "validate#inferer#sw_batch_size": 2,
     }
     overrides.update(extra)
     return overrides

@@ -28,9 +28,13 @@ PRESET_OVERRIDES = {
     "mean_teacher": {},
     "ua_mt": {},
     "cps": {},
-    "bcp": {"patch_size": [32, 32, 32], "pretrain_iterations": 1},
+    "bcp": {"patch_size": [32, 32, 32], "method#pretrain_iterations": 1},
     "ducisc": {},
-    "dycon": {"patch_size": [32, 32, 16], "embed_channels": 16, "projection_hidden_channels": 32},
+    "dycon": {
+        "patch_size": [32, 32, 16],
+        "method#student#embed_channels": 16,
+        "method#student#hidden_channels": 32,
+    },
 }
 
 

@@ -13,31 +13,11 @@ import torch.nn.functional as F
 from monai.losses import DiceLoss
 from torch import nn
 
-from bundle.losses.ramps import sigmoid_rampup
 from bundle.losses.supervised import check_label
+from bundle.losses.tensor_ops import one_hot
 
 #: Dice variants of the baselines' supervised loss (spec section 1.2).
 DICE_VARIANTS = ("fg_sq", "mean_sq", "bcp")
-
-
-def stepped_rampup(iteration: int, rampup_iters: int, step: int = 1) -> float:
-    """``r(step floor(t / step), L) = exp(-5 (1 - min(step floor(t / step), L) / L)^2)`` (spec section 1.3), the
-    consistency ramp of Mean Teacher, UA-MT and CPS, in ``[exp(-5), 1]``.
-
-    ``step=150, rampup_iters=6000`` is the released code's ``r(floor(t / 150), 40)``: 0.006738 at ``t = 0``, 0.28650
-    at 3000, 0.99688 at 5999 and 1 from 6000 on; ``step=1`` is the smooth ramp; ``rampup_iters=0`` gives 1.
-    ``iteration`` is the 0-based ``t`` of the loss being built.
-    """
-    if step < 1:
-        raise ValueError(f"rampup step must be >= 1, got {step}.")
-    if rampup_iters < 0:
-        raise ValueError(f"rampup_iters must be >= 0, got {rampup_iters}.")
-    return sigmoid_rampup(step * (iteration // step), rampup_iters)
-
-
-def one_hot_label(label: torch.Tensor, num_classes: int, dtype: torch.dtype) -> torch.Tensor:
-    """``(B, 1, *spatial)`` class indices -> ``(B, C, *spatial)`` one-hot of ``dtype``."""
-    return F.one_hot(label[:, 0].long(), num_classes).movedim(-1, 1).to(dtype)
 
 
 class RegionDiceLoss(nn.Module):
@@ -63,7 +43,7 @@ class RegionDiceLoss(nn.Module):
     def forward(self, logits: torch.Tensor, label: torch.Tensor, region: Optional[torch.Tensor] = None) -> torch.Tensor:
         check_label(logits, label)
         prob = torch.softmax(logits, dim=1)
-        target = one_hot_label(label, logits.shape[1], prob.dtype)
+        target = one_hot(label, logits.shape[1], prob.dtype)
         weight = torch.ones_like(prob[:, :1]) if region is None else region.to(prob.dtype)
         spatial_dims = tuple(range(2, logits.dim()))
         intersection = (weight * prob * target).sum(spatial_dims)

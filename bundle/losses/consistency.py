@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bundle.losses.supervised import check_label
+from bundle.losses.tensor_ops import one_hot
 
 #: CR mask rules: ``"xor"`` (released code) or ``"or"`` (J's text).
 CR_MASK_RULES = ("xor", "or")
@@ -52,7 +53,7 @@ class MaskedConsistencyLoss(nn.Module):
         fg_a, fg_b = self._confident_foreground(prob_a), self._confident_foreground(prob_b)
         mask = (fg_a ^ fg_b) if self.mask_rule == "xor" else (fg_a | fg_b)
         mask = mask.float()
-        target = F.one_hot(label[:, 0].long(), prob_a.shape[1]).movedim(-1, 1).to(prob_a.dtype)
+        target = one_hot(label, prob_a.shape[1], prob_a.dtype)
         denominator = mask.sum() + self.eps
         total = prob_a.new_zeros(())
         for prob in (prob_a, prob_b):

@@ -19,6 +19,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from bundle.losses.tensor_ops import one_hot
+
 #: how the soft "CE" of the mixed consistency is computed: the released code's KL divergence, or soft-target CE.
 MIX_CE_MODES = ("kl", "ce")
 
@@ -34,11 +36,6 @@ def normalize_by_value(loss: torch.Tensor) -> torch.Tensor:
     if not bool(torch.isfinite(value)) or float(value) == 0.0:
         return loss
     return loss / value + (value - 1.0)
-
-
-def one_hot(label: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """``(B, 1, *sp)`` integer classes -> ``(B, C, *sp)`` float one-hot."""
-    return F.one_hot(label[:, 0].long(), num_classes).movedim(-1, 1).float()
 
 
 def resize_label(label: torch.Tensor, size: Sequence[int]) -> torch.Tensor:

@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from bundle.losses import tensor_ops
+
 #: the beta schedules of UnCL: the paper's exponential decay, the code's geometric decay, or a constant.
 BETA_SCHEDULES = ("exp_decay", "geometric", "constant")
 
@@ -43,8 +45,9 @@ def uncl_beta(progress: float, schedule: str = "exp_decay", beta_max: float = 1.
 
 
 def softmax_entropy(prob: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """``H(v) = -sum_c p_c log(p_c + eps)`` (natural log, not normalised): ``(B, C, *sp)`` -> ``(B, 1, *sp)``."""
-    return -(prob * torch.log(prob + eps)).sum(dim=1, keepdim=True)
+    """``H(v) = -sum_c p_c log(p_c + eps)`` (natural log, not normalised; the released code's ``eps``):
+    ``(B, C, *sp)`` -> ``(B, 1, *sp)`` (:func:`~bundle.losses.tensor_ops.entropy`)."""
+    return tensor_ops.entropy(prob, eps, keepdim=True)
 
 
 class UncertaintyAwareConsistencyLoss(nn.Module):
@@ -81,7 +84,7 @@ def token_labels(class_map: torch.Tensor, grid, num_classes: int) -> torch.Tenso
     The one-hot map is average-pooled to ``grid`` (the ``8^3`` blocks of the embedding grid) and the arg-max taken;
     for ``C = 2`` that is "foreground fraction > 0.5" (a tie goes to the background), the spec's rule.
     """
-    one_hot = F.one_hot(class_map[:, 0].long(), num_classes).movedim(-1, 1).float()
+    one_hot = tensor_ops.one_hot(class_map, num_classes)
     return F.adaptive_avg_pool3d(one_hot, tuple(grid)).argmax(dim=1).flatten(1)
 
 

@@ -120,7 +120,8 @@ class BidirectionalCopyPasteMethod(StudentTeacherMethod):
         student: the V-Net (:class:`~bundle.networks.VNetSeg`); the teacher is its deep copy.
         loss_weights: weights of ``("pre", "in", "out")`` (all 1).
         max_iterations: total iterations of both stages; self-training runs ``max_iterations - pretrain_iterations``.
-        pretrain_iterations: length of stage 1 (2000), ``0 <= pretrain_iterations < max_iterations``.
+        pretrain_iterations: length of stage 1, ``0 <= pretrain_iterations < max_iterations``; ``None`` (default):
+            ``max_iterations // 3``, the harmonised 2000 per 6000 (docs/methods/bcp.md).
         mask_ratio: ``beta``, the cube's size relative to the patch (2/3).
         u_weight: ``alpha``, the weight of the pseudo-labelled region (0.5).
         ema_decay: constant EMA ``alpha`` of stage 2 (0.99).
@@ -132,13 +133,14 @@ class BidirectionalCopyPasteMethod(StudentTeacherMethod):
     """
 
     term_names = ("pre", "in", "out")
+    unlabeled_terms = ("in", "out")
 
     def __init__(
         self,
         student: nn.Module,
         loss_weights: Mapping[str, float],
         max_iterations: int,
-        pretrain_iterations: int = 2000,
+        pretrain_iterations: Optional[int] = None,
         mask_ratio: float = 2.0 / 3.0,
         u_weight: float = 0.5,
         ema_decay: float = 0.99,
@@ -157,6 +159,8 @@ class BidirectionalCopyPasteMethod(StudentTeacherMethod):
             teacher_train_mode=teacher_train_mode,
             infer_net=infer_net,
         )
+        if pretrain_iterations is None:
+            pretrain_iterations = max_iterations // 3
         if not 0 <= pretrain_iterations < max_iterations:
             raise ValueError(
                 f"pretrain_iterations must be in [0, max_iterations) so that self-training happens, got "
@@ -170,7 +174,6 @@ class BidirectionalCopyPasteMethod(StudentTeacherMethod):
         self.u_weight = float(u_weight)
         self.pseudo_lcc = bool(pseudo_lcc)
         self.joint_forward = bool(joint_forward)
-        self.uses_unlabeled = True
         self.register_buffer("stage", torch.tensor(PRETRAIN if pretrain_iterations > 0 else SELFTRAIN))
         self.pretrain_loss = HalfCEDiceLoss("bcp")
         self.copy_paste_loss = CopyPasteLoss()
@@ -249,15 +252,15 @@ class BidirectionalCopyPasteMethod(StudentTeacherMethod):
         }
 
     # -------------------------------------------------------------------------------------------------- losses
-    def compute_losses(
+    def terms(
         self,
         labeled_image: torch.Tensor,
         label: torch.Tensor,
         unlabeled_image: Optional[torch.Tensor],
         iteration: int,
+        active: Mapping[str, float],
     ) -> Dict[str, torch.Tensor]:
-        """See :meth:`SSLMethod.compute_losses`: ``{"pre"}`` in stage 1, ``{"in", "out"}`` in stage 2 (unweighted)."""
-        active = self.active_terms(iteration)
+        """See :meth:`SSLMethod.terms`: ``{"pre"}`` in stage 1, ``{"in", "out"}`` in stage 2 (unweighted)."""
         stage = self.stage_at(iteration)
         self.stage.fill_(stage)
         if stage == PRETRAIN:
@@ -265,13 +268,12 @@ class BidirectionalCopyPasteMethod(StudentTeacherMethod):
                 return {}
             batch = self.pretrain_batch(labeled_image, label)
             return {"pre": self.pretrain_loss(self.student(batch["image"]).float(), batch["label"])}
-        if unlabeled_image is None:
-            raise ValueError("BCP self-training needs an unlabeled batch, got None.")
+        if unlabeled_image is None:  # in and out both weighted 0
+            return {}
         batch = self.selftrain_batch(labeled_image, label, unlabeled_image)
         logits_in, logits_out = self._forward_pair(self.student, batch["image_in"], batch["image_out"])
         mask, alpha = batch["mask"], self.u_weight
-        losses = {
+        return {
             "in": self.copy_paste_loss(logits_in.float(), batch["label_a"], batch["pseudo_a"], mask, 1.0, alpha),
             "out": self.copy_paste_loss(logits_out.float(), batch["pseudo_b"], batch["label_b"], mask, alpha, 1.0),
         }
-        return {name: value for name, value in losses.items() if name in active}

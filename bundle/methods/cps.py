@@ -8,7 +8,8 @@ from typing import Dict, Mapping, Optional
 import torch
 from torch import nn
 
-from bundle.losses.baselines import ArgmaxCrossPseudoLoss, HalfCEDiceLoss, stepped_rampup
+from bundle.losses.baselines import ArgmaxCrossPseudoLoss, HalfCEDiceLoss
+from bundle.losses.ramps import ramp_schedule, stepped_rampup
 from bundle.methods.base import SSLMethod
 from bundle.networks import SoftmaxEnsemble, SoftmaxOutput
 
@@ -43,14 +44,15 @@ class CrossPseudoSupervisionMethod(SSLMethod):
       prediction, and one backward of the sum equals two separate backwards.
 
     :meth:`term_weights`: ``sup`` constant; ``cps`` is ``lambda(t) = w_cps r(step floor(t / step), rampup_iters)``
-    (:func:`~bundle.losses.baselines.stepped_rampup`; LA preset ``w_cps = 0.1``, 6000 iterations in 150-iteration
+    (:func:`~bundle.losses.ramps.stepped_rampup`; LA preset ``w_cps = 0.1``, 6000 iterations in 150-iteration
     steps). No EMA; one optimizer over both nets (equivalent to two identical SGD optimizers).
 
     Args:
         net1, net2: two distinct V-Nets (:class:`~bundle.networks.VNetSeg`), constructed from different RNG draws.
         loss_weights: weights of ``("sup", "cps")``.
         max_iterations: total iterations.
-        rampup_iters, rampup_step: the ``cps`` ramp (6000, 150 on LA).
+        rampup_iters, rampup_step: the ``cps`` ramp; ``None`` (default): the whole run in 40 steps
+            (:func:`~bundle.losses.ramps.ramp_schedule`; 6000 and 150 on LA).
         cps_on: ``"unlabeled"`` (SSL4MIS, default) or ``"all"`` (CPS paper).
         init: ``"kaiming_xavier"`` (net 2's Conv3d weights re-drawn Xavier-normal, SSL4MIS) or ``"default"`` (both
             keep their own Kaiming init).
@@ -60,6 +62,7 @@ class CrossPseudoSupervisionMethod(SSLMethod):
     """
 
     term_names = ("sup", "cps")
+    unlabeled_terms = ("cps",)
 
     def __init__(
         self,
@@ -67,8 +70,8 @@ class CrossPseudoSupervisionMethod(SSLMethod):
         net2: nn.Module,
         loss_weights: Mapping[str, float],
         max_iterations: int,
-        rampup_iters: int = 6000,
-        rampup_step: int = 150,
+        rampup_iters: Optional[int] = None,
+        rampup_step: Optional[int] = None,
         cps_on: str = "unlabeled",
         init: str = "kaiming_xavier",
         dice_variant: str = "mean_sq",
@@ -83,25 +86,19 @@ class CrossPseudoSupervisionMethod(SSLMethod):
             raise ValueError(f"init must be one of {CPS_INITS}, got {init!r}.")
         if infer_net not in CPS_INFER_NETS:
             raise ValueError(f"infer_net must be one of {CPS_INFER_NETS}, got {infer_net!r}.")
-        stepped_rampup(0, rampup_iters, rampup_step)  # validates the ramp arguments
         self.net1 = net1
         self.net2 = net2
         if init == "kaiming_xavier":
             xavier_conv_init_(self.net2)
-        self.rampup_iters = int(rampup_iters)
-        self.rampup_step = int(rampup_step)
+        self.rampup_iters, self.rampup_step = ramp_schedule(max_iterations, rampup_iters, rampup_step)
         self.cps_on = cps_on
         self.infer_net = infer_net
-        self.uses_unlabeled = self.loss_weights["cps"] != 0.0
         self.supervised = HalfCEDiceLoss(dice_variant)
         self.cross_pseudo = ArgmaxCrossPseudoLoss()
-        exported: nn.Module
         if infer_net == "mean":
-            exported = SoftmaxEnsemble(net1, net2)
+            self.set_inference_network(SoftmaxEnsemble(net1, net2))
         else:
-            exported = SoftmaxOutput(net1 if infer_net == "net1" else net2)
-        # Not a registered submodule: its state dict would duplicate ``net1.*`` / ``net2.*``.
-        object.__setattr__(self, "_inference_network", exported)
+            self.set_inference_network(SoftmaxOutput(net1 if infer_net == "net1" else net2))
 
     def term_weights(self, iteration: int) -> Dict[str, float]:
         """``sup`` constant; ``cps`` times ``r(step floor(t / step), rampup_iters)`` at ``iteration``."""
@@ -109,18 +106,17 @@ class CrossPseudoSupervisionMethod(SSLMethod):
         weights["cps"] *= stepped_rampup(iteration, self.rampup_iters, self.rampup_step)
         return weights
 
-    def compute_losses(
+    def terms(
         self,
         labeled_image: torch.Tensor,
         label: torch.Tensor,
         unlabeled_image: Optional[torch.Tensor],
         iteration: int,
+        active: Mapping[str, float],
     ) -> Dict[str, torch.Tensor]:
-        """See :meth:`SSLMethod.compute_losses`; returns the unweighted active terms among ``sup`` and ``cps``."""
-        active = self.active_terms(iteration)
-        if "cps" in active and unlabeled_image is None:
-            raise ValueError("the cps term needs an unlabeled batch, got None.")
-        images = torch.cat([labeled_image, unlabeled_image]) if "cps" in active else labeled_image
+        """See :meth:`SSLMethod.terms`: ``sup`` and ``cps`` from one forward of each net on
+        :meth:`SSLMethod.joint_images`."""
+        images = self.joint_images(labeled_image, unlabeled_image)
         num_labeled = labeled_image.shape[0]
         logits_1, logits_2 = self.net1(images).float(), self.net2(images).float()
         losses: Dict[str, torch.Tensor] = {}
@@ -132,8 +128,3 @@ class CrossPseudoSupervisionMethod(SSLMethod):
             start = 0 if self.cps_on == "all" else num_labeled
             losses["cps"] = self.cross_pseudo(logits_1[start:], logits_2[start:])
         return losses
-
-    def inference_network(self) -> nn.Module:
-        """``infer_net``: :class:`~bundle.networks.SoftmaxOutput` of one branch (keys ``net.*``) or the
-        :class:`~bundle.networks.SoftmaxEnsemble` of both (keys ``net_a.*``, ``net_b.*``); created once."""
-        return self._inference_network

@@ -81,6 +81,7 @@ class DualNetworkMethod(SSLMethod):
     """
 
     term_names = ("sup", "cr", "cps", "efs", "ue", "pgl", "cos")
+    unlabeled_terms = UNLABELED_TERMS
 
     def __init__(
         self,
@@ -106,9 +107,7 @@ class DualNetworkMethod(SSLMethod):
         super().__init__(loss_weights, max_iterations)
         self.net_a = network_a
         self.net_b = network_b
-        # Not a registered submodule: its state dict would duplicate ``net_a.*`` / ``net_b.*`` under a new prefix.
-        object.__setattr__(self, "_ensemble", SoftmaxEnsemble(network_a, network_b))
-        self.uses_unlabeled = any(self.loss_weights[name] != 0.0 for name in UNLABELED_TERMS)
+        self.set_inference_network(SoftmaxEnsemble(network_a, network_b))
         self.supervised = SupervisedLoss()
         self.cross_reliable = MaskedConsistencyLoss(threshold=cr_threshold, mask_rule=cr_mask)
         self.cross_pseudo = CrossPseudoSupervisionLoss(threshold=cps_threshold, normalization=cps_normalization)
@@ -138,19 +137,16 @@ class DualNetworkMethod(SSLMethod):
             weights[name] *= ramp
         return weights
 
-    def compute_losses(
+    def terms(
         self,
         labeled_image: torch.Tensor,
         label: torch.Tensor,
         unlabeled_image: Optional[torch.Tensor],
         iteration: int,
+        active: Mapping[str, float],
     ) -> Dict[str, torch.Tensor]:
-        """See :meth:`SSLMethod.compute_losses`; returns the unweighted active terms."""
-        active = self.active_terms(iteration)
-        needs_unlabeled = any(name in active for name in UNLABELED_TERMS)
-        if needs_unlabeled and unlabeled_image is None:
-            raise ValueError(f"terms {[n for n in UNLABELED_TERMS if n in active]} need an unlabeled batch, got None.")
-        images = torch.cat([labeled_image, unlabeled_image]) if needs_unlabeled else labeled_image
+        """See :meth:`SSLMethod.terms`; one forward of each net on :meth:`SSLMethod.joint_images`."""
+        images = self.joint_images(labeled_image, unlabeled_image)
         num_labeled = labeled_image.shape[0]
 
         if "pgl" in active:
@@ -183,8 +179,4 @@ class DualNetworkMethod(SSLMethod):
                 losses["pgl"] = self.prototype(features_b[num_labeled:].float(), unlabeled_b, unlabeled_a)
         if "cos" in active:
             losses["cos"] = self.cosine(logits_a, logits_b)
-        return {name: value for name, value in losses.items() if name in active}
-
-    def inference_network(self) -> nn.Module:
-        """The :class:`~bundle.networks.SoftmaxEnsemble` sharing ``net_a`` and ``net_b`` (created once)."""
-        return self._ensemble
+        return losses

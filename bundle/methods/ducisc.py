@@ -62,7 +62,8 @@ class DuCiSCMethod(StudentTeacherMethod):
             0.1).
         max_iterations: total iterations.
         ema_decay: EMA ``alpha`` (0.99).
-        warmup_iters: supervised-only iterations (code: 2000).
+        warmup_iters: supervised-only iterations; ``None`` (default): ``min(2000, max_iterations // 3)``, the
+            released 2000 for runs of 6000 iterations or more.
         normalize_by_value: per-term normalisation by the detached value (code) or the plain weighted sum (paper).
         threshold_beta: EMA factor ``beta`` of the thresholds (0.99).
         threshold_min, threshold_max: the clip of the thresholds (code: 0.5, 0.95; paper: none).
@@ -74,6 +75,7 @@ class DuCiSCMethod(StudentTeacherMethod):
     """
 
     term_names = ("sup", "cs_ulb", "cs_mix", "proto_ulb", "proto_mix")
+    unlabeled_terms = UNLABELED_TERMS
 
     def __init__(
         self,
@@ -81,7 +83,7 @@ class DuCiSCMethod(StudentTeacherMethod):
         loss_weights: Mapping[str, float],
         max_iterations: int,
         ema_decay: float = 0.99,
-        warmup_iters: int = 2000,
+        warmup_iters: Optional[int] = None,
         normalize_by_value: bool = True,
         threshold_beta: float = 0.99,
         threshold_min: float = 0.5,
@@ -100,11 +102,10 @@ class DuCiSCMethod(StudentTeacherMethod):
         self.num_scales = len(getattr(student, "ds_heads", ())) + 1
         if not 1 <= num_proto_levels <= self.num_scales:
             raise ValueError(f"num_proto_levels must be in [1, {self.num_scales}], got {num_proto_levels}.")
-        self.warmup_iters = int(warmup_iters)
+        self.warmup_iters = min(2000, max_iterations // 3) if warmup_iters is None else int(warmup_iters)
         self.normalize = bool(normalize_by_value)
         self.mix_low, self.mix_high = float(mix_low), float(mix_high)
         self.num_proto_levels = int(num_proto_levels)
-        self.uses_unlabeled = any(self.loss_weights[name] != 0.0 for name in UNLABELED_TERMS)
         self.thresholds = SelfAwareThresholds(
             self.num_scales, self.num_classes, threshold_beta, threshold_min, threshold_max, threshold_per_scale
         )
@@ -124,25 +125,22 @@ class DuCiSCMethod(StudentTeacherMethod):
         logits, taps = self.student.forward_deep(images)
         return [z.float() for z in logits], [f.float() for f in taps]  # every term in float32, also under AMP
 
-    def compute_losses(
+    def terms(
         self,
         labeled_image: torch.Tensor,
         label: torch.Tensor,
         unlabeled_image: Optional[torch.Tensor],
         iteration: int,
+        active: Mapping[str, float],
     ) -> Dict[str, torch.Tensor]:
-        """See :meth:`SSLMethod.compute_losses`; returns the unweighted active terms (normalised if configured)."""
-        active = self.active_terms(iteration)
-        unlabeled_terms = [name for name in UNLABELED_TERMS if name in active]
-        if unlabeled_terms and unlabeled_image is None:
-            raise ValueError(f"terms {unlabeled_terms} need an unlabeled batch, got None.")
+        """See :meth:`SSLMethod.terms`; returns the unweighted active terms (normalised if configured)."""
         levels = slice(0, self.num_proto_levels)
         logits_l, taps_l = self._student(labeled_image)
         targets_l = [one_hot(resize_label(label, z.shape[2:]), self.num_classes) for z in logits_l]
         losses: Dict[str, torch.Tensor] = {}
         if "sup" in active:
             losses["sup"] = self.supervised(logits_l, targets_l)
-        if unlabeled_terms:
+        if unlabeled_image is not None:
             teacher_logits, _ = self.teacher_forward(unlabeled_image, "forward_deep")
             teacher_prob = [torch.softmax(z.float(), dim=1) for z in teacher_logits]
             pseudo = [q.argmax(dim=1, keepdim=True) for q in teacher_prob]

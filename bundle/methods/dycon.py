@@ -66,6 +66,7 @@ class DyCONMethod(StudentTeacherMethod):
     """
 
     term_names = ("sup", "uncl", "fecl")
+    unlabeled_terms = UNLABELED_TERMS
 
     def __init__(
         self,
@@ -88,19 +89,19 @@ class DyCONMethod(StudentTeacherMethod):
         fecl_gs_temperature: float = 1.0,
         fecl_on_labeled: bool = False,
     ) -> None:
-        super().__init__(student, loss_weights, max_iterations, ema_decay=ema_decay)
+        super().__init__(
+            student, loss_weights, max_iterations, ema_decay=ema_decay, noise_std=noise_std, noise_clip=noise_clip
+        )
         if beta_schedule not in BETA_SCHEDULES:
             raise ValueError(f"beta_schedule must be one of {BETA_SCHEDULES}, got {beta_schedule!r}.")
         if fecl_gs_temperature <= 0:
             raise ValueError(f"fecl_gs_temperature must be > 0, got {fecl_gs_temperature}.")
         self.num_classes = int(student.head.out_channels)
-        self.noise_std, self.noise_clip = float(noise_std), float(noise_clip)
         self.beta_schedule = beta_schedule
         self.beta_max, self.beta_min, self.beta_decay = float(beta_max), float(beta_min), float(beta_decay)
         self.uncl_on_labeled = bool(uncl_on_labeled)
         self.fecl_on_labeled = bool(fecl_on_labeled)
         self.fecl_gs_temperature = float(fecl_gs_temperature)
-        self.uses_unlabeled = any(self.loss_weights[name] != 0.0 for name in UNLABELED_TERMS)
         self.supervised = SupervisedLoss()
         self.uncl = UncertaintyAwareConsistencyLoss()
         self.fecl = FocalEntropyContrastiveLoss(
@@ -113,23 +114,16 @@ class DyCONMethod(StudentTeacherMethod):
             iteration / self.max_iterations, self.beta_schedule, self.beta_max, self.beta_min, self.beta_decay
         )
 
-    def teacher_noise(self, images: torch.Tensor) -> torch.Tensor:
-        """``clip(noise_std N(0, 1), -noise_clip, noise_clip)``, one draw per voxel, shaped like ``images``."""
-        return torch.clamp(torch.randn_like(images) * self.noise_std, -self.noise_clip, self.noise_clip)
-
-    def compute_losses(
+    def terms(
         self,
         labeled_image: torch.Tensor,
         label: torch.Tensor,
         unlabeled_image: Optional[torch.Tensor],
         iteration: int,
+        active: Mapping[str, float],
     ) -> Dict[str, torch.Tensor]:
-        """See :meth:`SSLMethod.compute_losses`; returns the unweighted active terms."""
-        active = self.active_terms(iteration)
-        unlabeled_terms = [name for name in UNLABELED_TERMS if name in active]
-        if unlabeled_terms and unlabeled_image is None:
-            raise ValueError(f"terms {unlabeled_terms} need an unlabeled batch, got None.")
-        images = torch.cat([labeled_image, unlabeled_image]) if unlabeled_terms else labeled_image
+        """See :meth:`SSLMethod.terms`; returns the unweighted active terms."""
+        images = self.joint_images(labeled_image, unlabeled_image)
         num_labeled = labeled_image.shape[0]
         if "fecl" in active:
             logits, embedding = self.student.forward_embedding(images)
@@ -140,7 +134,7 @@ class DyCONMethod(StudentTeacherMethod):
         losses: Dict[str, torch.Tensor] = {}
         if "sup" in active:
             losses["sup"] = self.supervised(logits[:num_labeled], label)
-        if not unlabeled_terms:
+        if unlabeled_image is None:
             return losses
 
         # Teacher rows: all images when a labeled option needs them, else the unlabeled ones (row r <-> r + first).
@@ -149,12 +143,10 @@ class DyCONMethod(StudentTeacherMethod):
         teacher_images = images[first:]
         teacher_embedding = None
         if "fecl" in active and self.fecl.top_k > 0:
-            teacher_logits, teacher_embedding = self.teacher_forward(
-                teacher_images + self.teacher_noise(teacher_images), "forward_embedding"
-            )
+            teacher_logits, teacher_embedding = self.teacher_forward(self.noisy(teacher_images), "forward_embedding")
             teacher_embedding = teacher_embedding.float()
         else:
-            teacher_logits = self.teacher_forward(teacher_images + self.teacher_noise(teacher_images))
+            teacher_logits = self.teacher_forward(self.noisy(teacher_images))
         teacher_prob = torch.softmax(teacher_logits.float(), dim=1)
 
         if "uncl" in active:

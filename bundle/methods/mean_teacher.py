@@ -8,7 +8,8 @@ from typing import Dict, Mapping, Optional
 import torch
 from torch import nn
 
-from bundle.losses.baselines import HalfCEDiceLoss, SoftmaxMSELoss, stepped_rampup
+from bundle.losses.baselines import HalfCEDiceLoss, SoftmaxMSELoss
+from bundle.losses.ramps import ramp_schedule, stepped_rampup
 from bundle.methods.ema import StudentTeacherMethod
 
 #: the images the consistency term covers: the unlabeled part (README commands) or labeled + unlabeled.
@@ -37,15 +38,17 @@ class MeanTeacherMethod(StudentTeacherMethod):
        ema_alpha`).
 
     :meth:`term_weights`: ``sup`` keeps its weight; ``cons`` is ``lambda(t) = w_cons r(step floor(t / step), L)``
-    (:func:`~bundle.losses.baselines.stepped_rampup`) with ``w_cons = 0.1``, ``L = rampup_iters`` (LA: 6000) and
+    (:func:`~bundle.losses.ramps.stepped_rampup`) with ``w_cons = 0.1``, ``L = rampup_iters`` (LA: 6000) and
     ``step = rampup_step`` (LA: 150), i.e. the released code's ``0.1 r(floor(t / 150), 40)``.
 
     Args:
         student: the V-Net (:class:`~bundle.networks.VNetSeg`); the teacher is its deep copy.
         loss_weights: weights of ``("sup", "cons")``; ``cons`` is the maximum ``lambda`` of the ramp.
         max_iterations: total iterations.
-        rampup_iters: ``L`` of the consistency ramp, in iterations (6000 on LA: the whole run).
-        rampup_step: ramp quantisation in iterations (150 in the released code; 1 = smooth).
+        rampup_iters: ``L`` of the consistency ramp, in iterations; ``None`` (default): ``max_iterations``, the whole
+            run (6000 on LA, as the released code).
+        rampup_step: ramp quantisation in iterations; ``None`` (default): ``max(1, L // 40)`` (150 for 6000, as the
+            released code); 1 = smooth (:func:`~bundle.losses.ramps.ramp_schedule`).
         ema_decay: EMA ``alpha`` (0.99).
         ema_buffers: ``"own"`` or ``"copy"`` (teacher BatchNorm statistics).
         noise_std, noise_clip: teacher input noise ``sigma`` (0.1) and its clip (0.2).
@@ -56,14 +59,15 @@ class MeanTeacherMethod(StudentTeacherMethod):
     """
 
     term_names = ("sup", "cons")
+    unlabeled_terms = ("cons",)
 
     def __init__(
         self,
         student: nn.Module,
         loss_weights: Mapping[str, float],
         max_iterations: int,
-        rampup_iters: int = 6000,
-        rampup_step: int = 150,
+        rampup_iters: Optional[int] = None,
+        rampup_step: Optional[int] = None,
         ema_decay: float = 0.99,
         ema_buffers: str = "own",
         noise_std: float = 0.1,
@@ -82,18 +86,13 @@ class MeanTeacherMethod(StudentTeacherMethod):
             ema_buffers=ema_buffers,
             teacher_train_mode=teacher_train_mode,
             infer_net=infer_net,
+            noise_std=noise_std,
+            noise_clip=noise_clip,
         )
         if consistency_on not in CONSISTENCY_TARGETS:
             raise ValueError(f"consistency_on must be one of {CONSISTENCY_TARGETS}, got {consistency_on!r}.")
-        if noise_std < 0 or noise_clip < 0:
-            raise ValueError(f"noise_std and noise_clip must be >= 0, got {noise_std}, {noise_clip}.")
-        stepped_rampup(0, rampup_iters, rampup_step)  # validates the ramp arguments
-        self.rampup_iters = int(rampup_iters)
-        self.rampup_step = int(rampup_step)
-        self.noise_std = float(noise_std)
-        self.noise_clip = float(noise_clip)
+        self.rampup_iters, self.rampup_step = ramp_schedule(max_iterations, rampup_iters, rampup_step)
         self.consistency_on = consistency_on
-        self.uses_unlabeled = self.loss_weights["cons"] != 0.0
         self.supervised = HalfCEDiceLoss(dice_variant)
         self.consistency = SoftmaxMSELoss()
 
@@ -107,27 +106,21 @@ class MeanTeacherMethod(StudentTeacherMethod):
         weights["cons"] *= self.consistency_ramp(iteration)
         return weights
 
-    def teacher_noise(self, images: torch.Tensor) -> torch.Tensor:
-        """``xi = clip(N(0, noise_std^2), -noise_clip, noise_clip)``, one fresh draw per voxel, shaped like
-        ``images``."""
-        return torch.clamp(torch.randn_like(images) * self.noise_std, -self.noise_clip, self.noise_clip)
-
     def consistency_mask(self, images: torch.Tensor, iteration: int) -> Optional[torch.Tensor]:
         """Voxels the consistency covers, ``(B, 1, *spatial)``; ``None`` = all (Mean Teacher). UA-MT overrides it."""
         return None
 
-    def compute_losses(
+    def terms(
         self,
         labeled_image: torch.Tensor,
         label: torch.Tensor,
         unlabeled_image: Optional[torch.Tensor],
         iteration: int,
+        active: Mapping[str, float],
     ) -> Dict[str, torch.Tensor]:
-        """See :meth:`SSLMethod.compute_losses`; returns the unweighted active terms among ``sup`` and ``cons``."""
-        active = self.active_terms(iteration)
-        if "cons" in active and unlabeled_image is None:
-            raise ValueError("the consistency term needs an unlabeled batch, got None.")
-        images = torch.cat([labeled_image, unlabeled_image]) if "cons" in active else labeled_image
+        """See :meth:`SSLMethod.terms`: ``sup`` and ``cons`` from one student forward of
+        :meth:`SSLMethod.joint_images`."""
+        images = self.joint_images(labeled_image, unlabeled_image)
         num_labeled = labeled_image.shape[0]
         logits = self.student(images).float()  # every term in float32, also under AMP
         losses: Dict[str, torch.Tensor] = {}
@@ -137,7 +130,7 @@ class MeanTeacherMethod(StudentTeacherMethod):
             on_all = self.consistency_on == "all"
             consistency_images = images if on_all else unlabeled_image
             student_logits = logits if on_all else logits[num_labeled:]
-            teacher_prob = self.teacher_probabilities(consistency_images + self.teacher_noise(consistency_images))
+            teacher_prob = self.teacher_probabilities(self.noisy(consistency_images))
             mask = self.consistency_mask(consistency_images, iteration)
             losses["cons"] = self.consistency(student_logits, teacher_prob, mask)
         return losses

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from bundle.losses.ramps import sigmoid_rampup
+from bundle.losses.tensor_ops import entropy
 from bundle.methods.mean_teacher import MeanTeacherMethod
 
 
@@ -21,10 +22,11 @@ def uncertainty_threshold(iteration: int, rampup_iters: int, num_classes: int = 
 
 
 def predictive_entropy(mean_prob: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """``u = -sum_c mu_c ln(mu_c + eps)``: ``(B, C, *spatial)`` mean probabilities -> ``(B, 1, *spatial)``, nats.
+    """``u = -sum_c mu_c ln(mu_c + eps)``: ``(B, C, *spatial)`` mean probabilities -> ``(B, 1, *spatial)``, nats
+    (:func:`~bundle.losses.tensor_ops.entropy`).
 
     ``eps = 1e-6`` as in the released code (so a one-hot ``mu`` gives ``u`` of about ``-1e-6``, not NaN)."""
-    return -(mean_prob * torch.log(mean_prob + eps)).sum(dim=1, keepdim=True)
+    return entropy(mean_prob, eps, keepdim=True)
 
 
 class UncertaintyAwareMeanTeacherMethod(MeanTeacherMethod):
@@ -49,7 +51,8 @@ class UncertaintyAwareMeanTeacherMethod(MeanTeacherMethod):
 
     Args:
         mc_samples: ``T``, an even number >= 2 (8).
-        uncertainty_rampup_iters: ``t_max`` of the threshold ramp, in iterations (6000 on LA: the whole run).
+        uncertainty_rampup_iters: ``t_max`` of the threshold ramp, in iterations; ``None`` (default):
+            ``max_iterations``, the whole run (6000 on LA).
         Others: see :class:`~bundle.methods.mean_teacher.MeanTeacherMethod`.
     """
 
@@ -58,9 +61,9 @@ class UncertaintyAwareMeanTeacherMethod(MeanTeacherMethod):
         student: nn.Module,
         loss_weights: Mapping[str, float],
         max_iterations: int,
-        rampup_iters: int = 6000,
-        rampup_step: int = 150,
-        uncertainty_rampup_iters: int = 6000,
+        rampup_iters: Optional[int] = None,
+        rampup_step: Optional[int] = None,
+        uncertainty_rampup_iters: Optional[int] = None,
         mc_samples: int = 8,
         ema_decay: float = 0.99,
         ema_buffers: str = "own",
@@ -88,6 +91,8 @@ class UncertaintyAwareMeanTeacherMethod(MeanTeacherMethod):
         )
         if mc_samples < 2 or mc_samples % 2:
             raise ValueError(f"mc_samples must be an even number >= 2 (T/2 passes on [x; x]), got {mc_samples}.")
+        if uncertainty_rampup_iters is None:
+            uncertainty_rampup_iters = max_iterations
         if uncertainty_rampup_iters < 0:
             raise ValueError(f"uncertainty_rampup_iters must be >= 0, got {uncertainty_rampup_iters}.")
         self.mc_samples = int(mc_samples)
@@ -107,7 +112,7 @@ class UncertaintyAwareMeanTeacherMethod(MeanTeacherMethod):
         repeated = images.repeat(2, *([1] * (images.dim() - 1)))
         total = None
         for _ in range(self.mc_samples // 2):
-            prob = self.teacher_probabilities(repeated + self.teacher_noise(repeated))
+            prob = self.teacher_probabilities(self.noisy(repeated))
             pair_sum = prob[:batch] + prob[batch:]
             total = pair_sum if total is None else total + pair_sum
         return total / self.mc_samples
