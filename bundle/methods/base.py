@@ -14,7 +14,12 @@ from __future__ import annotations
 from typing import Dict, Iterator, Mapping, Optional, Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+
+#: the unweighted loss terms a method returns, by name.
+Terms = Dict[str, Tensor]
+#: term weights by name (``loss_weights``; the trainer's active terms).
+Weights = Mapping[str, float]
 
 
 class SSLMethod(nn.Module):
@@ -84,13 +89,8 @@ class SSLMethod(nn.Module):
         return labeled_image if unlabeled_image is None else torch.cat([labeled_image, unlabeled_image])
 
     def compute_losses(
-        self,
-        labeled_image: torch.Tensor,
-        label: torch.Tensor,
-        unlabeled_image: Optional[torch.Tensor],
-        iteration: int,
-        active: Optional[Mapping[str, float]] = None,
-    ) -> Dict[str, torch.Tensor]:
+        self, labeled_image: Tensor, label: Tensor, unlabeled_image: Optional[Tensor], iteration: int, active=None
+    ) -> Terms:
         """The *unweighted* scalar terms named in ``active`` (default :meth:`active_terms` of ``iteration``).
 
         Args:
@@ -113,25 +113,15 @@ class SSLMethod(nn.Module):
         return {name: value for name, value in losses.items() if name in active}
 
     def terms(
-        self,
-        labeled_image: torch.Tensor,
-        label: torch.Tensor,
-        unlabeled_image: Optional[torch.Tensor],
-        iteration: int,
-        active: Mapping[str, float],
-    ) -> Dict[str, torch.Tensor]:
+        self, labeled_image: Tensor, label: Tensor, unlabeled_image: Optional[Tensor], iteration: int, active: Weights
+    ) -> Terms:
         """The method's own part of :meth:`compute_losses`: forward the networks, return (at least) the terms in
         ``active``; ``unlabeled_image`` is ``None`` unless an active term reads it."""
         raise NotImplementedError
 
     def forward(
-        self,
-        labeled_image: torch.Tensor,
-        label: torch.Tensor,
-        unlabeled_image: Optional[torch.Tensor],
-        iteration: int,
-        active: Optional[Mapping[str, float]] = None,
-    ) -> Dict[str, torch.Tensor]:
+        self, labeled_image: Tensor, label: Tensor, unlabeled_image: Optional[Tensor], iteration: int, active=None
+    ) -> Terms:
         """Same as :meth:`compute_losses`; the trainer calls the method through ``forward`` so that wrapping the
         whole method in ``DistributedDataParallel`` synchronises the gradients of every trainable network."""
         return self.compute_losses(labeled_image, label, unlabeled_image, iteration, active)

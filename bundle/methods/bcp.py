@@ -9,9 +9,10 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from scipy import ndimage
-from torch import nn
+from torch import Tensor, nn
 
 from bundle.losses.baselines import CopyPasteLoss, HalfCEDiceLoss
+from bundle.methods.base import Terms, Weights
 from bundle.methods.ema import StudentTeacherMethod
 
 #: the two training stages; the ``stage`` buffer holds the 1-based index.
@@ -253,13 +254,8 @@ class BidirectionalCopyPasteMethod(StudentTeacherMethod):
 
     # -------------------------------------------------------------------------------------------------- losses
     def terms(
-        self,
-        labeled_image: torch.Tensor,
-        label: torch.Tensor,
-        unlabeled_image: Optional[torch.Tensor],
-        iteration: int,
-        active: Mapping[str, float],
-    ) -> Dict[str, torch.Tensor]:
+        self, labeled_image: Tensor, label: Tensor, unlabeled_image: Optional[Tensor], iteration: int, active: Weights
+    ) -> Terms:
         """See :meth:`SSLMethod.terms`: ``{"pre"}`` in stage 1, ``{"in", "out"}`` in stage 2 (unweighted)."""
         stage = self.stage_at(iteration)
         self.stage.fill_(stage)

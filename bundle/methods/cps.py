@@ -6,11 +6,11 @@ from __future__ import annotations
 from typing import Dict, Mapping, Optional
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from bundle.losses.baselines import ArgmaxCrossPseudoLoss, HalfCEDiceLoss
 from bundle.losses.ramps import ramp_schedule, stepped_rampup
-from bundle.methods.base import SSLMethod
+from bundle.methods.base import SSLMethod, Terms, Weights
 from bundle.networks import SoftmaxEnsemble, SoftmaxOutput
 
 #: which voxels the cross pseudo-labels cover (SSL4MIS: unlabeled; CPS paper: labeled + unlabeled).
@@ -107,13 +107,8 @@ class CrossPseudoSupervisionMethod(SSLMethod):
         return weights
 
     def terms(
-        self,
-        labeled_image: torch.Tensor,
-        label: torch.Tensor,
-        unlabeled_image: Optional[torch.Tensor],
-        iteration: int,
-        active: Mapping[str, float],
-    ) -> Dict[str, torch.Tensor]:
+        self, labeled_image: Tensor, label: Tensor, unlabeled_image: Optional[Tensor], iteration: int, active: Weights
+    ) -> Terms:
         """See :meth:`SSLMethod.terms`: ``sup`` and ``cps`` from one forward of each net on
         :meth:`SSLMethod.joint_images`."""
         images = self.joint_images(labeled_image, unlabeled_image)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Dict, Mapping, Optional
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from bundle.losses import (
     CosineConsistencyLoss,
@@ -19,7 +19,7 @@ from bundle.losses import (
     contrastive_ramp,
     sigmoid_rampup,
 )
-from bundle.methods.base import SSLMethod
+from bundle.methods.base import SSLMethod, Terms, Weights
 from bundle.networks import SoftmaxEnsemble
 
 #: terms that need the unlabeled batch (``ue`` and ``cos`` run on labeled + unlabeled samples).
@@ -138,13 +138,8 @@ class DualNetworkMethod(SSLMethod):
         return weights
 
     def terms(
-        self,
-        labeled_image: torch.Tensor,
-        label: torch.Tensor,
-        unlabeled_image: Optional[torch.Tensor],
-        iteration: int,
-        active: Mapping[str, float],
-    ) -> Dict[str, torch.Tensor]:
+        self, labeled_image: Tensor, label: Tensor, unlabeled_image: Optional[Tensor], iteration: int, active: Weights
+    ) -> Terms:
         """See :meth:`SSLMethod.terms`; one forward of each net on :meth:`SSLMethod.joint_images`."""
         images = self.joint_images(labeled_image, unlabeled_image)
         num_labeled = labeled_image.shape[0]

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Dict, List, Mapping, Optional
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from bundle.losses.ducisc import (
     DeepSupervisedCEDiceLoss,
@@ -18,6 +18,7 @@ from bundle.losses.ducisc import (
     resize_label,
     resize_soft,
 )
+from bundle.methods.base import Terms, Weights
 from bundle.methods.ema import StudentTeacherMethod
 
 #: terms that need the unlabeled batch.
@@ -126,13 +127,8 @@ class DuCiSCMethod(StudentTeacherMethod):
         return [z.float() for z in logits], [f.float() for f in taps]  # every term in float32, also under AMP
 
     def terms(
-        self,
-        labeled_image: torch.Tensor,
-        label: torch.Tensor,
-        unlabeled_image: Optional[torch.Tensor],
-        iteration: int,
-        active: Mapping[str, float],
-    ) -> Dict[str, torch.Tensor]:
+        self, labeled_image: Tensor, label: Tensor, unlabeled_image: Optional[Tensor], iteration: int, active: Weights
+    ) -> Terms:
         """See :meth:`SSLMethod.terms`; returns the unweighted active terms (normalised if configured)."""
         levels = slice(0, self.num_proto_levels)
         logits_l, taps_l = self._student(labeled_image)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Dict, Mapping, Optional
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from bundle.losses.dycon import (
     BETA_SCHEDULES,
@@ -17,6 +17,7 @@ from bundle.losses.dycon import (
     uncl_beta,
 )
 from bundle.losses.supervised import SupervisedLoss
+from bundle.methods.base import Terms, Weights
 from bundle.methods.ema import StudentTeacherMethod
 
 #: terms that need the unlabeled batch.
@@ -115,13 +116,8 @@ class DyCONMethod(StudentTeacherMethod):
         )
 
     def terms(
-        self,
-        labeled_image: torch.Tensor,
-        label: torch.Tensor,
-        unlabeled_image: Optional[torch.Tensor],
-        iteration: int,
-        active: Mapping[str, float],
-    ) -> Dict[str, torch.Tensor]:
+        self, labeled_image: Tensor, label: Tensor, unlabeled_image: Optional[Tensor], iteration: int, active: Weights
+    ) -> Terms:
         """See :meth:`SSLMethod.terms`; returns the unweighted active terms."""
         images = self.joint_images(labeled_image, unlabeled_image)
         num_labeled = labeled_image.shape[0]

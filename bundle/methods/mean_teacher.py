@@ -6,10 +6,11 @@ from __future__ import annotations
 from typing import Dict, Mapping, Optional
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from bundle.losses.baselines import HalfCEDiceLoss, SoftmaxMSELoss
 from bundle.losses.ramps import ramp_schedule, stepped_rampup
+from bundle.methods.base import Terms, Weights
 from bundle.methods.ema import StudentTeacherMethod
 
 #: the images the consistency term covers: the unlabeled part (README commands) or labeled + unlabeled.
@@ -111,13 +112,8 @@ class MeanTeacherMethod(StudentTeacherMethod):
         return None
 
     def terms(
-        self,
-        labeled_image: torch.Tensor,
-        label: torch.Tensor,
-        unlabeled_image: Optional[torch.Tensor],
-        iteration: int,
-        active: Mapping[str, float],
-    ) -> Dict[str, torch.Tensor]:
+        self, labeled_image: Tensor, label: Tensor, unlabeled_image: Optional[Tensor], iteration: int, active: Weights
+    ) -> Terms:
         """See :meth:`SSLMethod.terms`: ``sup`` and ``cons`` from one student forward of
         :meth:`SSLMethod.joint_images`."""
         images = self.joint_images(labeled_image, unlabeled_image)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Dict, Mapping, Optional
+from typing import Mapping, Optional
 
-import torch
-from torch import nn
+from torch import Tensor, nn
 
 from bundle.losses.baselines import HalfCEDiceLoss
-from bundle.methods.base import SSLMethod
+from bundle.methods.base import SSLMethod, Terms, Weights
 from bundle.networks import SoftmaxOutput
 
 
@@ -35,12 +34,7 @@ class SupervisedVNetMethod(SSLMethod):
         self.set_inference_network(SoftmaxOutput(network))
 
     def terms(
-        self,
-        labeled_image: torch.Tensor,
-        label: torch.Tensor,
-        unlabeled_image: Optional[torch.Tensor],
-        iteration: int,
-        active: Mapping[str, float],
-    ) -> Dict[str, torch.Tensor]:
+        self, labeled_image: Tensor, label: Tensor, unlabeled_image: Optional[Tensor], iteration: int, active: Weights
+    ) -> Terms:
         """``{"sup": 1/2 (CE + Dice)}`` of the V-Net's float32 logits ``(B_l, C, H, W, D)`` on the labeled batch."""
         return {"sup": self.supervised(self.net(labeled_image).float(), label)}
