@@ -42,21 +42,40 @@ def unread_keys(config: Dict[str, Any]) -> List[str]:
     return [key for key in config if key not in referenced and key not in ENTRY_POINTS and not str(key).startswith("_")]
 
 
-def method_arguments(config: Dict[str, Any]) -> List[str]:
-    """The constructor arguments of ``config["method"]["_target_"]`` (empty when it cannot be located)."""
-    target = config.get("method", {}).get("_target_", "") if isinstance(config.get("method"), dict) else ""
+def method_parameters(target: str) -> Dict[str, inspect.Parameter]:
+    """The constructor parameters of the method class ``target`` (dotted path), including those a subclass passes
+    on to its bases with ``**kwargs`` (e.g. UA-MT -> Mean Teacher -> the EMA base); empty when it cannot be
+    located."""
     module_name, _, name = str(target).rpartition(".")
     cls, found = optional_import(module_name, name=name) if module_name else (None, False)
-    return list(inspect.signature(cls).parameters) if found else []
+    parameters: Dict[str, inspect.Parameter] = {}
+    for klass in cls.__mro__ if found else ():
+        if "__init__" not in vars(klass) or klass.__module__.startswith("torch"):
+            continue
+        for param in inspect.signature(vars(klass)["__init__"]).parameters.values():
+            if param.name != "self" and param.kind not in (param.VAR_KEYWORD, param.VAR_POSITIONAL):
+                parameters.setdefault(param.name, param)
+    return parameters
+
+
+def method_arguments(config: Dict[str, Any]) -> List[str]:
+    """The constructor arguments of ``config["method"]["_target_"]`` (:func:`method_parameters`)."""
+    method = config.get("method")
+    return list(method_parameters(method.get("_target_", ""))) if isinstance(method, dict) else []
 
 
 def check_config_keys(config: Dict[str, Any]) -> None:
-    """Raise ``ValueError`` naming every unread top-level key of ``config`` (:func:`unread_keys`), with the
-    ``--method#<arg>`` spelling when the key is an argument of the configured method."""
+    """Raise ``ValueError`` naming every argument of ``config["method"]`` that its class does not take, or every
+    unread top-level key of ``config`` (:func:`unread_keys`), with the ``--method#<arg>`` spelling when the key is an
+    argument of the configured method."""
+    arguments = method_arguments(config)
+    method = config.get("method")
+    foreign = [k for k in method if not k.startswith("_") and k not in arguments] if isinstance(method, dict) else []
+    if arguments and foreign:
+        raise ValueError(f"{method['_target_']} takes no argument(s) {foreign}; it takes {arguments}.")
     unread = unread_keys(config)
     if not unread:
         return
-    arguments = method_arguments(config)
     hints = [f"--method#{key}" if key in arguments else "no component reads it" for key in unread]
     details = "; ".join(f"{key} ({hint})" for key, hint in zip(unread, hints))
     raise ValueError(f"configuration keys with no effect: {details}. Method arguments are set as --method#<arg>.")

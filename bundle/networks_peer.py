@@ -12,7 +12,7 @@ Both keep ``forward(x) -> logits (N, C, H, W, D)`` of the full-resolution head, 
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import torch
 from monai.networks.blocks import SimpleASPP
@@ -20,7 +20,7 @@ from monai.networks.layers.utils import get_norm_layer
 from torch import nn
 from torch.nn import functional as F
 
-from bundle.networks import NormSpec, VNetSeg, check_spatial_shape, init_weights
+from bundle.networks import VNetSeg, check_spatial_shape, init_weights
 
 
 class DeepSupervisedVNet(VNetSeg):
@@ -36,16 +36,10 @@ class DeepSupervisedVNet(VNetSeg):
     ``3 (8f + 4f + 2f) C + 3 C`` for the heads.
     """
 
-    def __init__(
-        self,
-        in_channels: int = 1,
-        out_channels: int = 2,
-        base_width: int = 16,
-        norm: NormSpec = "batch",
-        dropout: float = 0.5,
-        activation_checkpointing: bool = False,
-    ) -> None:
-        super().__init__(in_channels, out_channels, base_width, norm, dropout, activation_checkpointing)
+    def __init__(self, **vnet_args: Any) -> None:
+        """``vnet_args``: those of :class:`~bundle.networks.VNetSeg`."""
+        super().__init__(**vnet_args)
+        base_width, out_channels = self.head.in_channels, self.head.out_channels
         self.ds_heads = nn.ModuleList(
             [nn.Conv3d(base_width * m, out_channels, kernel_size=1) for m in (8, 4, 2)]
         )  # on u4, u3, u2
@@ -114,19 +108,15 @@ class ProjectionVNet(VNetSeg):
 
     def __init__(
         self,
-        in_channels: int = 1,
-        out_channels: int = 2,
-        base_width: int = 16,
-        norm: NormSpec = "batch",
-        dropout: float = 0.5,
         embed_channels: int = 256,
         hidden_channels: int = 512,
         head_variant: str = "vnet",
         use_aspp: bool = False,
-        activation_checkpointing: bool = False,
+        **vnet_args: Any,
     ) -> None:
-        super().__init__(in_channels, out_channels, base_width, norm, dropout, activation_checkpointing)
-        width = 16 * base_width
+        """``vnet_args``: those of :class:`~bundle.networks.VNetSeg`; the others: see :class:`ProjectionHead`."""
+        super().__init__(**vnet_args)
+        width = 16 * self.head.in_channels
         self.aspp: Optional[nn.Module] = None
         if use_aspp:
             self.aspp = nn.Sequential(

@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bundle.benchmark import method_configs, parse_bundle  # noqa: E402
+from benchmarking.runs import method_configs, parse_bundle  # noqa: E402
 from bundle.data import la_items, read_case_list  # noqa: E402
 from bundle.losses.reliability import entropy_uncertain, union_pseudo_label  # noqa: E402
 from bundle.transforms import training_transforms  # noqa: E402

@@ -6,7 +6,7 @@ import shlex
 import numpy as np
 import pytest
 
-from bundle.benchmark import accuracy, bundle_command, report, split_lists, write_json
+from benchmarking.runs import accuracy, bundle_command, report, split_lists, write_json
 
 
 def test_split_lists_trains_on_the_first_cases_and_tests_on_the_rest(tmp_path):
@@ -30,7 +30,7 @@ def test_bundle_command_passes_every_override_as_monai_bundle_reads_it():
 
 
 def test_read_metrics_flattens_the_evaluation_summary(tmp_path):
-    from bundle.benchmark import read_metrics
+    from benchmarking.runs import read_metrics
     from bundle.evaluation import MetricsReport
 
     report_ = MetricsReport(str(tmp_path), num_slices=0)

@@ -4,7 +4,7 @@ self-training of a student with an EMA teacher's pseudo-labels, both from one ``
 
 from __future__ import annotations
 
-from typing import Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -125,12 +125,12 @@ class BidirectionalCopyPasteMethod(StudentTeacherMethod):
             ``max_iterations // 3``, the harmonised 2000 per 6000 (docs/methods/bcp.md).
         mask_ratio: ``beta``, the cube's size relative to the patch (2/3).
         u_weight: ``alpha``, the weight of the pseudo-labelled region (0.5).
-        ema_decay: constant EMA ``alpha`` of stage 2 (0.99).
         pseudo_lcc: keep the largest connected component of the pseudo-labels (True).
         joint_forward: one teacher and one student call on both halves instead of two each (False; with 2 + 2
             batches the separate calls give BatchNorm statistics over one volume, as in the released code's halves).
-        teacher_train_mode: teacher dropout/BatchNorm in train mode (True, as the released code).
-        infer_net: ``"student"`` (released code) or ``"teacher"``.
+        student_teacher_args: ``ema_decay`` (0.99), ``ema_buffers``, ``teacher_train_mode`` (True, as the released
+            code), ``infer_net`` (``"student"``): see :class:`~bundle.methods.ema.StudentTeacherMethod`.
+            ``ema_decay`` is the constant ``alpha`` of stage 2.
     """
 
     term_names = ("pre", "in", "out")
@@ -144,22 +144,11 @@ class BidirectionalCopyPasteMethod(StudentTeacherMethod):
         pretrain_iterations: Optional[int] = None,
         mask_ratio: float = 2.0 / 3.0,
         u_weight: float = 0.5,
-        ema_decay: float = 0.99,
         pseudo_lcc: bool = True,
         joint_forward: bool = False,
-        teacher_train_mode: bool = True,
-        infer_net: str = "student",
+        **student_teacher_args: Any,
     ) -> None:
-        super().__init__(
-            student,
-            loss_weights,
-            max_iterations,
-            ema_decay=ema_decay,
-            ema_warmup=False,
-            ema_buffers="own",
-            teacher_train_mode=teacher_train_mode,
-            infer_net=infer_net,
-        )
+        super().__init__(student, loss_weights, max_iterations, ema_warmup=False, **student_teacher_args)
         if pretrain_iterations is None:
             pretrain_iterations = max_iterations // 3
         if not 0 <= pretrain_iterations < max_iterations:

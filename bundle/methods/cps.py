@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Dict, Mapping, Optional
 
-import torch
 from torch import Tensor, nn
 
 from bundle.losses.baselines import ArgmaxCrossPseudoLoss, HalfCEDiceLoss
@@ -112,14 +111,12 @@ class CrossPseudoSupervisionMethod(SSLMethod):
         """See :meth:`SSLMethod.terms`: ``sup`` and ``cps`` from one forward of each net on
         :meth:`SSLMethod.joint_images`."""
         images = self.joint_images(labeled_image, unlabeled_image)
-        num_labeled = labeled_image.shape[0]
-        logits_1, logits_2 = self.net1(images).float(), self.net2(images).float()
-        losses: Dict[str, torch.Tensor] = {}
+        logits_1, logits_2 = self.net1(images).float(), self.net2(images).float()  # float32, also under AMP
+        labeled = slice(0, labeled_image.shape[0])
+        losses: Terms = {}
         if "sup" in active:
-            losses["sup"] = self.supervised(logits_1[:num_labeled], label) + self.supervised(
-                logits_2[:num_labeled], label
-            )
+            losses["sup"] = self.supervised(logits_1[labeled], label) + self.supervised(logits_2[labeled], label)
         if "cps" in active:
-            start = 0 if self.cps_on == "all" else num_labeled
-            losses["cps"] = self.cross_pseudo(logits_1[start:], logits_2[start:])
+            rows = slice(0 if self.cps_on == "all" else labeled.stop, None)
+            losses["cps"] = self.cross_pseudo(logits_1[rows], logits_2[rows])
         return losses

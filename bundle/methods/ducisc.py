@@ -3,7 +3,7 @@ thresholds (spec ``shared/specs/peer_methods.md`` section 1)."""
 
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
@@ -62,7 +62,6 @@ class DuCiSCMethod(StudentTeacherMethod):
         loss_weights: weights of ``("sup", "cs_ulb", "cs_mix", "proto_ulb", "proto_mix")`` (paper: 1, 0.3, 0.1, 0.1,
             0.1).
         max_iterations: total iterations.
-        ema_decay: EMA ``alpha`` (0.99).
         warmup_iters: supervised-only iterations; ``None`` (default): ``min(2000, max_iterations // 3)``, the
             released 2000 for runs of 6000 iterations or more.
         normalize_by_value: per-term normalisation by the detached value (code) or the plain weighted sum (paper).
@@ -73,6 +72,8 @@ class DuCiSCMethod(StudentTeacherMethod):
         mix_ce_as_kl: the mixed "CE" as KL divergence (code) or soft-target CE (paper's wording).
         mix_low, mix_high: the range of the mixup ratio (0.25, 0.75).
         num_proto_levels: how many feature levels enter the prototype losses, coarsest first (4).
+        student_teacher_args: ``ema_decay`` (0.99), ``ema_buffers``, ``teacher_train_mode`` (True, as the released
+            code), ``infer_net`` (``"student"``): see :class:`~bundle.methods.ema.StudentTeacherMethod`.
     """
 
     term_names = ("sup", "cs_ulb", "cs_mix", "proto_ulb", "proto_mix")
@@ -83,7 +84,6 @@ class DuCiSCMethod(StudentTeacherMethod):
         student: nn.Module,
         loss_weights: Mapping[str, float],
         max_iterations: int,
-        ema_decay: float = 0.99,
         warmup_iters: Optional[int] = None,
         normalize_by_value: bool = True,
         threshold_beta: float = 0.99,
@@ -95,8 +95,9 @@ class DuCiSCMethod(StudentTeacherMethod):
         mix_low: float = 0.25,
         mix_high: float = 0.75,
         num_proto_levels: int = 4,
+        **student_teacher_args: Any,
     ) -> None:
-        super().__init__(student, loss_weights, max_iterations, ema_decay=ema_decay)
+        super().__init__(student, loss_weights, max_iterations, **student_teacher_args)
         if not 0.0 <= mix_low <= mix_high <= 1.0:
             raise ValueError(f"need 0 <= mix_low <= mix_high <= 1, got {mix_low}, {mix_high}.")
         self.num_classes = int(student.head.out_channels)

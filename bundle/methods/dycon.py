@@ -3,7 +3,7 @@ learning (FeCL) in a mean teacher (spec ``shared/specs/peer_methods.md`` section
 
 from __future__ import annotations
 
-from typing import Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
@@ -51,7 +51,6 @@ class DyCONMethod(StudentTeacherMethod):
         student: a :class:`~bundle.networks_peer.ProjectionVNet` (``forward_embedding`` -> ``(logits, embedding)``).
         loss_weights: weights of ``("sup", "uncl", "fecl")``.
         max_iterations: total iterations (``T`` of the beta schedule).
-        ema_decay: EMA ``alpha`` (0.99).
         noise_std, noise_clip: teacher input noise (0.1, 0.2).
         beta_schedule: ``"exp_decay"`` (paper), ``"geometric"`` (code) or ``"constant"``.
         beta_max, beta_min, beta_decay: paper 1.0, 0.1, 0.3 (0.1 ISLES); code (geometric) 5.0, 0.5.
@@ -64,6 +63,8 @@ class DyCONMethod(StudentTeacherMethod):
         fecl_gs_temperature: ``T`` of the gambling softmax (not given in the paper; 1 = the plain softmax, as in the
             code's helper).
         fecl_on_labeled: FeCL also on the labeled volumes (with ground-truth token labels).
+        student_teacher_args: ``ema_decay`` (0.99), ``ema_buffers``, ``teacher_train_mode`` (True, as the released
+            code), ``infer_net`` (``"student"``): see :class:`~bundle.methods.ema.StudentTeacherMethod`.
     """
 
     term_names = ("sup", "uncl", "fecl")
@@ -74,7 +75,6 @@ class DyCONMethod(StudentTeacherMethod):
         student: nn.Module,
         loss_weights: Mapping[str, float],
         max_iterations: int,
-        ema_decay: float = 0.99,
         noise_std: float = 0.1,
         noise_clip: float = 0.2,
         beta_schedule: str = "exp_decay",
@@ -89,9 +89,10 @@ class DyCONMethod(StudentTeacherMethod):
         fecl_entropy_weight: bool = True,
         fecl_gs_temperature: float = 1.0,
         fecl_on_labeled: bool = False,
+        **student_teacher_args: Any,
     ) -> None:
         super().__init__(
-            student, loss_weights, max_iterations, ema_decay=ema_decay, noise_std=noise_std, noise_clip=noise_clip
+            student, loss_weights, max_iterations, noise_std=noise_std, noise_clip=noise_clip, **student_teacher_args
         )
         if beta_schedule not in BETA_SCHEDULES:
             raise ValueError(f"beta_schedule must be one of {BETA_SCHEDULES}, got {beta_schedule!r}.")

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
@@ -50,13 +50,11 @@ class MeanTeacherMethod(StudentTeacherMethod):
             run (6000 on LA, as the released code).
         rampup_step: ramp quantisation in iterations; ``None`` (default): ``max(1, L // 40)`` (150 for 6000, as the
             released code); 1 = smooth (:func:`~bundle.losses.ramps.ramp_schedule`).
-        ema_decay: EMA ``alpha`` (0.99).
-        ema_buffers: ``"own"`` or ``"copy"`` (teacher BatchNorm statistics).
         noise_std, noise_clip: teacher input noise ``sigma`` (0.1) and its clip (0.2).
         consistency_on: ``"unlabeled"`` (default) or ``"all"``.
         dice_variant: ``"fg_sq"`` (UA-MT LA recipe, default), ``"mean_sq"`` (SSL4MIS) or ``"bcp"``.
-        teacher_train_mode: teacher dropout/BatchNorm in train mode (True, as the released code).
-        infer_net: ``"student"`` (released code) or ``"teacher"``.
+        student_teacher_args: ``ema_decay`` (0.99), ``ema_buffers``, ``teacher_train_mode`` (True, as the released
+            code), ``infer_net`` (``"student"``): see :class:`~bundle.methods.ema.StudentTeacherMethod`.
     """
 
     term_names = ("sup", "cons")
@@ -69,26 +67,14 @@ class MeanTeacherMethod(StudentTeacherMethod):
         max_iterations: int,
         rampup_iters: Optional[int] = None,
         rampup_step: Optional[int] = None,
-        ema_decay: float = 0.99,
-        ema_buffers: str = "own",
         noise_std: float = 0.1,
         noise_clip: float = 0.2,
         consistency_on: str = "unlabeled",
         dice_variant: str = "fg_sq",
-        teacher_train_mode: bool = True,
-        infer_net: str = "student",
+        **student_teacher_args: Any,
     ) -> None:
         super().__init__(
-            student,
-            loss_weights,
-            max_iterations,
-            ema_decay=ema_decay,
-            ema_warmup=True,
-            ema_buffers=ema_buffers,
-            teacher_train_mode=teacher_train_mode,
-            infer_net=infer_net,
-            noise_std=noise_std,
-            noise_clip=noise_clip,
+            student, loss_weights, max_iterations, noise_std=noise_std, noise_clip=noise_clip, **student_teacher_args
         )
         if consistency_on not in CONSISTENCY_TARGETS:
             raise ValueError(f"consistency_on must be one of {CONSISTENCY_TARGETS}, got {consistency_on!r}.")

@@ -4,10 +4,9 @@
 from __future__ import annotations
 
 import math
-from typing import Mapping, Optional
+from typing import Any, Optional
 
 import torch
-from torch import nn
 
 from bundle.losses.ramps import sigmoid_rampup
 from bundle.losses.tensor_ops import entropy
@@ -53,46 +52,19 @@ class UncertaintyAwareMeanTeacherMethod(MeanTeacherMethod):
         mc_samples: ``T``, an even number >= 2 (8).
         uncertainty_rampup_iters: ``t_max`` of the threshold ramp, in iterations; ``None`` (default):
             ``max_iterations``, the whole run (6000 on LA).
-        Others: see :class:`~bundle.methods.mean_teacher.MeanTeacherMethod`.
+        args, mean_teacher_args: every other argument, with its default, of
+            :class:`~bundle.methods.mean_teacher.MeanTeacherMethod` (``student``, ``loss_weights``,
+            ``max_iterations``, ``rampup_iters``, ``noise_std``, ...).
     """
 
     def __init__(
-        self,
-        student: nn.Module,
-        loss_weights: Mapping[str, float],
-        max_iterations: int,
-        rampup_iters: Optional[int] = None,
-        rampup_step: Optional[int] = None,
-        uncertainty_rampup_iters: Optional[int] = None,
-        mc_samples: int = 8,
-        ema_decay: float = 0.99,
-        ema_buffers: str = "own",
-        noise_std: float = 0.1,
-        noise_clip: float = 0.2,
-        consistency_on: str = "unlabeled",
-        dice_variant: str = "fg_sq",
-        teacher_train_mode: bool = True,
-        infer_net: str = "student",
+        self, *args: Any, uncertainty_rampup_iters: Optional[int] = None, mc_samples: int = 8, **mean_teacher_args: Any
     ) -> None:
-        super().__init__(
-            student,
-            loss_weights,
-            max_iterations,
-            rampup_iters=rampup_iters,
-            rampup_step=rampup_step,
-            ema_decay=ema_decay,
-            ema_buffers=ema_buffers,
-            noise_std=noise_std,
-            noise_clip=noise_clip,
-            consistency_on=consistency_on,
-            dice_variant=dice_variant,
-            teacher_train_mode=teacher_train_mode,
-            infer_net=infer_net,
-        )
+        super().__init__(*args, **mean_teacher_args)
         if mc_samples < 2 or mc_samples % 2:
             raise ValueError(f"mc_samples must be an even number >= 2 (T/2 passes on [x; x]), got {mc_samples}.")
         if uncertainty_rampup_iters is None:
-            uncertainty_rampup_iters = max_iterations
+            uncertainty_rampup_iters = self.max_iterations
         if uncertainty_rampup_iters < 0:
             raise ValueError(f"uncertainty_rampup_iters must be >= 0, got {uncertainty_rampup_iters}.")
         self.mc_samples = int(mc_samples)
