@@ -71,7 +71,7 @@ def test_each_preset_trains_and_writes_flat_model(preset, tiny_dataset, tmp_path
     trainer = workflow.parser.get_parsed_content("train#trainer")
     assert trainer.state.iteration == 3
     output = trainer.state.output
-    weights = workflow.parser["loss_weights"]
+    weights = workflow.parser["method#loss_weights"]
     expected_terms = {f"loss_{name}" for name, w in weights.items() if w}
     assert expected_terms <= set(output), f"missing terms {expected_terms - set(output)}"
     assert torch.isfinite(output["loss"])
@@ -95,7 +95,7 @@ def test_weighted_sum_matches_logged_terms(tiny_dataset, tmp_path):
 
 def test_zero_weight_switches_term_off(tiny_dataset, tmp_path):
     overrides = tiny_overrides(tiny_dataset, tmp_path, max_iterations=1)
-    overrides["loss_weights#pgl"] = 0
+    overrides["method#loss_weights#pgl"] = 0
     workflow = run_workflow(make_workflow(["train.json"], overrides))
     output = workflow.parser.get_parsed_content("train#trainer").state.output
     assert "loss_pgl" not in output and "loss_efs" in output
@@ -158,7 +158,7 @@ def test_cpu_allocator_cache_is_opt_in(tiny_dataset, tmp_path, monkeypatch, cach
     monkeypatch.setattr("bundle.trainer.tune_cpu_allocator", lambda: calls.append(True))
     overrides = tiny_overrides(tiny_dataset, tmp_path, max_iterations=1, device="$torch.device('cpu')")
     if cache:
-        overrides["cpu_allocator_cache"] = True
+        overrides["train#trainer#cpu_allocator_cache"] = True
     workflow = make_workflow(["train.json"], overrides)
     workflow.initialize()
     workflow.parser.get_parsed_content("train#trainer")
