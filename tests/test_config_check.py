@@ -76,3 +76,13 @@ def test_ua_mt_parameters_include_those_passed_to_its_bases():
     parameters = method_parameters("bundle.methods.ua_mt.UncertaintyAwareMeanTeacherMethod")
     assert {"mc_samples", "rampup_iters", "noise_std", "ema_decay", "student", "max_iterations"} <= set(parameters)
     assert parameters["ema_decay"].default == 0.99 and parameters["mc_samples"].default == 8
+
+
+def test_embedded_dataset_honours_num_labeled(tmp_path):
+    """``--num_labeled 12`` on the embedded default: the generated dataset gets 12 labeled volumes (default 8)."""
+    workflow = make_workflow(["train.json"], {"bundle_root": str(tmp_path), "num_labeled": 12})
+    workflow.initialize()
+    datalists = workflow.parser.get_parsed_content("datalists")
+    assert len(datalists["labeled"]) == 12 and len(datalists["unlabeled"]) == 24 and len(datalists["validation"]) == 4
+    spec = json.loads((tmp_path / "data" / "synthetic" / "dataset.json").read_text())
+    assert sum("label" in item for item in spec["training"]) == 12
