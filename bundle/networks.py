@@ -12,7 +12,7 @@ Feature maps, for an input of shape ``(N, in_channels, H, W, D)`` and ``f = base
 
 ``forward(x)`` returns the logits ``(N, out_channels, H, W, D)`` only (TorchScript-able);
 ``forward_features(x)`` also returns the decoder features ``x9`` ``(N, f, H, W, D)`` after dropout, which the
-prototype loss uses. See ``shared/specs/dual_network_method.md`` section 3.
+prototype loss uses. See docs/methods/dual_network.md §1.
 
 ``activation_checkpointing=True`` keeps only the inputs of the full- and half-resolution stages (encoder stem and
 first stage, last two decoder stages) during a training forward and recomputes their insides in backward
@@ -161,7 +161,8 @@ class UpBlock(nn.Module):
 
 
 class AdditiveSkipDecoder(nn.Module):
-    """Decoder shared by both subnets (spec section 3): four :class:`UpBlock` with 3, 3, 2, 1 convolutions.
+    """Decoder shared by both subnets (docs/methods/dual_network.md §1): four :class:`UpBlock` with 3, 3, 2, 1
+    convolutions.
 
     ``forward(skips)`` takes ``[s1, s2, s3, s4, s5]`` (widths ``f, 2f, 4f, 8f, 16f``) and returns ``x9``
     ``(N, f, H, W, D)`` after ``Dropout3d(dropout)`` (active in training mode only).
@@ -346,7 +347,7 @@ class VNetSeg(EncoderDecoderSeg):
 
 
 class SoftmaxEnsemble(nn.Module):
-    """Inference network: the mean of the two subnets' softmax probabilities (spec section 6).
+    """Inference network: the mean of the two subnets' softmax probabilities (docs/methods/dual_network.md §1).
 
     ``forward(x)``: ``(N, in_channels, H, W, D)`` -> ``(N, C, H, W, D)`` probabilities summing to 1 over ``C``.
     Its state dict keys are ``net_a.*`` and ``net_b.*`` (the layout of ``models/model.pt``).

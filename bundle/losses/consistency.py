@@ -14,7 +14,7 @@ CR_MASK_RULES = ("xor", "or")
 
 
 class MaskedConsistencyLoss(nn.Module):
-    """CR, the masked MSE against the **ground truth** on labeled data (J eqs 4-6; spec section 4.2).
+    """CR, the masked MSE against the **ground truth** on labeled data (J eqs 4-6; docs/methods/dual_network.md §2).
 
     For each net X: ``yhat_X = argmax_c p_X``, ``m_X = max_c p_X`` and the confident-foreground map
     ``F_X = [yhat_X != 0] and [m_X >= tau]`` ("foreground" = any non-background class, which for ``C = 2`` is the
@@ -63,7 +63,7 @@ class MaskedConsistencyLoss(nn.Module):
 
 
 class CosineConsistencyLoss(nn.Module):
-    """``L_reg = mean_v [1 - cos(p_A,v, p_B,v)]`` (C eqs 5-6; spec section 4.3; not in J).
+    """``L_reg = mean_v [1 - cos(p_A,v, p_B,v)]`` (C eqs 5-6; docs/methods/dual_network.md §3; not in J).
 
     The cosine is taken over the class vector of softmax probabilities (``eps=1e-8``). Neither side is detached,
     so both nets receive gradient; the released code uses it with weight 1 and no ramp.

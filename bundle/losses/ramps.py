@@ -1,4 +1,4 @@
-"""Weight ramps and schedules over training iterations (docs/methods/README.md, "Ramps"), in one place."""
+"""Weight ramps and schedules over training iterations (docs/methods/README.md §2), in one place."""
 
 from __future__ import annotations
 

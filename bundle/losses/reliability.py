@@ -51,7 +51,7 @@ def entropy_uncertain(prob: torch.Tensor, q: float) -> torch.Tensor:
 
 
 def union_pseudo_label(pred_a: torch.Tensor, pred_b: torch.Tensor) -> torch.Tensor:
-    """Pseudo-label from the two argmax maps (spec section 4.5, "union").
+    """Pseudo-label from the two argmax maps (docs/methods/dual_network.md §4, "union").
 
     Where the nets agree, their class; where exactly one predicts background, the other's (non-background) class;
     where they predict two different non-background classes (``C > 2`` only), :data:`UNDEFINED_LABEL`.

@@ -1,5 +1,5 @@
 """Bidirectional Copy-Paste, BCP (Bai et al., CVPR 2023), as in the released LA code
-(spec ``shared/specs/baselines.md`` section 5): a copy-paste pre-training stage on labeled data, then
+ (docs/methods/bcp.md): a copy-paste pre-training stage on labeled data, then
 self-training of a student with an EMA teacher's pseudo-labels, both from one ``run training``."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ PRETRAIN, SELFTRAIN = 1, 2
 
 
 def copy_paste_mask(spatial_shape: Sequence[int], ratio: float, device: Optional[torch.device] = None) -> torch.Tensor:
-    """BCP's mask ``M`` ``(1, 1, *spatial)`` float: 0 inside one random cube, 1 outside (spec section 5.1).
+    """BCP's mask ``M`` ``(1, 1, *spatial)`` float: 0 inside one random cube, 1 outside (docs/methods/bcp.md).
 
     The cube has size ``s_k = floor(ratio S_k)`` (``ratio = 2/3``: ``(74, 74, 53)`` for ``112 x 112 x 80``) and
     corner ``o_k ~ U{0, ..., S_k - s_k - 1}`` (0 when ``s_k = S_k``), drawn from torch's global generator, with
@@ -62,7 +62,8 @@ def largest_component(foreground: np.ndarray) -> np.ndarray:
 
 @torch.no_grad()
 def pseudo_label(prob: torch.Tensor, keep_largest: bool = True) -> torch.Tensor:
-    """Hard pseudo-labels ``(B, 1, *spatial)`` long from teacher probabilities ``(B, C, *spatial)`` (spec 5.3 step 3).
+    """Hard pseudo-labels ``(B, 1, *spatial)`` long from teacher probabilities ``(B, C, *spatial)``
+    (docs/methods/bcp.md, Eq. BCP-3).
 
     ``C = 2``: ``1[q_1 >= 0.5]`` (the released code); ``C > 2``: ``argmax_c q_c`` (BCP's ACDC code). With
     ``keep_largest``, each foreground class keeps only its largest connected component per sample
@@ -88,7 +89,7 @@ class BidirectionalCopyPasteMethod(StudentTeacherMethod):
     """Two stages in one run: ``t < pretrain_iterations`` pre-trains the student with labeled copy-paste, then the
     student self-trains with bidirectional copy-paste against an EMA teacher's pseudo-labels.
 
-    **Stage 1, pre-training** (spec section 5.2; labeled only, the unlabeled batch is ignored): split the labeled
+    **Stage 1, pre-training** (docs/methods/bcp.md; labeled only, the unlabeled batch is ignored): split the labeled
     batch ``(B_l, ...)`` into halves ``a, b``, draw one mask ``M`` (:func:`copy_paste_mask`) and train on
     ``X = x^a M + x^b (1 - M)``, ``Y = y^a M + y^b (1 - M)`` (the same ``M`` for image and label):
     ``pre = 1/2 [CE(z, Y) + Dice_bcp(p, Y)]`` (:class:`~bundle.losses.baselines.HalfCEDiceLoss` ``"bcp"``).
@@ -97,7 +98,7 @@ class BidirectionalCopyPasteMethod(StudentTeacherMethod):
     the optimizer state and the LR schedule): teacher <- student. The released code initialises both from the
     pre-training checkpoint with the best *test* Dice; here from the last one (``select: last``).
 
-    **Stage 2, self-training** (spec section 5.3; ``B_l = B_u``, both even): halves ``a, b`` of both batches;
+    **Stage 2, self-training** (docs/methods/bcp.md; ``B_l = B_u``, both even): halves ``a, b`` of both batches;
 
     1. teacher (no gradient, train mode, no noise) on ``x_u^a`` and ``x_u^b`` (two forwards, or one with
        ``joint_forward``): ``yhat = LCC(1[q_1 >= 0.5])`` (:func:`pseudo_label`); the labels of unlabeled images are

@@ -1,5 +1,5 @@
 """Cross Pseudo Supervision, CPS (Chen et al., CVPR 2021), in the 3D form of SSL4MIS
-(spec ``shared/specs/baselines.md`` section 4)."""
+(docs/methods/cps.md)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ CPS_INFER_NETS = ("net1", "net2", "mean")
 
 
 def xavier_conv_init_(network: nn.Module) -> None:
-    """``xavier_normal_`` on every ``Conv3d`` weight of ``network`` (spec section 4.1: Kaiming-normal in net 1,
+    """``xavier_normal_`` on every ``Conv3d`` weight of ``network`` (docs/methods/cps.md: Kaiming-normal in net 1,
     Xavier-normal in net 2). ``ConvTranspose3d`` weights, biases and norm layers keep their initialisation."""
     for module in network.modules():
         if isinstance(module, nn.Conv3d):
@@ -31,7 +31,7 @@ def xavier_conv_init_(network: nn.Module) -> None:
 class CrossPseudoSupervisionMethod(SSLMethod):
     """Two networks of the same architecture, each supervised by the other's hard pseudo-labels.
 
-    One iteration at ``t`` (spec section 4.1), with ``x = cat(x_l, x_u)`` ``(B_l + B_u, C_in, H, W, D)`` given to
+    One iteration at ``t`` (docs/methods/cps.md), with ``x = cat(x_l, x_u)`` ``(B_l + B_u, C_in, H, W, D)`` given to
     **both** nets unchanged (no noise; the nets differ through initialisation and dropout):
 
     * ``z^k = f_k(x)`` ``(B_l + B_u, C, H, W, D)``, ``k = 1, 2``, train mode;

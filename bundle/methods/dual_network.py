@@ -1,4 +1,4 @@
-"""The dual-network method of Lu, Wu, Chaddad et al. (spec ``shared/specs/dual_network_method.md``): Subnet A
+"""The dual-network method of Lu, Wu, Chaddad et al. (docs/methods/dual_network.md): Subnet A
 (ResNet-34) and Subnet B (V-Net) trained together with supervised, consistency, pseudo-label and prototype terms."""
 
 from __future__ import annotations
@@ -41,12 +41,13 @@ class DualNetworkMethod(SSLMethod):
 
     Logits and features are cast to float32 before any term, so the terms are also safe under AMP.
 
-    The J-faithful total (spec section 4.9) is obtained with weights ``sup=1, cr=lambda, cps=1, efs=1, ue=1, pgl=1,
-    cos=1`` (``cos=0`` drops the C-only cosine term).
+    The J-faithful total (docs/methods/dual_network.md §8) is obtained with weights ``sup=1, cr=lambda, cps=1, efs=1,
+    ue=1, pgl=1, cos=1`` (``cos=0`` drops the C-only cosine term).
 
-    **Winner switch** (spec section 4.8): the winner is B if ``Dice_B < Dice_A`` (labeled Dice losses), else A. Because
-    one backward of the summed loss is taken, the switch only decides whose decoder features (and argmax) PGL uses:
-    the **loser's**. The choice of the latest call is kept in :attr:`pgl_feature_net` (``"a"`` or ``"b"``).
+    **Winner switch** (docs/methods/dual_network.md §7): the winner is B if ``Dice_B < Dice_A`` (labeled Dice losses),
+    else A. Because one backward of the summed loss is taken, the switch only decides whose decoder features (and
+    argmax) PGL uses: the **loser's**. The choice of the latest call is kept in :attr:`pgl_feature_net` (``"a"`` or
+    ``"b"``).
 
     Args:
         network_a: Subnet A (:class:`~bundle.networks.ResNet34Seg`), stored as ``net_a``; must provide
@@ -122,8 +123,8 @@ class DualNetworkMethod(SSLMethod):
         self.rampup_iters = int(rampup_iters)
 
     def term_weights(self, iteration: int) -> Dict[str, float]:
-        """The config weights, with ``pgl`` multiplied by ``lambda_c(iteration)`` (spec section 4.9) and ``cps``,
-        ``efs``, ``ue``, ``cos`` by ``r(iteration, rampup_iters)``."""
+        """The config weights, with ``pgl`` multiplied by ``lambda_c(iteration)`` (docs/methods/dual_network.md §8) and
+        ``cps``, ``efs``, ``ue``, ``cos`` by ``r(iteration, rampup_iters)``."""
         weights = dict(self.loss_weights)
         weights["pgl"] *= contrastive_ramp(iteration, self.max_iterations, self.pgl_ramp_max, self.pgl_ramp_step)
         ramp = sigmoid_rampup(iteration, self.rampup_iters)

@@ -1,5 +1,5 @@
 """DuCiSC (Wu, Wang, Cui, IEEE TMI 2025): dual cross-image semantic consistency in a mean teacher with self-aware
-thresholds (spec ``shared/specs/peer_methods.md`` section 1)."""
+thresholds (docs/methods/ducisc.md)."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ MIXED_TERMS = ("cs_mix", "proto_mix")
 class DuCiSCMethod(StudentTeacherMethod):
     """A deep-supervised V-Net student (:class:`~bundle.networks_peer.DeepSupervisedVNet`) and its EMA teacher.
 
-    One iteration at ``t`` (spec sections 1.1-1.4), with ``S = 4`` heads ``O^s`` and taps ``F^s`` (coarse to fine):
+    One iteration at ``t`` (docs/methods/ducisc.md), with ``S = 4`` heads ``O^s`` and taps ``F^s`` (coarse to fine):
 
     1. student on ``x_l`` -> ``O_l^s, F_l^s``; ``y^s`` = nearest-resized ground truth;
     2. (after the warm-up) teacher, no gradient, train mode, on the same ``x_u``: ``q^s = softmax(O_t^s)``,

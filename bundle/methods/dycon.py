@@ -1,5 +1,5 @@
 """DyCON (Assefa et al., CVPR 2025): uncertainty-aware consistency (UnCL) and focal entropy-aware contrastive
-learning (FeCL) in a mean teacher (spec ``shared/specs/peer_methods.md`` section 2)."""
+learning (FeCL) in a mean teacher (docs/methods/dycon.md)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ UNLABELED_TERMS = ("uncl", "fecl")
 class DyCONMethod(StudentTeacherMethod):
     """A V-Net student with a projection head (:class:`~bundle.networks_peer.ProjectionVNet`) and its EMA teacher.
 
-    One iteration at ``t`` (spec sections 2.1-2.5), ``x = cat(x_l, x_u)``:
+    One iteration at ``t`` (docs/methods/dycon.md), ``x = cat(x_l, x_u)``:
 
     1. student on ``x`` in one call -> logits ``z`` and embeddings ``e`` ``(B, E, H/8, W/8, D/8)``;
     2. teacher, no gradient, train mode, on ``x_u + xi`` (``xi = clip(noise_std N(0, 1), +-noise_clip)``; on all of

@@ -1,4 +1,4 @@
-"""Exponential-moving-average (EMA) teachers, shared by Mean Teacher, UA-MT and BCP (spec section 1.4).
+"""Exponential-moving-average (EMA) teachers, shared by Mean Teacher, UA-MT and BCP (docs/methods/README.md §4).
 
 ``theta_bar <- alpha_t theta_bar + (1 - alpha_t) theta`` after every optimizer step, on **parameters only**: the
 teacher's BatchNorm running statistics are its own (it runs in train mode and accumulates them from its own
@@ -17,9 +17,9 @@ from bundle.losses.tensor_ops import clipped_noise
 from bundle.methods.base import SSLMethod
 from bundle.networks import SoftmaxOutput
 
-#: which network a student-teacher method exports for validation and inference (spec section 2.5).
+#: which network a student-teacher method exports for validation and inference (docs/methods/README.md §4).
 STUDENT_TEACHER_INFER_NETS = ("student", "teacher")
-#: what happens to the teacher's buffers (BatchNorm running statistics) at an EMA update (spec section 2.6).
+#: what happens to the teacher's buffers (BatchNorm running statistics) at an EMA update (docs/methods/README.md §4).
 EMA_BUFFER_RULES = ("own", "copy")
 
 
@@ -117,7 +117,7 @@ class StudentTeacherMethod(SSLMethod):
     def teacher_forward(self, images: torch.Tensor, method: str = "forward"):
         """The teacher's ``method`` (``forward``, or e.g. ``forward_deep`` of a deep-supervised net) on ``images``,
         without gradient, in train mode by default (``teacher_train_mode``: dropout on, BatchNorm batch statistics,
-        spec section 2.6)."""
+        docs/methods/mean_teacher.md)."""
         was_training = self.teacher.training
         self.teacher.train(self.teacher_train_mode)
         try:

@@ -1,5 +1,5 @@
 """Mean Teacher (Tarvainen & Valpola, NeurIPS 2017) as used in 3D by SSL4MIS and UA-MT's LA recipe
-(spec ``shared/specs/baselines.md`` section 2)."""
+(docs/methods/mean_teacher.md)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ CONSISTENCY_TARGETS = ("unlabeled", "all")
 class MeanTeacherMethod(StudentTeacherMethod):
     """A student and its EMA teacher; the student matches the teacher's softmax on noisy inputs.
 
-    One iteration at ``t`` (spec section 2.2), with ``x = cat(x_l, x_u)`` of shape ``(B_l + B_u, C_in, H, W, D)``:
+    One iteration at ``t`` (docs/methods/mean_teacher.md), with ``x = cat(x_l, x_u)`` of shape ``(B_l + B_u, C_in, H, W,
+    D)``:
 
     1. student on ``x`` in **one** call (BatchNorm statistics mix labeled and unlabeled): ``z = f_theta(x)``,
        ``p = softmax_C(z)``;

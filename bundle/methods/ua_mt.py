@@ -1,5 +1,5 @@
 """Uncertainty-aware Mean Teacher, UA-MT (Yu et al., MICCAI 2019), as in the released LA code
-(spec ``shared/specs/baselines.md`` section 3)."""
+(docs/methods/ua_mt.md)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from bundle.methods.mean_teacher import MeanTeacherMethod
 
 
 def uncertainty_threshold(iteration: int, rampup_iters: int, num_classes: int = 2) -> float:
-    """``tau(t) = (3/4 + 1/4 r(t, t_max)) ln C`` (spec section 3.2, step 3), ``r`` the smooth ramp in **iterations**
-    (not quantised). For ``C = 2``, ``t_max = 6000``: 0.521028 at ``t = 0``, 0.569508 at 3000 and ``ln 2 = 0.693147``
-    from 6000 on (the fixtures of spec section 1.3)."""
+    """``tau(t) = (3/4 + 1/4 r(t, t_max)) ln C`` (docs/methods/ua_mt.md, Eq. UA-3), ``r`` the smooth ramp in
+    **iterations** (not quantised). For ``C = 2``, ``t_max = 6000``: 0.521028 at ``t = 0``, 0.569508 at 3000 and ``ln 2
+    = 0.693147`` from 6000 on (docs/methods/ua_mt.md, Eq. UA-3)."""
     return (0.75 + 0.25 * sigmoid_rampup(iteration, rampup_iters)) * math.log(num_classes)
 
 
@@ -32,7 +32,8 @@ class UncertaintyAwareMeanTeacherMethod(MeanTeacherMethod):
     """Mean Teacher whose consistency only covers voxels where the teacher is certain.
 
     Everything of :class:`~bundle.methods.mean_teacher.MeanTeacherMethod` (student on ``cat(x_l, x_u)``, one noisy
-    teacher pass as the target ``pbar``, EMA with warm-up, ``lambda(t)`` ramp of ``cons``), plus (spec section 3.2):
+    teacher pass as the target ``pbar``, EMA with warm-up, ``lambda(t)`` ramp of ``cons``), plus
+    (docs/methods/ua_mt.md):
 
     1. **Monte-Carlo uncertainty** with ``T = mc_samples`` (8): ``T / 2`` teacher passes under no_grad, each on the
        duplicated batch ``[x_u; x_u]`` (``2 B_u`` volumes) with a fresh clipped-Gaussian noise per voxel, dropout on:
