@@ -163,3 +163,12 @@ def test_cpu_allocator_cache_is_opt_in(tiny_dataset, tmp_path, monkeypatch, cach
     workflow.initialize()
     workflow.parser.get_parsed_content("train#trainer")
     assert calls == ([True] if cache else [])
+
+
+def test_console_shows_each_term_and_training_curves_are_written(tiny_dataset, tmp_path, capfd):
+    run_workflow(make_workflow(["train.json"], tiny_overrides(tiny_dataset, tmp_path, max_iterations=2)))
+    console = capfd.readouterr()
+    line = next(text for text in (console.out + console.err).splitlines() if "iteration 2/2" in text)
+    assert all(f"{name} " in line for name in ("sup", "cr", "cps", "efs", "ue", "pgl", "cos"))
+    figure = tmp_path / "training_curves.png"
+    assert figure.is_file() and figure.read_bytes()[:4] == b"\x89PNG" and figure.stat().st_size > 5000
