@@ -19,31 +19,33 @@ from monai.data import CacheDataset
 from bundle.data import DatasetError, build_datalists
 from bundle.transforms import LoadVolumed, check_volume_transforms
 
-#: expected types of train.json's top-level settings (any of them can be a ``--key value`` override).
+#: expected types of train.json's user-facing settings, by config path (each can be a ``--path value`` override).
 INT, FLOAT, BOOL, STR, INTS = (int,), (int, float), (bool,), (str,), "list of int"
 SETTING_TYPES: Dict[str, Any] = {
     **dict.fromkeys(
         (
-            "num_labeled in_channels out_channels base_width labeled_batch_size unlabeled_batch_size num_workers "
-            "max_iterations val_interval ckpt_interval log_interval seed sw_batch_size rampup_iters"
+            "num_labeled in_channels out_channels base_width max_iterations val_interval seed train#log_interval "
+            "train#dataloader#batch_size train#unlabeled_dataloader#batch_size train#dataloader#num_workers "
+            "train#checkpoint_saver#save_interval validate#inferer#sw_batch_size"
         ).split(),
         INT,
     ),
     **dict.fromkeys(
         (
-            "dropout resample_factor cache_rate learning_rate momentum weight_decay lr_gamma val_overlap "
-            "cr_threshold cps_threshold efs_percentile ue_temperature pgl_sample_fraction"
+            "resample_factor optimizer#lr optimizer#momentum optimizer#weight_decay lr_scheduler#gamma "
+            "train#dataset#cache_rate"
         ).split(),
         FLOAT,
     ),
     **dict.fromkeys(
-        "activation_checkpointing cpu_allocator_cache augment check_data pgl_detach_prototypes".split(), BOOL
+        "activation_checkpointing check_data train#preprocessing#augment train#trainer#cpu_allocator_cache".split(),
+        BOOL,
     ),
-    **dict.fromkeys("dataset_dir output_dir model_dir precision norm cr_mask efs_target ue_target".split(), STR),
-    **dict.fromkeys("patch_size lr_milestones sw_strides".split(), INTS),
+    **dict.fromkeys("dataset_dir output_dir model_dir train#trainer#precision".split(), STR),
+    **dict.fromkeys("patch_size sw_strides lr_scheduler#milestones".split(), INTS),
 }
 #: settings that may also be ``null``.
-OPTIONAL_SETTINGS = ("train_list", "val_list", "resume_from")
+OPTIONAL_SETTINGS = ("datalists#train_list", "datalists#val_list", "resume_from")
 
 
 def stop(title: str, lines: Sequence[str]) -> None:
@@ -65,18 +67,14 @@ def _type_problem(key: str, value: Any, expected: Any) -> Optional[str]:
     return None if ok else f"{key}: expected {name}, got {value!r} ({type(value).__name__})"
 
 
-def check_settings(**settings: Any) -> None:
-    """Check the type of each given top-level setting against :data:`SETTING_TYPES` (``loss_weights``: a dict of
-    numbers; :data:`OPTIONAL_SETTINGS`: a string or null) and stop naming every wrong key, before anything is built
-    (``--max_iterations abc`` would otherwise fail deep inside training with a ``TypeError`` naming no key)."""
+def check_settings(settings: Dict[str, Any]) -> None:
+    """Check the type of each setting (config path -> value) against :data:`SETTING_TYPES` (:data:`OPTIONAL_SETTINGS`:
+    a string or null) and stop naming every wrong key, before anything is built (``--max_iterations abc`` would
+    otherwise fail deep inside training with a ``TypeError`` naming no key). Method arguments are checked by the
+    method's own constructor."""
     problems = []
     for key, value in settings.items():
-        if key == "loss_weights":
-            if not isinstance(value, dict):
-                problems.append(f"loss_weights: expected a dict of term weights, got {value!r}")
-                continue
-            problems += filter(None, (_type_problem(f"loss_weights#{k}", v, FLOAT) for k, v in value.items()))
-        elif key in OPTIONAL_SETTINGS:
+        if key in OPTIONAL_SETTINGS:
             if value is not None and not isinstance(value, str):
                 problems.append(f"{key}: expected a path or null, got {value!r} ({type(value).__name__})")
         elif key in SETTING_TYPES:

@@ -59,7 +59,8 @@ def non_finite_entries(state: Mapping[str, Any]) -> List[str]:
 
 
 class ProgressLogger:
-    """Logs ``iteration t/T, loss, s/it, ETA`` every ``interval`` iterations (and at the last one).
+    """Logs ``iteration t/T, loss, (each unweighted term), s/it, ETA`` every ``interval`` iterations (and at the
+    last one).
 
     MONAI's ``StatsHandler`` prints every term but neither the iteration budget nor the time left, which is what a
     user waiting on a CPU run wants to see.
@@ -88,9 +89,11 @@ class ProgressLogger:
         done = iteration - self._start_iteration
         per_iteration = (time.perf_counter() - self._start) / max(done, 1)
         eta = per_iteration * max(self.max_iterations - iteration, 0)
-        loss = float(engine.state.output["loss"]) if isinstance(engine.state.output, dict) else float("nan")
+        output = engine.state.output if isinstance(engine.state.output, dict) else {}
+        loss = float(output.get("loss", float("nan")))
+        terms = "  ".join(f"{k[len('loss_'):]} {float(v):.4f}" for k, v in output.items() if k.startswith("loss_"))
         self.logger.info(
-            f"iteration {iteration}/{self.max_iterations}  loss {loss:.4f}  {per_iteration:.2f} s/it  "
+            f"iteration {iteration}/{self.max_iterations}  loss {loss:.4f}  ({terms})  {per_iteration:.2f} s/it  "
             f"ETA {eta / 60:.1f} min"
         )
 

@@ -109,8 +109,8 @@ class SubnetDisagreement(nn.Module):
     """Wraps the ensemble (submodules ``net_a`` and ``net_b`` returning logits) for ``SlidingWindowInferer``.
 
     ``forward(x)``: ``(N, in_channels, *S)`` -> ``(prob (N, C, *S), disagreement (N, 1, *S))``, where ``prob`` is
-    the mean of the two softmaxes, exactly the ensemble's output (spec section 6), and both are stitched by the
-    inferer like any output.
+    the mean of the two softmaxes, exactly the ensemble's output (docs/methods/dual_network.md §1), and both are
+    stitched by the inferer like any output.
     """
 
     def __init__(self, ensemble: nn.Module) -> None:

@@ -12,7 +12,7 @@ Feature maps, for an input of shape ``(N, in_channels, H, W, D)`` and ``f = base
 
 ``forward(x)`` returns the logits ``(N, out_channels, H, W, D)`` only (TorchScript-able);
 ``forward_features(x)`` also returns the decoder features ``x9`` ``(N, f, H, W, D)`` after dropout, which the
-prototype loss uses. See ``shared/specs/dual_network_method.md`` section 3.
+prototype loss uses. See docs/methods/dual_network.md §1.
 
 ``activation_checkpointing=True`` keeps only the inputs of the full- and half-resolution stages (encoder stem and
 first stage, last two decoder stages) during a training forward and recomputes their insides in backward
@@ -161,7 +161,8 @@ class UpBlock(nn.Module):
 
 
 class AdditiveSkipDecoder(nn.Module):
-    """Decoder shared by both subnets (spec section 3): four :class:`UpBlock` with 3, 3, 2, 1 convolutions.
+    """Decoder shared by both subnets (docs/methods/dual_network.md §1): four :class:`UpBlock` with 3, 3, 2, 1
+    convolutions.
 
     ``forward(skips)`` takes ``[s1, s2, s3, s4, s5]`` (widths ``f, 2f, 4f, 8f, 16f``) and returns ``x9``
     ``(N, f, H, W, D)`` after ``Dropout3d(dropout)`` (active in training mode only).
@@ -266,25 +267,29 @@ class VNetEncoder(nn.Module):
 class EncoderDecoderSeg(nn.Module):
     """Encoder + :class:`AdditiveSkipDecoder` + ``1^3`` convolution head; the common body of both subnets.
 
+    Subclasses choose the encoder (:meth:`build_encoder`), a module mapping ``(N, in_channels, H, W, D)`` to
+    ``[s1, .., s5]`` of widths ``f .. 16f``.
+
     Args:
-        encoder: module mapping ``(N, in_channels, H, W, D)`` to ``[s1, .., s5]`` of widths ``f .. 16f``.
+        in_channels: image channels.
         out_channels: number of classes ``C >= 2``.
         base_width: ``f``, the width of ``s1`` and of the decoder features.
         norm: MONAI norm spec.
-        dropout: ``Dropout3d`` probability on the decoder features ``x9``.
+        dropout: ``Dropout3d`` probability on the decoder features ``x9`` (and wherever the encoder puts it).
         activation_checkpointing: see :meth:`set_activation_checkpointing`.
     """
 
     def __init__(
         self,
-        encoder: nn.Module,
-        out_channels: int,
-        base_width: int,
-        norm: NormSpec,
-        dropout: float,
+        in_channels: int = 1,
+        out_channels: int = 2,
+        base_width: int = 16,
+        norm: NormSpec = "batch",
+        dropout: float = 0.5,
         activation_checkpointing: bool = False,
     ) -> None:
         super().__init__()
+        encoder = self.build_encoder(in_channels, base_width, norm, dropout)
         if out_channels < 2:
             raise ValueError(f"out_channels must be >= 2 (softmax over classes), got {out_channels}.")
         self.encoder = encoder
@@ -292,6 +297,10 @@ class EncoderDecoderSeg(nn.Module):
         self.head = nn.Conv3d(base_width, out_channels, kernel_size=1)
         init_weights(self)
         self.set_activation_checkpointing(activation_checkpointing)
+
+    def build_encoder(self, in_channels: int, base_width: int, norm: NormSpec, dropout: float) -> nn.Module:
+        """The encoder of the subclass (:class:`ResNet34Seg`, :class:`VNetSeg`)."""
+        raise NotImplementedError
 
     def set_activation_checkpointing(self, enabled: bool) -> None:
         """Recompute the full- and half-resolution stages in backward (``enabled``) or keep their activations.
@@ -321,23 +330,9 @@ class ResNet34Seg(EncoderDecoderSeg):
     17,930,354 parameters for ``in_channels=1, out_channels=2, base_width=16, norm="batch"``.
     """
 
-    def __init__(
-        self,
-        in_channels: int = 1,
-        out_channels: int = 2,
-        base_width: int = 16,
-        norm: NormSpec = "batch",
-        dropout: float = 0.5,
-        activation_checkpointing: bool = False,
-    ) -> None:
-        super().__init__(
-            ResNet34Encoder(in_channels, base_width, norm),
-            out_channels,
-            base_width,
-            norm,
-            dropout,
-            activation_checkpointing,
-        )
+    def build_encoder(self, in_channels: int, base_width: int, norm: NormSpec, dropout: float) -> nn.Module:
+        """:class:`ResNet34Encoder` (no dropout in the encoder)."""
+        return ResNet34Encoder(in_channels, base_width, norm)
 
 
 class VNetSeg(EncoderDecoderSeg):
@@ -346,27 +341,13 @@ class VNetSeg(EncoderDecoderSeg):
     9,448,866 parameters for ``in_channels=1, out_channels=2, base_width=16, norm="batch"``.
     """
 
-    def __init__(
-        self,
-        in_channels: int = 1,
-        out_channels: int = 2,
-        base_width: int = 16,
-        norm: NormSpec = "batch",
-        dropout: float = 0.5,
-        activation_checkpointing: bool = False,
-    ) -> None:
-        super().__init__(
-            VNetEncoder(in_channels, base_width, norm, dropout),
-            out_channels,
-            base_width,
-            norm,
-            dropout,
-            activation_checkpointing,
-        )
+    def build_encoder(self, in_channels: int, base_width: int, norm: NormSpec, dropout: float) -> nn.Module:
+        """:class:`VNetEncoder` with ``Dropout3d(dropout)`` on its bottleneck."""
+        return VNetEncoder(in_channels, base_width, norm, dropout)
 
 
 class SoftmaxEnsemble(nn.Module):
-    """Inference network: the mean of the two subnets' softmax probabilities (spec section 6).
+    """Inference network: the mean of the two subnets' softmax probabilities (docs/methods/dual_network.md §1).
 
     ``forward(x)``: ``(N, in_channels, H, W, D)`` -> ``(N, C, H, W, D)`` probabilities summing to 1 over ``C``.
     Its state dict keys are ``net_a.*`` and ``net_b.*`` (the layout of ``models/model.pt``).

@@ -1,8 +1,8 @@
-"""Network variants of the peer methods (spec ``shared/specs/peer_methods.md``), built on :class:`VNetSeg`.
+"""Network variants of the peer methods (docs/methods/ducisc.md, docs/methods/dycon.md), built on :class:`VNetSeg`.
 
-* :class:`DeepSupervisedVNet` (DuCiSC, spec section 1.2): the V-Net with three extra ``1^3`` deep-supervision heads
-  and the four decoder feature taps used for prototypes.
-* :class:`ProjectionVNet` (DyCON's "VNet" backbone for LA, spec section 2.2): the V-Net plus a projection head on
+* :class:`DeepSupervisedVNet` (DuCiSC, docs/methods/ducisc.md): the V-Net with three extra ``1^3`` deep-supervision
+  heads and the four decoder feature taps used for prototypes.
+* :class:`ProjectionVNet` (DyCON's "VNet" backbone for LA, docs/methods/dycon.md): the V-Net plus a projection head on
   the bottleneck that yields one L2-normalisable embedding per ``8^3`` input block.
 
 Both keep ``forward(x) -> logits (N, C, H, W, D)`` of the full-resolution head, so an inference wrapper
@@ -12,7 +12,7 @@ Both keep ``forward(x) -> logits (N, C, H, W, D)`` of the full-resolution head, 
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import torch
 from monai.networks.blocks import SimpleASPP
@@ -20,11 +20,11 @@ from monai.networks.layers.utils import get_norm_layer
 from torch import nn
 from torch.nn import functional as F
 
-from bundle.networks import NormSpec, VNetSeg, check_spatial_shape, init_weights
+from bundle.networks import VNetSeg, check_spatial_shape, init_weights
 
 
 class DeepSupervisedVNet(VNetSeg):
-    """V-Net with deep supervision (DuCiSC, spec section 1.2): logits at four scales plus four decoder taps.
+    """V-Net with deep supervision (DuCiSC, docs/methods/ducisc.md): logits at four scales plus four decoder taps.
 
     With ``f = base_width`` and the decoder stage ``k`` computing ``u = ReLU(norm(ConvT(x))) + skip`` before its
     convolutions, the taps are (coarse to fine) ``u4`` ``(N, 8f, H/8, W/8, D/8)``, ``u3`` ``(N, 4f, H/4, ..)``,
@@ -36,16 +36,10 @@ class DeepSupervisedVNet(VNetSeg):
     ``3 (8f + 4f + 2f) C + 3 C`` for the heads.
     """
 
-    def __init__(
-        self,
-        in_channels: int = 1,
-        out_channels: int = 2,
-        base_width: int = 16,
-        norm: NormSpec = "batch",
-        dropout: float = 0.5,
-        activation_checkpointing: bool = False,
-    ) -> None:
-        super().__init__(in_channels, out_channels, base_width, norm, dropout, activation_checkpointing)
+    def __init__(self, **vnet_args: Any) -> None:
+        """``vnet_args``: those of :class:`~bundle.networks.VNetSeg`."""
+        super().__init__(**vnet_args)
+        base_width, out_channels = self.head.in_channels, self.head.out_channels
         self.ds_heads = nn.ModuleList(
             [nn.Conv3d(base_width * m, out_channels, kernel_size=1) for m in (8, 4, 2)]
         )  # on u4, u3, u2
@@ -66,7 +60,7 @@ class DeepSupervisedVNet(VNetSeg):
 
 
 class ProjectionHead(nn.Module):
-    """DyCON's projection head (spec section 2.2): trilinear ``x upsample`` (align_corners True), then
+    """DyCON's projection head (docs/methods/dycon.md): trilinear ``x upsample`` (align_corners True), then
     ``Conv 1^3 (in -> hidden) -> BN [-> ReLU] -> Conv 1^3 (hidden -> embed) [-> BN]``.
 
     ``variant="vnet"`` (the head of the released V-Net, used for LA): no ReLU and no final norm; ``"unet"`` (the 3D
@@ -98,7 +92,7 @@ class ProjectionHead(nn.Module):
 
 
 class ProjectionVNet(VNetSeg):
-    """V-Net + DyCON projection head on the bottleneck (spec section 2.2, "DyCON (VNet)" of the LA table).
+    """V-Net + DyCON projection head on the bottleneck (docs/methods/dycon.md, "DyCON (VNet)" of the LA table).
 
     The bottleneck ``s5`` ``(N, 16f, H/16, W/16, D/16)`` (after its ``Dropout3d``), optionally through an ASPP
     (MONAI :class:`~monai.networks.blocks.SimpleASPP`, branches ``1^3`` and ``3^3`` with dilations 6, 12, 18, BN +
@@ -114,19 +108,15 @@ class ProjectionVNet(VNetSeg):
 
     def __init__(
         self,
-        in_channels: int = 1,
-        out_channels: int = 2,
-        base_width: int = 16,
-        norm: NormSpec = "batch",
-        dropout: float = 0.5,
         embed_channels: int = 256,
         hidden_channels: int = 512,
         head_variant: str = "vnet",
         use_aspp: bool = False,
-        activation_checkpointing: bool = False,
+        **vnet_args: Any,
     ) -> None:
-        super().__init__(in_channels, out_channels, base_width, norm, dropout, activation_checkpointing)
-        width = 16 * base_width
+        """``vnet_args``: those of :class:`~bundle.networks.VNetSeg`; the others: see :class:`ProjectionHead`."""
+        super().__init__(**vnet_args)
+        width = 16 * self.head.in_channels
         self.aspp: Optional[nn.Module] = None
         if use_aspp:
             self.aspp = nn.Sequential(

@@ -36,6 +36,19 @@ def _save(array: np.ndarray, path: str, affine: np.ndarray) -> None:
     nib.save(nib.Nifti1Image(array, affine), path)
 
 
+def synthetic_labeled_count(root: str) -> int:
+    """The number of labeled training items of the dataset at ``root``; -1 when there is no ``dataset.json``, and a
+    large number when it is not a synthetic dataset (user data is never rewritten)."""
+    path = os.path.join(root, "dataset.json")
+    if not os.path.isfile(path):
+        return -1
+    with open(path) as handle:
+        spec = json.load(handle)
+    if spec.get("name") != "synthetic":
+        return 2**31
+    return sum("label" in item for item in spec.get("training", []))
+
+
 def ensure_synthetic_dataset(
     root: str,
     num_labeled: int = 8,
@@ -44,12 +57,16 @@ def ensure_synthetic_dataset(
     shape: Tuple[int, int, int] = (64, 64, 48),
     seed: int = 20241124,
 ) -> str:
-    """Create the synthetic dataset at ``root`` unless ``root/dataset.json`` already exists; return ``root``.
+    """Create the synthetic dataset at ``root`` unless ``root/dataset.json`` already exists with at least
+    ``num_labeled`` labeled training items; return ``root``.
 
+    Volume ``i`` is the same whatever the split (one seeded generator, drawn in order): a request for more labeled
+    items (``train.json`` passes ``max(8, num_labeled)``) rewrites the dataset with the labels of the first
+    ``num_labeled`` volumes, the next ``num_unlabeled`` unlabeled and the last ``num_validation`` for validation.
     Written into a temporary folder beside ``root`` and renamed, so an interrupted run never leaves a half-made
-    dataset. Same arguments, same bytes: the generator is seeded.
+    dataset. Same arguments, same bytes.
     """
-    if os.path.isfile(os.path.join(root, "dataset.json")):
+    if synthetic_labeled_count(root) >= num_labeled:
         return root
     parent = os.path.dirname(os.path.abspath(root))
     os.makedirs(parent, exist_ok=True)

@@ -178,7 +178,7 @@ class SSLTrainer(SupervisedTrainer):
         under fp16 AMP); fires ``FORWARD_COMPLETED``, ``LOSS_COMPLETED`` and ``BACKWARD_COMPLETED``."""
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
         with autocast(precision, engine.state.device):
-            terms = engine.network(image, label.long(), unlabeled, iteration)
+            terms = engine.network(image, label.long(), unlabeled, iteration, weights)
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
             loss = sum(weights[name] * value for name, value in terms.items())
         engine.fire_event(IterationEvents.LOSS_COMPLETED)

@@ -15,7 +15,7 @@ import fire
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bundle.benchmark import accuracy, inference_memory, report, speed  # noqa: E402
+from benchmarking.runs import accuracy, inference_memory, report, speed  # noqa: E402
 
 if __name__ == "__main__":
     fire.Fire({"accuracy": accuracy, "speed": speed, "memory": inference_memory, "report": report})

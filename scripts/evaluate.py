@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any
 
 import fire
 
@@ -22,17 +22,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the bundle root,
 from bundle.evaluation import evaluate_folders, format_summary  # noqa: E402
 
 
-def main(
-    pred_dir: str,
-    label_dir: str,
-    output_dir: str,
-    image_dir: Optional[str] = None,
-    classes: Optional[Sequence[int]] = None,
-    num_slices: int = 3,
-) -> None:
-    """Evaluate ``pred_dir`` against ``label_dir``; see the module docstring."""
+def main(pred_dir: str, label_dir: str, output_dir: str, **options: Any) -> None:
+    """Evaluate ``pred_dir`` against ``label_dir``; ``options``: ``image_dir``, ``classes``, ``num_slices`` of
+    :func:`bundle.evaluation.evaluate_folders`; see the module docstring."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    summary = evaluate_folders(pred_dir, label_dir, output_dir, image_dir, classes, num_slices)
+    summary = evaluate_folders(pred_dir, label_dir, output_dir, **options)
     print(f"{summary['num_cases']} cases, {len(summary['empty_predictions'])} empty predictions -> {output_dir}")
     print(format_summary(summary["metrics"]))
 

@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bundle.benchmark import method_configs, parse_bundle  # noqa: E402
+from benchmarking.runs import method_configs, parse_bundle, protocol_overrides  # noqa: E402
 from bundle.data import la_items, read_case_list  # noqa: E402
 from bundle.losses.reliability import entropy_uncertain, union_pseudo_label  # noqa: E402
 from bundle.transforms import training_transforms  # noqa: E402
@@ -91,7 +91,8 @@ def probe(
     ``cosine`` between them, averaged over ``batches`` batches of 2 labeled + 2 unlabeled crops at ``iteration``
     (which sets the ramps); and :func:`pseudo_label_stats` on the unlabeled crops. ``method`` is a preset with a
     dual-network or a student-teacher method."""
-    parser = parse_bundle(method_configs(method, "cpu"), {"dataset_dir": dataset_dir, **overrides})
+    configs = method_configs(method, "cpu")
+    parser = parse_bundle(configs, {"dataset_dir": dataset_dir, **protocol_overrides(configs), **overrides})
     model = parser.get_parsed_content("method")
     if checkpoint:
         model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["method"])

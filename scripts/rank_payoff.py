@@ -1,5 +1,6 @@
 """Does ranking pay? From K = 4 labeled LA cases, label 4 more chosen by the model's uncertainty, at random (3
-draws) or as the next of the list, retrain each, and compare on the same 20 test cases (``bundle/rank_payoff.py``).
+draws) or as the next of the list, retrain each, and compare on the same 20 test cases
+(``benchmarking/rank_payoff.py``).
 
 Run from the bundle root, then regenerate the report::
 
@@ -14,7 +15,7 @@ import fire
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bundle.rank_payoff import payoff  # noqa: E402
+from benchmarking.rank_payoff import payoff  # noqa: E402
 
 if __name__ == "__main__":
     fire.Fire(payoff)

@@ -12,6 +12,16 @@ from monai.bundle import ConfigWorkflow
 
 from bundle.synthetic import ensure_synthetic_dataset
 from tests.conftest import REPO_ROOT
+from tests.test_training import make_workflow, tiny_overrides
+
+__all__ = [
+    "bundle_overrides",
+    "make_workflow",
+    "record_iterations",
+    "run_workflow",
+    "tiny_nifti_dataset",
+    "train_tiny_overlay",
+]
 
 
 def tiny_nifti_dataset(root: Path) -> Path:
@@ -48,31 +58,7 @@ def poisoned_la_dataset(root: Path, poison: Optional[str], num_cases: int = 4, n
 
 def bundle_overrides(dataset_dir, out_dir: Path, **extra) -> Dict:
     """The tiny-run overrides of ``tests/test_training.py`` (16^3 patches, base width 4, 3 iterations)."""
-    overrides = {
-        "dataset_dir": str(dataset_dir),
-        "output_dir": str(out_dir),
-        "model_dir": str(out_dir / "models"),
-        "patch_size": [16, 16, 16],
-        "base_width": 4,
-        "num_labeled": 2,
-        "max_iterations": 3,
-        "val_interval": 3,
-        "ckpt_interval": 2,
-        "sw_batch_size": 2,
-    }
-    overrides.update(extra)
-    return overrides
-
-
-def make_workflow(configs: List[str], overrides: Dict) -> ConfigWorkflow:
-    files = [str(REPO_ROOT / "configs" / c) for c in configs]
-    return ConfigWorkflow(
-        config_file=files,
-        meta_file=str(REPO_ROOT / "configs" / "metadata.json"),
-        logging_file=str(REPO_ROOT / "configs" / "logging.conf"),
-        workflow_type="train",
-        **overrides,
-    )
+    return tiny_overrides(str(dataset_dir), out_dir, **extra)
 
 
 def record_iterations(workflow: ConfigWorkflow) -> List[Dict[str, float]]:
@@ -94,6 +80,18 @@ def run_workflow(workflow: ConfigWorkflow) -> ConfigWorkflow:
     workflow.run()
     workflow.finalize()
     return workflow
+
+
+def train_tiny_overlay(tmp_path_factory, method: str, overrides: Dict) -> Dict:
+    """One 3-iteration bundle run of ``configs/methods/<method>.json`` on :func:`tiny_nifti_dataset` with
+    ``overrides``: ``{"data", "out", "workflow", "history"}`` (``history``: :func:`record_iterations`)."""
+    data = tiny_nifti_dataset(tmp_path_factory.mktemp(f"{method}_data"))
+    out = tmp_path_factory.mktemp(f"{method}_run")
+    workflow = make_workflow(["train.json", f"methods/{method}.json"], bundle_overrides(data, out, **overrides))
+    workflow.initialize()
+    history = record_iterations(workflow)
+    run_workflow(workflow)
+    return {"data": data, "out": out, "workflow": workflow, "history": history}
 
 
 def segment_with_inference_overlay(overlay: str, trained: Dict, out_dir: Path, **overrides) -> np.ndarray:

@@ -111,7 +111,7 @@ def test_train_json_enables_checkpointing_and_override_disables_it():
         parser.read_config("configs/train.json")
         if not value:
             parser["activation_checkpointing"] = False
-        for key in ("network_a_def", "network_b_def"):
+        for key in ("method#network_a", "method#network_b"):
             net = parser.get_parsed_content(key)
             stages = (net.encoder.stem, net.encoder.stages[0], net.decoder.stages[2], net.decoder.stages[3])
             assert all(stage.checkpoint_activations is value for stage in stages)

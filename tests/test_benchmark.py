@@ -6,7 +6,7 @@ import shlex
 import numpy as np
 import pytest
 
-from bundle.benchmark import accuracy, bundle_command, report, split_lists, write_json
+from benchmarking.runs import accuracy, bundle_command, report, split_lists, write_json
 
 
 def test_split_lists_trains_on_the_first_cases_and_tests_on_the_rest(tmp_path):
@@ -20,17 +20,23 @@ def test_split_lists_trains_on_the_first_cases_and_tests_on_the_rest(tmp_path):
 
 
 def test_bundle_command_passes_every_override_as_monai_bundle_reads_it():
-    overrides = {"num_labeled": 8, "patch_size": [64, 64, 32], "val_list": None, "dataset_dir": "/d"}
+    overrides = {"num_labeled": 8, "patch_size": [64, 64, 32], "datalists#val_list": None, "dataset_dir": "/d"}
     command = bundle_command("training", ["configs/train.json", "configs/methods/cps.json"], overrides)
     assert command[1:5] == ["-m", "monai.bundle", "run", "training"]
     assert json.loads(command[6]) == ["configs/train.json", "configs/methods/cps.json"]
     flags = dict(zip(command[7::2], command[8::2]))
-    assert flags == {"--num_labeled": "8", "--patch_size": "[64,64,32]", "--val_list": "None", "--dataset_dir": "/d"}
+    flag_values = {
+        "--num_labeled": "8",
+        "--patch_size": "[64,64,32]",
+        "--datalists#val_list": "None",
+        "--dataset_dir": "/d",
+    }
+    assert flags == flag_values
     assert shlex.split(shlex.join(command)) == command
 
 
 def test_read_metrics_flattens_the_evaluation_summary(tmp_path):
-    from bundle.benchmark import read_metrics
+    from benchmarking.runs import read_metrics
     from bundle.evaluation import MetricsReport
 
     report_ = MetricsReport(str(tmp_path), num_slices=0)
@@ -118,5 +124,5 @@ def test_report_summarises_seeds_and_compares_each_row_with_its_reference(tmp_pa
 
 def test_accuracy_overrides_need_a_variant_name(tmp_path):
     with pytest.raises(ValueError, match="--variant"):
-        accuracy(str(tmp_path), method="dual_journal", **{"loss_weights#pgl": 0})
+        accuracy(str(tmp_path), method="dual_journal", **{"method#loss_weights#pgl": 0})
     assert list(tmp_path.iterdir()) == []  # refused before any split or run folder is written

@@ -189,23 +189,34 @@ def test_check_data_command(tmp_path):
     "settings, message",
     [
         ({"max_iterations": "abc"}, "max_iterations: expected an integer, got 'abc' (str)"),
-        ({"augment": "false"}, "augment: expected true or false (True/False on the command line), got 'false' (str)"),
+        (
+            {"train#preprocessing#augment": "false"},
+            "train#preprocessing#augment: expected true or false (True/False on the command line), got 'false' (str)",
+        ),
         (
             {"patch_size": [96, "a", 96]},
             "patch_size: expected a list of integers, e.g. [96,96,96], got [96, 'a', 96] (list)",
         ),
-        ({"loss_weights": {"sup": 1, "pgl": "x"}}, "loss_weights#pgl: expected a number, got 'x' (str)"),
-        ({"learning_rate": True}, "learning_rate: expected a number, got True (bool)"),
+        ({"optimizer#lr": True}, "optimizer#lr: expected a number, got True (bool)"),
+        ({"datalists#val_list": 3}, "datalists#val_list: expected a path or null, got 3 (int)"),
     ],
 )
 def test_settings_of_the_wrong_type_name_the_key(settings, message):
     with pytest.raises(SystemExit) as info:
-        check_settings(**settings)
+        check_settings(settings)
     assert str(info.value.code).splitlines()[1:] == [f"  {message}"]
 
 
 def test_good_settings_pass():
-    check_settings(max_iterations=5, learning_rate=1, augment=False, patch_size=[8, 8, 8], resume_from=None)
+    check_settings(
+        {
+            "max_iterations": 5,
+            "optimizer#lr": 1,
+            "train#preprocessing#augment": False,
+            "patch_size": [8, 8, 8],
+            "resume_from": None,
+        }
+    )
 
 
 def test_unwritable_output_folder_is_named(tmp_path):

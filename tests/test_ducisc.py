@@ -27,7 +27,7 @@ from tests.peer_helpers import (
     record_iterations,
     run_workflow,
     segment_with_inference_overlay,
-    tiny_nifti_dataset,
+    train_tiny_overlay,
 )
 
 WEIGHTS = {"sup": 1.0, "cs_ulb": 0.3, "cs_mix": 0.1, "proto_ulb": 0.1, "proto_mix": 0.1}
@@ -239,20 +239,14 @@ def test_inference_network_is_the_student_softmax():
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """One 3-iteration bundle run of the overlay on tiny NIfTI data, all terms on from the first iteration."""
-    data = tiny_nifti_dataset(tmp_path_factory.mktemp("ducisc_data"))
-    out = tmp_path_factory.mktemp("ducisc_run")
-    workflow = make_workflow(["train.json", "methods/ducisc.json"], bundle_overrides(data, out, warmup_iters=0))
-    workflow.initialize()
-    history = record_iterations(workflow)
-    run_workflow(workflow)
-    return {"data": data, "out": out, "workflow": workflow, "history": history}
+    return train_tiny_overlay(tmp_path_factory, "ducisc", {"method#warmup_iters": 0})
 
 
 def test_overlay_trains_every_term_and_writes_model(trained):
     workflow, history = trained["workflow"], trained["history"]
     trainer = workflow.parser.get_parsed_content("train#trainer")
     assert trainer.state.iteration == 3 and len(history) == 3
-    assert workflow.parser["augment"] is True
+    assert workflow.parser["train#preprocessing#augment"] is True
     for output in history:
         assert {f"loss_{name}" for name in WEIGHTS} <= set(output)
         assert all(math.isfinite(v) for v in output.values())
@@ -263,10 +257,11 @@ def test_overlay_trains_every_term_and_writes_model(trained):
 
 
 def test_overlay_default_warmup_scales_with_short_runs(tmp_path):
-    workflow = make_workflow(["train.json", "methods/ducisc.json"], {"max_iterations": 600})
-    assert workflow.parser.get_parsed_content("warmup_iters") == 200
-    workflow = make_workflow(["train.json", "methods/ducisc.json"], {"max_iterations": 15000})
-    assert workflow.parser.get_parsed_content("warmup_iters") == 2000
+    small = {"method#student#base_width": 4}
+    workflow = make_workflow(["train.json", "methods/ducisc.json"], {"max_iterations": 600, **small})
+    assert workflow.parser.get_parsed_content("method").warmup_iters == 200
+    workflow = make_workflow(["train.json", "methods/ducisc.json"], {"max_iterations": 15000, **small})
+    assert workflow.parser.get_parsed_content("method").warmup_iters == 2000
 
 
 def test_saved_model_runs_through_inference_json_with_overlay(trained, tmp_path):
@@ -282,7 +277,7 @@ def test_poisoned_unlabeled_labels_change_no_loss(tmp_path):
         data = poisoned_la_dataset(tmp_path / f"la_{poison}", poison)
         workflow = make_workflow(
             ["train.json", "methods/ducisc.json"],
-            bundle_overrides(data, tmp_path / f"out_{poison}", warmup_iters=0, max_iterations=2),
+            bundle_overrides(data, tmp_path / f"out_{poison}", max_iterations=2, **{"method#warmup_iters": 0}),
         )
         workflow.initialize()
         datalists = workflow.parser.get_parsed_content("datalists")

@@ -23,7 +23,7 @@ from tests.peer_helpers import (
     record_iterations,
     run_workflow,
     segment_with_inference_overlay,
-    tiny_nifti_dataset,
+    train_tiny_overlay,
 )
 
 WEIGHTS = {"sup": 1.0, "uncl": 1.0, "fecl": 1.0}
@@ -191,25 +191,19 @@ def test_fecl_tokens_come_from_the_teacher_not_from_a_label():
 
 
 # -------------------------------------------------------------------------------------------------- bundle
-TINY = {"patch_size": [32, 32, 16], "embed_channels": 16, "projection_hidden_channels": 32}
+TINY = {"patch_size": [32, 32, 16], "method#student#embed_channels": 16, "method#student#hidden_channels": 32}
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """One 3-iteration bundle run of the overlay on tiny NIfTI data (32x32x16 patches: 4x4x2 tokens)."""
-    data = tiny_nifti_dataset(tmp_path_factory.mktemp("dycon_data"))
-    out = tmp_path_factory.mktemp("dycon_run")
-    workflow = make_workflow(["train.json", "methods/dycon.json"], bundle_overrides(data, out, **TINY))
-    workflow.initialize()
-    history = record_iterations(workflow)
-    run_workflow(workflow)
-    return {"data": data, "out": out, "workflow": workflow, "history": history}
+    return train_tiny_overlay(tmp_path_factory, "dycon", TINY)
 
 
 def test_overlay_trains_every_term_and_writes_model(trained):
     workflow, history = trained["workflow"], trained["history"]
     assert workflow.parser.get_parsed_content("train#trainer").state.iteration == 3 and len(history) == 3
-    assert workflow.parser["augment"] is True
+    assert workflow.parser["train#preprocessing#augment"] is True
     for output in history:
         assert {f"loss_{name}" for name in WEIGHTS} <= set(output)
         assert all(math.isfinite(v) for v in output.values())
@@ -219,7 +213,14 @@ def test_overlay_trains_every_term_and_writes_model(trained):
 
 def test_saved_model_runs_through_inference_json_with_overlay(trained, tmp_path):
     mask = segment_with_inference_overlay(
-        "dycon_inference.json", trained, tmp_path / "pred", base_width=4, sw_strides=[8, 8, 8], **TINY
+        "dycon_inference.json",
+        trained,
+        tmp_path / "pred",
+        base_width=4,
+        sw_strides=[8, 8, 8],
+        patch_size=TINY["patch_size"],
+        embed_channels=16,
+        projection_hidden_channels=32,
     )
     assert mask.ndim == 3 and set(np.unique(mask)) <= {0, 1}
 

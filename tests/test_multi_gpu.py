@@ -23,6 +23,7 @@ from torch import nn
 from bundle import distributed
 from bundle.synthetic import ensure_synthetic_dataset
 from tests.conftest import REPO_ROOT
+from tests.test_training import tiny_overrides as training_overrides
 
 ITERATIONS = 3
 
@@ -91,20 +92,9 @@ def torchrun(configs, overrides, probe_dir: Path, timeout: int = 300) -> subproc
 
 
 def tiny_overrides(dataset_dir, out_dir, **extra):
-    overrides = {
-        "dataset_dir": dataset_dir,
-        "output_dir": str(out_dir),
-        "model_dir": str(out_dir / "models"),
-        "patch_size": [16, 16, 16],
-        "base_width": 4,
-        "num_labeled": 4,
-        "max_iterations": ITERATIONS,
-        "val_interval": ITERATIONS,
-        "ckpt_interval": 2,
-        "sw_batch_size": 2,
-    }
-    overrides.update(extra)
-    return overrides
+    """The tiny run of ``tests/test_training.py`` with 4 labeled items and ``ITERATIONS`` iterations."""
+    settings = {"num_labeled": 4, "max_iterations": ITERATIONS, "val_interval": ITERATIONS, **extra}
+    return training_overrides(dataset_dir, out_dir, **settings)
 
 
 def load_records(probe_dir: Path):

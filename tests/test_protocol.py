@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarking.runs import protocol_overrides, resolved_hyperparameters
 from bundle.losses.baselines import HalfCEDiceLoss
 from bundle.methods.supervised_vnet import SupervisedVNetMethod
 from bundle.transforms import training_transforms
+from tests.conftest import REPO_ROOT
 from tests.test_baselines import tiny_conv_net
 from tests.test_training import make_workflow, run_workflow, tiny_overrides
 
@@ -17,8 +19,11 @@ SINGLE_VNET_METHODS = ("mean_teacher", "ua_mt", "cps", "bcp", "supervised_vnet")
 
 
 def protocol_parser(method, **overrides):
+    """The configs of a ``cpu`` benchmark run of ``method``, with the protocol's method arguments applied as
+    ``scripts/benchmark.py`` applies them."""
     configs = ["train.json", "datasets/la.json", f"methods/{method}.json", "benchmark/la_cpu.json"]
-    return make_workflow(configs, {"dataset_dir": ".", **overrides}).parser
+    method_args = protocol_overrides([str(REPO_ROOT / "configs" / c) for c in configs])
+    return make_workflow(configs, {"dataset_dir": ".", **method_args, **overrides}).parser
 
 
 def test_supervised_vnet_is_half_ce_plus_dice_of_one_net_on_the_labeled_batch():
@@ -77,8 +82,11 @@ def test_protocol_ramps_every_unlabeled_term_over_250_absolute_iterations(iterat
 
 def test_protocol_learning_rate_is_high_while_the_ramps_finish():
     parser = protocol_parser("mean_teacher")
-    assert parser["rampup_iters"] == 250 < parser["lr_milestones"][0] == 650
-    assert parser["max_iterations"] == 1000 and parser["precision"] == "bf16"
+    assert parser["method#rampup_iters"] == 250 < parser["lr_scheduler#milestones"][0] == 650
+    assert parser["max_iterations"] == 1000 and parser["train#trainer#precision"] == "bf16"
+    # methods without a ramp do not get the argument (as before methods held their own arguments)
+    for method in ("bcp", "ducisc", "dycon", "supervised_vnet"):
+        assert "rampup_iters" not in protocol_parser(method)["method"], method
     # the paper presets keep the dual method unramped outside the protocol
     plain = make_workflow(["train.json", "methods/dual_journal.json"], {}).parser.get_parsed_content("method")
     assert plain.term_weights(0)["cps"] == 1.0
@@ -87,17 +95,33 @@ def test_protocol_learning_rate_is_high_while_the_ramps_finish():
 def test_single_vnet_methods_share_the_supervised_loss_and_the_augmentation():
     for method in SINGLE_VNET_METHODS:
         parser = protocol_parser(method)
-        assert parser["augment"] is True, method
+        assert parser["train#preprocessing#augment"] is True, method
         if method != "bcp":  # BCP's own paper defines its loss (Dice with a linear denominator, every class)
             assert parser.get_parsed_content("method").supervised.dice_variant == "fg_sq", method
     for method in ("dual_journal", "dual_isbi", "supervised"):
-        assert protocol_parser(method)["augment"] is False
+        assert protocol_parser(method)["train#preprocessing#augment"] is False
 
 
 def test_bcp_forwards_jointly_and_pretrains_a_third_of_the_run():
     method = protocol_parser("bcp").get_parsed_content("method")
     assert method.joint_forward is True
     assert method.pretrain_iterations == 333 and method.stage_starts == (333,)
+
+
+def test_records_keep_resolved_values_of_the_method_only():
+    config = resolved_hyperparameters(protocol_parser("mean_teacher", **{"method#student#base_width": 4}))
+    method = config["method"]
+    assert method["_target_"] == "bundle.methods.mean_teacher.MeanTeacherMethod"
+    assert (method["rampup_iters"], method["rampup_step"], method["ema_decay"], method["noise_std"]) == (
+        250,
+        6,
+        0.99,
+        0.1,
+    )
+    assert method["loss_weights"] == {"sup": 1.0, "cons": 0.1} and method["max_iterations"] == 1000
+    assert "student" not in method and not {"efs_percentile", "cr_threshold", "rampup_iters"} & set(config)
+    assert config["train#trainer#precision"] == "bf16" and config["lr_scheduler#milestones"] == [650, 900]
+    assert all(not (isinstance(v, str) and v[:1] in "@$") for v in [*config.values(), *method.values()])
 
 
 def _volume(shape=(6, 6, 4)):

@@ -24,8 +24,18 @@ from tests.test_training import make_workflow, run_workflow, tiny_dataset, tiny_
 #: BatchNorm needs 2 samples), so an odd k is mid-pass; the unlabeled pass is 6 (dual) or 2 (BCP) iterations.
 #: Validation every 2 iterations draws from torch's generator just before the even checkpoints.
 STREAMS = {
-    "dual_journal": {"num_labeled": 4, "labeled_batch_size": 2, "unlabeled_batch_size": 2, "val_interval": 2},
-    "bcp": {"num_labeled": 8, "labeled_batch_size": 4, "unlabeled_batch_size": 4, "val_interval": 2},
+    "dual_journal": {
+        "num_labeled": 4,
+        "train#dataloader#batch_size": 2,
+        "train#unlabeled_dataloader#batch_size": 2,
+        "val_interval": 2,
+    },
+    "bcp": {
+        "num_labeled": 8,
+        "train#dataloader#batch_size": 4,
+        "train#unlabeled_dataloader#batch_size": 4,
+        "val_interval": 2,
+    },
 }
 #: preset -> (iterations, checkpoints to resume from); BCP pre-trains for max_iterations // 3 = 2 iterations, so
 #: both resume points are in its second stage.
@@ -39,7 +49,12 @@ def resume_dataset(tmp_path_factory):
 
 
 def _overrides(dataset, out, iterations, preset="dual_journal", **extra):
-    return tiny_overrides(dataset, out, max_iterations=iterations, ckpt_interval=1, **STREAMS[preset], **extra)
+    return tiny_overrides(
+        dataset,
+        out,
+        max_iterations=iterations,
+        **{"train#checkpoint_saver#save_interval": 1, **STREAMS[preset], **extra},
+    )
 
 
 def _configs(preset):
@@ -179,14 +194,15 @@ def test_non_finite_loss_leaves_model_and_last_checkpoint_untouched(tiny_dataset
     (out / "models").mkdir(parents=True)
     (out / "models" / "model.pt").write_bytes(b"previous good model")
     workflow = make_workflow(
-        _configs("supervised_vnet"), tiny_overrides(tiny_dataset, out, max_iterations=4, ckpt_interval=2)
+        _configs("supervised_vnet"),
+        tiny_overrides(tiny_dataset, out, max_iterations=4, **{"train#checkpoint_saver#save_interval": 2}),
     )
     workflow.initialize()
     method = workflow.parser.get_parsed_content("network")
     compute = method.compute_losses
 
-    def nan_at_third(image, label, unlabeled, iteration):
-        terms = compute(image, label, unlabeled, iteration)
+    def nan_at_third(image, label, unlabeled, iteration, active=None):
+        terms = compute(image, label, unlabeled, iteration, active)
         return {k: v * float("nan") for k, v in terms.items()} if iteration == 2 else terms
 
     method.compute_losses = nan_at_third

@@ -31,8 +31,8 @@ def tiny_overrides(dataset_dir, out_dir, **extra):
         "num_labeled": 2,
         "max_iterations": 3,
         "val_interval": 3,
-        "ckpt_interval": 2,
-        "sw_batch_size": 2,
+        "train#checkpoint_saver#save_interval": 2,
+        "validate#inferer#sw_batch_size": 2,
     }
     overrides.update(extra)
     return overrides
@@ -70,7 +70,7 @@ def test_each_preset_trains_and_writes_flat_model(preset, tiny_dataset, tmp_path
     trainer = workflow.parser.get_parsed_content("train#trainer")
     assert trainer.state.iteration == 3
     output = trainer.state.output
-    weights = workflow.parser["loss_weights"]
+    weights = workflow.parser["method#loss_weights"]
     expected_terms = {f"loss_{name}" for name, w in weights.items() if w}
     assert expected_terms <= set(output), f"missing terms {expected_terms - set(output)}"
     assert torch.isfinite(output["loss"])
@@ -94,7 +94,7 @@ def test_weighted_sum_matches_logged_terms(tiny_dataset, tmp_path):
 
 def test_zero_weight_switches_term_off(tiny_dataset, tmp_path):
     overrides = tiny_overrides(tiny_dataset, tmp_path, max_iterations=1)
-    overrides["loss_weights#pgl"] = 0
+    overrides["method#loss_weights#pgl"] = 0
     workflow = run_workflow(make_workflow(["train.json"], overrides))
     output = workflow.parser.get_parsed_content("train#trainer").state.output
     assert "loss_pgl" not in output and "loss_efs" in output
@@ -159,8 +159,17 @@ def test_cpu_allocator_cache_is_opt_in(tiny_dataset, tmp_path, monkeypatch, cach
     monkeypatch.setattr("bundle.trainer.tune_cpu_allocator", lambda: calls.append(True))
     overrides = tiny_overrides(tiny_dataset, tmp_path, max_iterations=1, device="$torch.device('cpu')")
     if cache:
-        overrides["cpu_allocator_cache"] = True
+        overrides["train#trainer#cpu_allocator_cache"] = True
     workflow = make_workflow(["train.json"], overrides)
     workflow.initialize()
     workflow.parser.get_parsed_content("train#trainer")
     assert calls == ([True] if cache else [])
+
+
+def test_console_shows_each_term_and_training_curves_are_written(tiny_dataset, tmp_path, capfd):
+    run_workflow(make_workflow(["train.json"], tiny_overrides(tiny_dataset, tmp_path, max_iterations=2)))
+    console = capfd.readouterr()
+    line = next(text for text in (console.out + console.err).splitlines() if "iteration 2/2" in text)
+    assert all(f"{name} " in line for name in ("sup", "cr", "cps", "efs", "ue", "pgl", "cos"))
+    figure = tmp_path / "training_curves.png"
+    assert figure.is_file() and figure.read_bytes()[:4] == b"\x89PNG" and figure.stat().st_size > 5000

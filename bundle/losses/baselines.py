@@ -1,4 +1,4 @@
-"""Loss terms of the baseline methods (Mean Teacher, UA-MT, CPS, BCP; spec ``shared/specs/baselines.md``).
+"""Loss terms of the baseline methods (Mean Teacher, UA-MT, CPS, BCP; docs/methods/).
 
 Every term takes **logits** ``(B, C, *spatial)`` and integer labels ``(B, 1, *spatial)`` (as the trainer passes them)
 and returns a scalar. Probabilities are ``p = softmax_C(z)``; ``sg`` is stop-gradient.
@@ -13,41 +13,22 @@ import torch.nn.functional as F
 from monai.losses import DiceLoss
 from torch import nn
 
-from bundle.losses.ramps import sigmoid_rampup
 from bundle.losses.supervised import check_label
+from bundle.losses.tensor_ops import one_hot
 
-#: Dice variants of the baselines' supervised loss (spec section 1.2).
+#: Dice variants of the baselines' supervised loss (docs/methods/README.md §3).
 DICE_VARIANTS = ("fg_sq", "mean_sq", "bcp")
 
 
-def stepped_rampup(iteration: int, rampup_iters: int, step: int = 1) -> float:
-    """``r(step floor(t / step), L) = exp(-5 (1 - min(step floor(t / step), L) / L)^2)`` (spec section 1.3), the
-    consistency ramp of Mean Teacher, UA-MT and CPS, in ``[exp(-5), 1]``.
-
-    ``step=150, rampup_iters=6000`` is the released code's ``r(floor(t / 150), 40)``: 0.006738 at ``t = 0``, 0.28650
-    at 3000, 0.99688 at 5999 and 1 from 6000 on; ``step=1`` is the smooth ramp; ``rampup_iters=0`` gives 1.
-    ``iteration`` is the 0-based ``t`` of the loss being built.
-    """
-    if step < 1:
-        raise ValueError(f"rampup step must be >= 1, got {step}.")
-    if rampup_iters < 0:
-        raise ValueError(f"rampup_iters must be >= 0, got {rampup_iters}.")
-    return sigmoid_rampup(step * (iteration // step), rampup_iters)
-
-
-def one_hot_label(label: torch.Tensor, num_classes: int, dtype: torch.dtype) -> torch.Tensor:
-    """``(B, 1, *spatial)`` class indices -> ``(B, C, *spatial)`` one-hot of ``dtype``."""
-    return F.one_hot(label[:, 0].long(), num_classes).movedim(-1, 1).to(dtype)
-
-
 class RegionDiceLoss(nn.Module):
-    """BCP's Dice (``mask_DiceLoss``; spec section 1.2, variant ``bcp``), per sample and class with a linear
+    """BCP's Dice (``mask_DiceLoss``; docs/methods/README.md §3, variant ``bcp``), per sample and class with a linear
     denominator and an optional region weight ``R``:
 
         ``D = 1 - mean_{n,c} (2 sum_v R_v p_{n,c,v} y_{n,c,v} + eps) / (sum_v R_v (p_{n,c,v} + y_{n,c,v}) + eps)``
 
     with ``eps = 1e-5``, ``y`` the one-hot label and every class (background included) in the mean. Hand-written:
-    MONAI's ``DiceLoss`` has no per-voxel region weight (its ``weight`` is per class).
+    MONAI's ``MaskedDiceLoss`` gives the same value up to rounding only (it masks prediction and target before
+    summing; docs/methods/README.md §3), and the presets' losses are kept bit-identical.
 
     Args (forward):
         logits: ``(B, C, *spatial)``.
@@ -63,7 +44,7 @@ class RegionDiceLoss(nn.Module):
     def forward(self, logits: torch.Tensor, label: torch.Tensor, region: Optional[torch.Tensor] = None) -> torch.Tensor:
         check_label(logits, label)
         prob = torch.softmax(logits, dim=1)
-        target = one_hot_label(label, logits.shape[1], prob.dtype)
+        target = one_hot(label, logits.shape[1], prob.dtype)
         weight = torch.ones_like(prob[:, :1]) if region is None else region.to(prob.dtype)
         spatial_dims = tuple(range(2, logits.dim()))
         intersection = (weight * prob * target).sum(spatial_dims)
@@ -74,8 +55,9 @@ class RegionDiceLoss(nn.Module):
 def region_cross_entropy(
     logits: torch.Tensor, label: torch.Tensor, region: Optional[torch.Tensor] = None, eps: float = 1e-16
 ) -> torch.Tensor:
-    """``CE_R(z, y) = sum_{n,v} R_v ce_{n,v} / (sum_{n,v} R_v + eps)`` (spec section 5.3), ``ce_{n,v} = -log p_{y}``;
-    ``region`` ``(B or 1, 1, *spatial)`` is broadcast over the batch; ``None`` gives the plain voxel mean."""
+    """``CE_R(z, y) = sum_{n,v} R_v ce_{n,v} / (sum_{n,v} R_v + eps)`` (docs/methods/README.md, Eq. S-3), ``ce_{n,v} =
+    -log p_{y}``; ``region`` ``(B or 1, 1, *spatial)`` is broadcast over the batch; ``None`` gives the plain voxel
+    mean."""
     check_label(logits, label)
     per_voxel = F.cross_entropy(logits, label[:, 0].long(), reduction="none")
     if region is None:
@@ -85,7 +67,7 @@ def region_cross_entropy(
 
 
 class HalfCEDiceLoss(nn.Module):
-    """The baselines' supervised loss ``L_sup = 1/2 [CE(z, y) + Dice(p, y)]`` (spec section 1.2), with
+    """The baselines' supervised loss ``L_sup = 1/2 [CE(z, y) + Dice(p, y)]`` (docs/methods/README.md §3), with
 
     * ``fg_sq`` (UA-MT): ``1 - (2 sum p_1 y + eps) / (sum p_1^2 + sum y^2 + eps)`` over the whole sub-batch,
       foreground channel(s) only (averaged over them for ``C > 2``), ``eps = 1e-5``. Equal to half of
@@ -121,7 +103,8 @@ class HalfCEDiceLoss(nn.Module):
 
 
 class SoftmaxMSELoss(nn.Module):
-    """Mean Teacher / UA-MT consistency between the student and a detached teacher (spec sections 2.3 and 3.2):
+    """Mean Teacher / UA-MT consistency between the student and a detached teacher (docs/methods/mean_teacher.md Eq.
+    MT-4, docs/methods/ua_mt.md Eq. UA-4):
 
         ``L_cons = sum_{n,c,v} m_{n,v} (p_{n,c,v} - sg(pbar_{n,c,v}))^2 / (C sum_{n,v} m_{n,v} + eps)``
 
@@ -152,7 +135,7 @@ class SoftmaxMSELoss(nn.Module):
 
 
 class ArgmaxCrossPseudoLoss(nn.Module):
-    """CPS with hard pseudo-labels, as in SSL4MIS's 3D script (spec section 4.1, step 5):
+    """CPS with hard pseudo-labels, as in SSL4MIS's 3D script (docs/methods/cps.md, Eq. CPS-2):
 
         ``L_cps = CE(z^1, argmax_c sg(p^2)) + CE(z^2, argmax_c sg(p^1))``
 
@@ -170,7 +153,7 @@ class ArgmaxCrossPseudoLoss(nn.Module):
 
 
 class CopyPasteLoss(nn.Module):
-    """BCP's loss on one copy-paste image (``mix_loss``; spec section 5.3, step 6). The image holds one source
+    """BCP's loss on one copy-paste image (``mix_loss``; docs/methods/bcp.md, Eq. BCP-4). The image holds one source
     where the mask ``M`` is 1 (outside the cube) and another inside the cube (``M = 0``); each part has its own
     target and weight (1 for a ground-truth part, ``u_weight`` for a pseudo-labelled part):
 

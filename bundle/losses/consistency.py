@@ -7,13 +7,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from bundle.losses.supervised import check_label
+from bundle.losses.tensor_ops import one_hot
 
 #: CR mask rules: ``"xor"`` (released code) or ``"or"`` (J's text).
 CR_MASK_RULES = ("xor", "or")
 
 
 class MaskedConsistencyLoss(nn.Module):
-    """CR, the masked MSE against the **ground truth** on labeled data (J eqs 4-6; spec section 4.2).
+    """CR, the masked MSE against the **ground truth** on labeled data (J eqs 4-6; docs/methods/dual_network.md §2).
 
     For each net X: ``yhat_X = argmax_c p_X``, ``m_X = max_c p_X`` and the confident-foreground map
     ``F_X = [yhat_X != 0] and [m_X >= tau]`` ("foreground" = any non-background class, which for ``C = 2`` is the
@@ -52,7 +53,7 @@ class MaskedConsistencyLoss(nn.Module):
         fg_a, fg_b = self._confident_foreground(prob_a), self._confident_foreground(prob_b)
         mask = (fg_a ^ fg_b) if self.mask_rule == "xor" else (fg_a | fg_b)
         mask = mask.float()
-        target = F.one_hot(label[:, 0].long(), prob_a.shape[1]).movedim(-1, 1).to(prob_a.dtype)
+        target = one_hot(label, prob_a.shape[1], prob_a.dtype)
         denominator = mask.sum() + self.eps
         total = prob_a.new_zeros(())
         for prob in (prob_a, prob_b):
@@ -62,7 +63,7 @@ class MaskedConsistencyLoss(nn.Module):
 
 
 class CosineConsistencyLoss(nn.Module):
-    """``L_reg = mean_v [1 - cos(p_A,v, p_B,v)]`` (C eqs 5-6; spec section 4.3; not in J).
+    """``L_reg = mean_v [1 - cos(p_A,v, p_B,v)]`` (C eqs 5-6; docs/methods/dual_network.md §3; not in J).
 
     The cosine is taken over the class vector of softmax probabilities (``eps=1e-8``). Neither side is detached,
     so both nets receive gradient; the released code uses it with weight 1 and no ramp.

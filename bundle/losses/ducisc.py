@@ -1,4 +1,4 @@
-"""DuCiSC loss terms (Wu, Wang, Cui, IEEE TMI 2025; spec ``shared/specs/peer_methods.md`` section 1).
+"""DuCiSC loss terms (Wu, Wang, Cui, IEEE TMI 2025; docs/methods/ducisc.md).
 
 Shapes: ``B`` batch, ``C`` classes (class 0 = background), ``Z_s`` feature width at level ``s``, spatial ``*sp``.
 Every per-scale list is ordered coarse to fine (``s = 1 .. S``, the last one full resolution), as returned by
@@ -19,12 +19,15 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from bundle.losses.tensor_ops import one_hot
+
 #: how the soft "CE" of the mixed consistency is computed: the released code's KL divergence, or soft-target CE.
 MIX_CE_MODES = ("kl", "ce")
 
 
 def normalize_by_value(loss: torch.Tensor) -> torch.Tensor:
-    """``L / sg(L) + sg(L) - 1``: the value of ``L`` with the gradient ``grad L / L`` (spec section 1.4 (i)).
+    """``L / sg(L) + sg(L) - 1``: the value of ``L`` with the gradient ``grad L / L`` (docs/methods/ducisc.md, Eq.
+    DC-7).
 
     The released code adds ``lambda L / sg(L)`` (value ``lambda``); the optimiser step is the same here, but the
     term still *reads* ``L`` in logs. A term that is exactly 0 or not finite is returned unchanged (the code drops
@@ -34,11 +37,6 @@ def normalize_by_value(loss: torch.Tensor) -> torch.Tensor:
     if not bool(torch.isfinite(value)) or float(value) == 0.0:
         return loss
     return loss / value + (value - 1.0)
-
-
-def one_hot(label: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """``(B, 1, *sp)`` integer classes -> ``(B, C, *sp)`` float one-hot."""
-    return F.one_hot(label[:, 0].long(), num_classes).movedim(-1, 1).float()
 
 
 def resize_label(label: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -73,7 +71,8 @@ def mixup(
 
 
 class SelfAwareThresholds(nn.Module):
-    """Self-aware class-wise confidence thresholds ``T[s, c]`` (Eq. 8-9; spec section 1.4 (c)), a saved buffer.
+    """Self-aware class-wise confidence thresholds ``T[s, c]`` (Eq. 8-9; docs/methods/ducisc.md, Eq. DC-3), a saved
+    buffer.
 
     * Init (Eq. 8, ``t = 0``): ``T = 1 / C``.
     * Certainty mask at scale ``s``: ``M^s(v) = [max_c q_c(v) > T[s, argmax_c q_c(v)]]`` for the teacher
@@ -140,7 +139,8 @@ class SelfAwareThresholds(nn.Module):
 
 
 class DeepSupervisedCEDiceLoss(nn.Module):
-    """``L = 1/2 [ mean_s CE_s + mean_s Dice_s ]`` over the scales (spec section 1.4 (a), (d), (f); Eq. 10).
+    """``L = 1/2 [ mean_s CE_s + mean_s Dice_s ]`` over the scales (docs/methods/ducisc.md, Eq. DC-1, DC-4, DC-5; Eq.
+    10).
 
     At scale ``s`` with logits ``O^s`` ``(B, C, *sp_s)``, soft or one-hot target ``t^s`` ``(B, C, *sp_s)`` and an
     optional mask ``M^s`` ``(B, 1, *sp_s)`` (all voxels when ``None``), ``n = sum M``:
@@ -221,7 +221,7 @@ def masked_average_prototypes(features: torch.Tensor, weights: torch.Tensor) -> 
 
 
 class PrototypeAlignmentLoss(nn.Module):
-    """Cross-image prototype consistency ``L_proto`` (Eq. 4 and 7; spec section 1.4 (g), (h)).
+    """Cross-image prototype consistency ``L_proto`` (Eq. 4 and 7; docs/methods/ducisc.md, Eq. DC-6).
 
     For levels ``s`` with features ``F_a^s``, ``F_b^s`` ``(B, Z_s, *sp_s)`` and class weights ``w_a^s``, ``w_b^s``
     ``(B, C, *sp_s)``, prototypes come from :func:`masked_average_prototypes` (student features on both sides,

@@ -1,9 +1,9 @@
-"""DyCON loss terms (Assefa et al., CVPR 2025; spec ``shared/specs/peer_methods.md`` section 2).
+"""DyCON loss terms (Assefa et al., CVPR 2025; docs/methods/dycon.md).
 
 Shapes: ``B`` batch, ``C`` classes (class 0 = background), ``E`` embedding width, ``N = h w d`` tokens of the
 embedding grid (one per ``8^3`` input block), spatial ``*sp``.
 
-Deliberate differences from the released code (spec section 2.8): FeCL's token labels for unlabeled volumes are
+Deliberate differences from the released code (docs/methods/dycon.md): FeCL's token labels for unlabeled volumes are
 the **teacher's** pseudo-labels (the code reads their ground truth: a label leak); FeCL follows the paper's Eq. 3-6
 (both focal weights effective, the entropy adjustment on, top-K teacher hard negatives), where the code has an
 ineffective negative weight, no entropy weighting and a thresholded ``-log(1 - cos)`` teacher term instead; the
@@ -20,12 +20,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from bundle.losses import tensor_ops
+
 #: the beta schedules of UnCL: the paper's exponential decay, the code's geometric decay, or a constant.
 BETA_SCHEDULES = ("exp_decay", "geometric", "constant")
 
 
 def uncl_beta(progress: float, schedule: str = "exp_decay", beta_max: float = 1.0, beta_min: float = 0.1, decay=0.3):
-    """UnCL's ``beta`` at training progress ``progress = t / T`` in ``[0, 1]`` (spec section 2.3).
+    """UnCL's ``beta`` at training progress ``progress = t / T`` in ``[0, 1]`` (docs/methods/dycon.md).
 
     * ``"exp_decay"`` (paper): ``max(beta_min, beta_max exp(-decay progress))``; with 1.0, 0.1, 0.3 it falls from 1.0
       to ``e^{-0.3} = 0.741`` (it never reaches ``beta_min``).
@@ -43,8 +45,9 @@ def uncl_beta(progress: float, schedule: str = "exp_decay", beta_max: float = 1.
 
 
 def softmax_entropy(prob: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """``H(v) = -sum_c p_c log(p_c + eps)`` (natural log, not normalised): ``(B, C, *sp)`` -> ``(B, 1, *sp)``."""
-    return -(prob * torch.log(prob + eps)).sum(dim=1, keepdim=True)
+    """``H(v) = -sum_c p_c log(p_c + eps)`` (natural log, not normalised; the released code's ``eps``):
+    ``(B, C, *sp)`` -> ``(B, 1, *sp)`` (:func:`~bundle.losses.tensor_ops.entropy`)."""
+    return tensor_ops.entropy(prob, eps, keepdim=True)
 
 
 class UncertaintyAwareConsistencyLoss(nn.Module):
@@ -79,9 +82,9 @@ def token_labels(class_map: torch.Tensor, grid, num_classes: int) -> torch.Tenso
     """Token labels: the majority class of each block, ``(B, 1, *sp)`` integer classes -> ``(B, N)``.
 
     The one-hot map is average-pooled to ``grid`` (the ``8^3`` blocks of the embedding grid) and the arg-max taken;
-    for ``C = 2`` that is "foreground fraction > 0.5" (a tie goes to the background), the spec's rule.
+    for ``C = 2`` that is "foreground fraction > 0.5" (a tie goes to the background; docs/methods/dycon.md §2).
     """
-    one_hot = F.one_hot(class_map[:, 0].long(), num_classes).movedim(-1, 1).float()
+    one_hot = tensor_ops.one_hot(class_map, num_classes)
     return F.adaptive_avg_pool3d(one_hot, tuple(grid)).argmax(dim=1).flatten(1)
 
 
@@ -98,7 +101,7 @@ def gambling_entropy(prob: torch.Tensor, grid, temperature: float = 1.0, eps: fl
 
 
 class FocalEntropyContrastiveLoss(nn.Module):
-    """FeCL, Eq. (3)-(6), within each volume over its ``N`` tokens (spec section 2.4).
+    """FeCL, Eq. (3)-(6), within each volume over its ``N`` tokens (docs/methods/dycon.md).
 
     With ``z_i`` the L2-normalised student embeddings, ``c_ik = z_i . z_k``, ``S_ik = c_ik / tau``, positives
     ``P(i) = {k != i: y_k = y_i}``, negatives ``N(i) = {q: y_q != y_i}``:

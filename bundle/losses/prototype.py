@@ -22,17 +22,18 @@ def normalized_distance(u: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
 
 
 class PrototypeContrastiveLoss(nn.Module):
-    """PGL (J eqs 16-20, C eqs 10-11; spec section 4.7): pull uncertain voxel features towards the prototype of their
-    predicted class, plus the prototype-to-prototype distance term.
+    """PGL (J eqs 16-20, C eqs 10-11; docs/methods/dual_network.md §7): pull uncertain voxel features towards the
+    prototype of their predicted class, plus the prototype-to-prototype distance term.
 
     With ``e`` the features of the net whose features are used (the "own" net; the method picks the current loser,
-    spec section 4.8) and ``yhat`` its argmax:
+    docs/methods/dual_network.md §7) and ``yhat`` its argmax:
 
     1. Reliability (:func:`~bundle.losses.reliability.reliable_voxels`): ``"paper"`` (default, J eq 16) = both nets
        agree and both have entropy below their ``percentile``-th percentile; ``"code"`` = the released rule (not
        uncertain in both nets, labelled by the union pseudo-label). Uncertain set ``U`` = not reliable.
     2. Prototypes ``c_k = mean_{v in R, label_v = k} e_v`` for every class ``k`` with reliable voxels (J eq 19), with
-       gradient unless ``detach_prototypes`` (the released code computed PGL under no-grad, spec section 7 item 1).
+       gradient unless ``detach_prototypes`` (the released code computed PGL under no-grad, docs/methods/dual_network.md
+       §9 item 1).
     3. Candidates ``U_k = U and [yhat = k]``. For each foreground class ``k >= 1``, ``n_k = floor(sample_fraction
        |U_k|)`` voxels are drawn at random from ``U_k``; from the background ``U_0``, ``min(|U_0|, sum_k n_k)``
        (for ``C = 2``: the code's ``n = floor(|U_f| / 100)`` from each side).
@@ -40,7 +41,7 @@ class PrototypeContrastiveLoss(nn.Module):
        (J eq 20; for ``C = 2``: ``mean d(u, c_f) + mean d(u, c_b) + d(c_f, c_b)``). The third term is **added** as
        in the released code: it pulls the prototypes together (J calls it a soft constraint).
 
-    Empty sets (spec: the released code gives NaN there): a class term is skipped when its prototype or its sample
+    Empty sets (the released code gives NaN there): a class term is skipped when its prototype or its sample
     is empty, the prototype term when fewer than two prototypes exist; when everything is skipped the loss is 0
     (with a graph to the features). For ``C > 2`` every class gets its own prototype and the third term is the mean
     over all prototype pairs.
@@ -48,8 +49,9 @@ class PrototypeContrastiveLoss(nn.Module):
     Random draws use ``generator`` (a CPU generator) if given, else the global CPU torch RNG, so a fixed seed
     reproduces them on any device.
 
-    Differences from the released code (spec section 7, items 1, 2, 14): entropies come from probabilities (not
-    logits), the loss carries gradient, the default reliability is J's agreement rule, and empty sets give no NaN.
+    Differences from the released code (docs/methods/dual_network.md §9, items 1, 2, 14): entropies come from
+    probabilities (not logits), the loss carries gradient, the default reliability is J's agreement rule, and empty sets
+    give no NaN.
 
     Args (forward):
         features: ``(B, F, *spatial)`` decoder features of the own net (after dropout).

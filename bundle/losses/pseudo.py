@@ -18,8 +18,8 @@ UE_TARGETS = ("hard", "soft")
 
 
 class CrossPseudoSupervisionLoss(nn.Module):
-    """Bidirectional CPS with thresholded one-hot pseudo-labels (J eqs 7-8; spec section 4.6; **absent from the
-    released code**).
+    """Bidirectional CPS with thresholded one-hot pseudo-labels (J eqs 7-8; docs/methods/dual_network.md §5; **absent
+    from the released code**).
 
     ``Y_X,c = sg([p_X,c >= threshold])`` (one-hot where net X is confident, all-zero elsewhere). Net B's labels
     supervise net A and vice versa:
@@ -59,7 +59,7 @@ class CrossPseudoSupervisionLoss(nn.Module):
 
 class EntropyFilteredLoss(nn.Module):
     """EFS, cross-entropy towards a pseudo-label on the voxels that are not uncertain in both nets (J eqs 9-11,
-    C eqs 3-4; spec section 4.5).
+    C eqs 3-4; docs/methods/dual_network.md §4).
 
     * ``H_X`` = entropy of the **softmax probabilities** of net X; ``tau_X`` = its ``percentile``-th percentile over
       all voxels of the unlabeled sub-batch (per net).
@@ -70,9 +70,9 @@ class EntropyFilteredLoss(nn.Module):
     * ``L_EFS = sum_{X in {A, B}} sum_{v valid} CE(z_X,v, t_v) / max(#valid, 1)``, CE on the **logits**, with
       gradient to each net.
 
-    Differences from the released code (spec section 7, items 1, 3, 4, 5): CE is applied to logits with gradient
-    (the code fed detached probabilities, so EFS never trained anything), entropy is taken on probabilities, the
-    mean is the plain mean over valid voxels (no ``V / #valid`` up-scaling), the default percentile is J's 70 (the
+    Differences from the released code (docs/methods/dual_network.md §9, items 1, 3, 4, 5): CE is applied to logits with
+    gradient (the code fed detached probabilities, so EFS never trained anything), entropy is taken on probabilities,
+    the mean is the plain mean over valid voxels (no ``V / #valid`` up-scaling), the default percentile is J's 70 (the
     code used 20), and an all-ignored batch gives 0 (with a graph) instead of a division by zero.
 
     Args (forward):
@@ -112,7 +112,7 @@ class EntropyFilteredLoss(nn.Module):
 
 class UncertaintyRectifiedLoss(nn.Module):
     """UE, pseudo-supervision of the student A by the teacher B weighted by their KL divergence (J eqs 13-15,
-    C eqs 7-9; spec section 4.4).
+    C eqs 7-9; docs/methods/dual_network.md §6).
 
     Per voxel, with ``p_S = softmax(z_A)`` and the detached teacher ``p_T = softmax(sg(z_B))``:
 

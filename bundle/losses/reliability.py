@@ -11,6 +11,8 @@ from typing import Tuple
 
 import torch
 
+from bundle.losses.tensor_ops import entropy
+
 #: value of a pseudo-label that is undefined (both nets predict different non-background classes, ``C > 2`` only).
 UNDEFINED_LABEL = -1
 #: reliability rules of :func:`reliable_voxels`.
@@ -20,12 +22,13 @@ ENTROPY_EPS = 1e-10
 
 
 def softmax_entropy(prob: torch.Tensor) -> torch.Tensor:
-    """Per-voxel entropy ``H = -sum_c p_c log(p_c + 1e-10)`` (natural log; J eq 9, C eq 3 writes log2 — the base is
-    irrelevant because every threshold is a percentile). ``(B, C, *spatial)`` -> ``(B, *spatial)``.
+    """Per-voxel entropy ``H = -sum_c p_c log(p_c + 1e-10)`` (:func:`~bundle.losses.tensor_ops.entropy`; natural
+    log, docs/methods/dual_network.md Eq. D-5: the base is irrelevant because every threshold is a percentile).
+    ``(B, C, *spatial)`` -> ``(B, *spatial)``.
 
     ``prob`` must be softmax **probabilities**; the released code's PGL variant fed raw logits here, giving NaN.
     """
-    return -(prob * torch.log(prob + ENTROPY_EPS)).sum(dim=1)
+    return entropy(prob, ENTROPY_EPS)
 
 
 def percentile(values: torch.Tensor, q: float) -> torch.Tensor:
@@ -48,7 +51,7 @@ def entropy_uncertain(prob: torch.Tensor, q: float) -> torch.Tensor:
 
 
 def union_pseudo_label(pred_a: torch.Tensor, pred_b: torch.Tensor) -> torch.Tensor:
-    """Pseudo-label from the two argmax maps (spec section 4.5, "union").
+    """Pseudo-label from the two argmax maps (docs/methods/dual_network.md §4, "union").
 
     Where the nets agree, their class; where exactly one predicts background, the other's (non-background) class;
     where they predict two different non-background classes (``C > 2`` only), :data:`UNDEFINED_LABEL`.

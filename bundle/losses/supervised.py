@@ -25,7 +25,7 @@ class SupervisedLoss(nn.Module):
     * ``Dice = 1 - (2 sum q y + 1e-5) / (sum q^2 + sum y^2 + 1e-5)`` over the **whole** labeled sub-batch at once
       (``batch=True``), on the non-background channels only, averaged over them for ``C > 2``. This is MONAI's
       ``DiceLoss(softmax=True, to_onehot_y=True, include_background=False, squared_pred=True, batch=True,
-      smooth_nr=1e-5, smooth_dr=1e-5)``, identical to the released code for ``C = 2`` (spec section 4.1).
+      smooth_nr=1e-5, smooth_dr=1e-5)``, identical to the released code for ``C = 2`` (docs/methods/dual_network.md §2).
 
     Args (forward):
         logits: ``(B, C, *spatial)`` float logits.

@@ -1,17 +1,18 @@
 """Bidirectional Copy-Paste, BCP (Bai et al., CVPR 2023), as in the released LA code
-(spec ``shared/specs/baselines.md`` section 5): a copy-paste pre-training stage on labeled data, then
+ (docs/methods/bcp.md): a copy-paste pre-training stage on labeled data, then
 self-training of a student with an EMA teacher's pseudo-labels, both from one ``run training``."""
 
 from __future__ import annotations
 
-from typing import Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from scipy import ndimage
-from torch import nn
+from torch import Tensor, nn
 
 from bundle.losses.baselines import CopyPasteLoss, HalfCEDiceLoss
+from bundle.methods.base import Terms, Weights
 from bundle.methods.ema import StudentTeacherMethod
 
 #: the two training stages; the ``stage`` buffer holds the 1-based index.
@@ -19,7 +20,7 @@ PRETRAIN, SELFTRAIN = 1, 2
 
 
 def copy_paste_mask(spatial_shape: Sequence[int], ratio: float, device: Optional[torch.device] = None) -> torch.Tensor:
-    """BCP's mask ``M`` ``(1, 1, *spatial)`` float: 0 inside one random cube, 1 outside (spec section 5.1).
+    """BCP's mask ``M`` ``(1, 1, *spatial)`` float: 0 inside one random cube, 1 outside (docs/methods/bcp.md).
 
     The cube has size ``s_k = floor(ratio S_k)`` (``ratio = 2/3``: ``(74, 74, 53)`` for ``112 x 112 x 80``) and
     corner ``o_k ~ U{0, ..., S_k - s_k - 1}`` (0 when ``s_k = S_k``), drawn from torch's global generator, with
@@ -61,7 +62,8 @@ def largest_component(foreground: np.ndarray) -> np.ndarray:
 
 @torch.no_grad()
 def pseudo_label(prob: torch.Tensor, keep_largest: bool = True) -> torch.Tensor:
-    """Hard pseudo-labels ``(B, 1, *spatial)`` long from teacher probabilities ``(B, C, *spatial)`` (spec 5.3 step 3).
+    """Hard pseudo-labels ``(B, 1, *spatial)`` long from teacher probabilities ``(B, C, *spatial)``
+    (docs/methods/bcp.md, Eq. BCP-3).
 
     ``C = 2``: ``1[q_1 >= 0.5]`` (the released code); ``C > 2``: ``argmax_c q_c`` (BCP's ACDC code). With
     ``keep_largest``, each foreground class keeps only its largest connected component per sample
@@ -87,7 +89,7 @@ class BidirectionalCopyPasteMethod(StudentTeacherMethod):
     """Two stages in one run: ``t < pretrain_iterations`` pre-trains the student with labeled copy-paste, then the
     student self-trains with bidirectional copy-paste against an EMA teacher's pseudo-labels.
 
-    **Stage 1, pre-training** (spec section 5.2; labeled only, the unlabeled batch is ignored): split the labeled
+    **Stage 1, pre-training** (docs/methods/bcp.md; labeled only, the unlabeled batch is ignored): split the labeled
     batch ``(B_l, ...)`` into halves ``a, b``, draw one mask ``M`` (:func:`copy_paste_mask`) and train on
     ``X = x^a M + x^b (1 - M)``, ``Y = y^a M + y^b (1 - M)`` (the same ``M`` for image and label):
     ``pre = 1/2 [CE(z, Y) + Dice_bcp(p, Y)]`` (:class:`~bundle.losses.baselines.HalfCEDiceLoss` ``"bcp"``).
@@ -96,7 +98,7 @@ class BidirectionalCopyPasteMethod(StudentTeacherMethod):
     the optimizer state and the LR schedule): teacher <- student. The released code initialises both from the
     pre-training checkpoint with the best *test* Dice; here from the last one (``select: last``).
 
-    **Stage 2, self-training** (spec section 5.3; ``B_l = B_u``, both even): halves ``a, b`` of both batches;
+    **Stage 2, self-training** (docs/methods/bcp.md; ``B_l = B_u``, both even): halves ``a, b`` of both batches;
 
     1. teacher (no gradient, train mode, no noise) on ``x_u^a`` and ``x_u^b`` (two forwards, or one with
        ``joint_forward``): ``yhat = LCC(1[q_1 >= 0.5])`` (:func:`pseudo_label`); the labels of unlabeled images are
@@ -120,43 +122,36 @@ class BidirectionalCopyPasteMethod(StudentTeacherMethod):
         student: the V-Net (:class:`~bundle.networks.VNetSeg`); the teacher is its deep copy.
         loss_weights: weights of ``("pre", "in", "out")`` (all 1).
         max_iterations: total iterations of both stages; self-training runs ``max_iterations - pretrain_iterations``.
-        pretrain_iterations: length of stage 1 (2000), ``0 <= pretrain_iterations < max_iterations``.
+        pretrain_iterations: length of stage 1, ``0 <= pretrain_iterations < max_iterations``; ``None`` (default):
+            ``max_iterations // 3``, the harmonised 2000 per 6000 (docs/methods/bcp.md).
         mask_ratio: ``beta``, the cube's size relative to the patch (2/3).
         u_weight: ``alpha``, the weight of the pseudo-labelled region (0.5).
-        ema_decay: constant EMA ``alpha`` of stage 2 (0.99).
         pseudo_lcc: keep the largest connected component of the pseudo-labels (True).
         joint_forward: one teacher and one student call on both halves instead of two each (False; with 2 + 2
             batches the separate calls give BatchNorm statistics over one volume, as in the released code's halves).
-        teacher_train_mode: teacher dropout/BatchNorm in train mode (True, as the released code).
-        infer_net: ``"student"`` (released code) or ``"teacher"``.
+        student_teacher_args: ``ema_decay`` (0.99), ``ema_buffers``, ``teacher_train_mode`` (True, as the released
+            code), ``infer_net`` (``"student"``): see :class:`~bundle.methods.ema.StudentTeacherMethod`.
+            ``ema_decay`` is the constant ``alpha`` of stage 2.
     """
 
     term_names = ("pre", "in", "out")
+    unlabeled_terms = ("in", "out")
 
     def __init__(
         self,
         student: nn.Module,
         loss_weights: Mapping[str, float],
         max_iterations: int,
-        pretrain_iterations: int = 2000,
+        pretrain_iterations: Optional[int] = None,
         mask_ratio: float = 2.0 / 3.0,
         u_weight: float = 0.5,
-        ema_decay: float = 0.99,
         pseudo_lcc: bool = True,
         joint_forward: bool = False,
-        teacher_train_mode: bool = True,
-        infer_net: str = "student",
+        **student_teacher_args: Any,
     ) -> None:
-        super().__init__(
-            student,
-            loss_weights,
-            max_iterations,
-            ema_decay=ema_decay,
-            ema_warmup=False,
-            ema_buffers="own",
-            teacher_train_mode=teacher_train_mode,
-            infer_net=infer_net,
-        )
+        super().__init__(student, loss_weights, max_iterations, ema_warmup=False, **student_teacher_args)
+        if pretrain_iterations is None:
+            pretrain_iterations = max_iterations // 3
         if not 0 <= pretrain_iterations < max_iterations:
             raise ValueError(
                 f"pretrain_iterations must be in [0, max_iterations) so that self-training happens, got "
@@ -170,7 +165,6 @@ class BidirectionalCopyPasteMethod(StudentTeacherMethod):
         self.u_weight = float(u_weight)
         self.pseudo_lcc = bool(pseudo_lcc)
         self.joint_forward = bool(joint_forward)
-        self.uses_unlabeled = True
         self.register_buffer("stage", torch.tensor(PRETRAIN if pretrain_iterations > 0 else SELFTRAIN))
         self.pretrain_loss = HalfCEDiceLoss("bcp")
         self.copy_paste_loss = CopyPasteLoss()
@@ -249,15 +243,10 @@ class BidirectionalCopyPasteMethod(StudentTeacherMethod):
         }
 
     # -------------------------------------------------------------------------------------------------- losses
-    def compute_losses(
-        self,
-        labeled_image: torch.Tensor,
-        label: torch.Tensor,
-        unlabeled_image: Optional[torch.Tensor],
-        iteration: int,
-    ) -> Dict[str, torch.Tensor]:
-        """See :meth:`SSLMethod.compute_losses`: ``{"pre"}`` in stage 1, ``{"in", "out"}`` in stage 2 (unweighted)."""
-        active = self.active_terms(iteration)
+    def terms(
+        self, labeled_image: Tensor, label: Tensor, unlabeled_image: Optional[Tensor], iteration: int, active: Weights
+    ) -> Terms:
+        """See :meth:`SSLMethod.terms`: ``{"pre"}`` in stage 1, ``{"in", "out"}`` in stage 2 (unweighted)."""
         stage = self.stage_at(iteration)
         self.stage.fill_(stage)
         if stage == PRETRAIN:
@@ -265,13 +254,12 @@ class BidirectionalCopyPasteMethod(StudentTeacherMethod):
                 return {}
             batch = self.pretrain_batch(labeled_image, label)
             return {"pre": self.pretrain_loss(self.student(batch["image"]).float(), batch["label"])}
-        if unlabeled_image is None:
-            raise ValueError("BCP self-training needs an unlabeled batch, got None.")
+        if unlabeled_image is None:  # in and out both weighted 0
+            return {}
         batch = self.selftrain_batch(labeled_image, label, unlabeled_image)
         logits_in, logits_out = self._forward_pair(self.student, batch["image_in"], batch["image_out"])
         mask, alpha = batch["mask"], self.u_weight
-        losses = {
+        return {
             "in": self.copy_paste_loss(logits_in.float(), batch["label_a"], batch["pseudo_a"], mask, 1.0, alpha),
             "out": self.copy_paste_loss(logits_out.float(), batch["pseudo_b"], batch["label_b"], mask, alpha, 1.0),
         }
-        return {name: value for name, value in losses.items() if name in active}

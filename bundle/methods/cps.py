@@ -1,15 +1,15 @@
 """Cross Pseudo Supervision, CPS (Chen et al., CVPR 2021), in the 3D form of SSL4MIS
-(spec ``shared/specs/baselines.md`` section 4)."""
+(docs/methods/cps.md)."""
 
 from __future__ import annotations
 
 from typing import Dict, Mapping, Optional
 
-import torch
-from torch import nn
+from torch import Tensor, nn
 
-from bundle.losses.baselines import ArgmaxCrossPseudoLoss, HalfCEDiceLoss, stepped_rampup
-from bundle.methods.base import SSLMethod
+from bundle.losses.baselines import ArgmaxCrossPseudoLoss, HalfCEDiceLoss
+from bundle.losses.ramps import ramp_schedule, stepped_rampup
+from bundle.methods.base import SSLMethod, Terms, Weights
 from bundle.networks import SoftmaxEnsemble, SoftmaxOutput
 
 #: which voxels the cross pseudo-labels cover (SSL4MIS: unlabeled; CPS paper: labeled + unlabeled).
@@ -21,7 +21,7 @@ CPS_INFER_NETS = ("net1", "net2", "mean")
 
 
 def xavier_conv_init_(network: nn.Module) -> None:
-    """``xavier_normal_`` on every ``Conv3d`` weight of ``network`` (spec section 4.1: Kaiming-normal in net 1,
+    """``xavier_normal_`` on every ``Conv3d`` weight of ``network`` (docs/methods/cps.md: Kaiming-normal in net 1,
     Xavier-normal in net 2). ``ConvTranspose3d`` weights, biases and norm layers keep their initialisation."""
     for module in network.modules():
         if isinstance(module, nn.Conv3d):
@@ -31,7 +31,7 @@ def xavier_conv_init_(network: nn.Module) -> None:
 class CrossPseudoSupervisionMethod(SSLMethod):
     """Two networks of the same architecture, each supervised by the other's hard pseudo-labels.
 
-    One iteration at ``t`` (spec section 4.1), with ``x = cat(x_l, x_u)`` ``(B_l + B_u, C_in, H, W, D)`` given to
+    One iteration at ``t`` (docs/methods/cps.md), with ``x = cat(x_l, x_u)`` ``(B_l + B_u, C_in, H, W, D)`` given to
     **both** nets unchanged (no noise; the nets differ through initialisation and dropout):
 
     * ``z^k = f_k(x)`` ``(B_l + B_u, C, H, W, D)``, ``k = 1, 2``, train mode;
@@ -43,14 +43,15 @@ class CrossPseudoSupervisionMethod(SSLMethod):
       prediction, and one backward of the sum equals two separate backwards.
 
     :meth:`term_weights`: ``sup`` constant; ``cps`` is ``lambda(t) = w_cps r(step floor(t / step), rampup_iters)``
-    (:func:`~bundle.losses.baselines.stepped_rampup`; LA preset ``w_cps = 0.1``, 6000 iterations in 150-iteration
+    (:func:`~bundle.losses.ramps.stepped_rampup`; LA preset ``w_cps = 0.1``, 6000 iterations in 150-iteration
     steps). No EMA; one optimizer over both nets (equivalent to two identical SGD optimizers).
 
     Args:
         net1, net2: two distinct V-Nets (:class:`~bundle.networks.VNetSeg`), constructed from different RNG draws.
         loss_weights: weights of ``("sup", "cps")``.
         max_iterations: total iterations.
-        rampup_iters, rampup_step: the ``cps`` ramp (6000, 150 on LA).
+        rampup_iters, rampup_step: the ``cps`` ramp; ``None`` (default): the whole run in 40 steps
+            (:func:`~bundle.losses.ramps.ramp_schedule`; 6000 and 150 on LA).
         cps_on: ``"unlabeled"`` (SSL4MIS, default) or ``"all"`` (CPS paper).
         init: ``"kaiming_xavier"`` (net 2's Conv3d weights re-drawn Xavier-normal, SSL4MIS) or ``"default"`` (both
             keep their own Kaiming init).
@@ -60,6 +61,7 @@ class CrossPseudoSupervisionMethod(SSLMethod):
     """
 
     term_names = ("sup", "cps")
+    unlabeled_terms = ("cps",)
 
     def __init__(
         self,
@@ -67,8 +69,8 @@ class CrossPseudoSupervisionMethod(SSLMethod):
         net2: nn.Module,
         loss_weights: Mapping[str, float],
         max_iterations: int,
-        rampup_iters: int = 6000,
-        rampup_step: int = 150,
+        rampup_iters: Optional[int] = None,
+        rampup_step: Optional[int] = None,
         cps_on: str = "unlabeled",
         init: str = "kaiming_xavier",
         dice_variant: str = "mean_sq",
@@ -83,25 +85,19 @@ class CrossPseudoSupervisionMethod(SSLMethod):
             raise ValueError(f"init must be one of {CPS_INITS}, got {init!r}.")
         if infer_net not in CPS_INFER_NETS:
             raise ValueError(f"infer_net must be one of {CPS_INFER_NETS}, got {infer_net!r}.")
-        stepped_rampup(0, rampup_iters, rampup_step)  # validates the ramp arguments
         self.net1 = net1
         self.net2 = net2
         if init == "kaiming_xavier":
             xavier_conv_init_(self.net2)
-        self.rampup_iters = int(rampup_iters)
-        self.rampup_step = int(rampup_step)
+        self.rampup_iters, self.rampup_step = ramp_schedule(max_iterations, rampup_iters, rampup_step)
         self.cps_on = cps_on
         self.infer_net = infer_net
-        self.uses_unlabeled = self.loss_weights["cps"] != 0.0
         self.supervised = HalfCEDiceLoss(dice_variant)
         self.cross_pseudo = ArgmaxCrossPseudoLoss()
-        exported: nn.Module
         if infer_net == "mean":
-            exported = SoftmaxEnsemble(net1, net2)
+            self.set_inference_network(SoftmaxEnsemble(net1, net2))
         else:
-            exported = SoftmaxOutput(net1 if infer_net == "net1" else net2)
-        # Not a registered submodule: its state dict would duplicate ``net1.*`` / ``net2.*``.
-        object.__setattr__(self, "_inference_network", exported)
+            self.set_inference_network(SoftmaxOutput(net1 if infer_net == "net1" else net2))
 
     def term_weights(self, iteration: int) -> Dict[str, float]:
         """``sup`` constant; ``cps`` times ``r(step floor(t / step), rampup_iters)`` at ``iteration``."""
@@ -109,31 +105,18 @@ class CrossPseudoSupervisionMethod(SSLMethod):
         weights["cps"] *= stepped_rampup(iteration, self.rampup_iters, self.rampup_step)
         return weights
 
-    def compute_losses(
-        self,
-        labeled_image: torch.Tensor,
-        label: torch.Tensor,
-        unlabeled_image: Optional[torch.Tensor],
-        iteration: int,
-    ) -> Dict[str, torch.Tensor]:
-        """See :meth:`SSLMethod.compute_losses`; returns the unweighted active terms among ``sup`` and ``cps``."""
-        active = self.active_terms(iteration)
-        if "cps" in active and unlabeled_image is None:
-            raise ValueError("the cps term needs an unlabeled batch, got None.")
-        images = torch.cat([labeled_image, unlabeled_image]) if "cps" in active else labeled_image
-        num_labeled = labeled_image.shape[0]
-        logits_1, logits_2 = self.net1(images).float(), self.net2(images).float()
-        losses: Dict[str, torch.Tensor] = {}
+    def terms(
+        self, labeled_image: Tensor, label: Tensor, unlabeled_image: Optional[Tensor], iteration: int, active: Weights
+    ) -> Terms:
+        """See :meth:`SSLMethod.terms`: ``sup`` and ``cps`` from one forward of each net on
+        :meth:`SSLMethod.joint_images`."""
+        images = self.joint_images(labeled_image, unlabeled_image)
+        logits_1, logits_2 = self.net1(images).float(), self.net2(images).float()  # float32, also under AMP
+        labeled = slice(0, labeled_image.shape[0])
+        losses: Terms = {}
         if "sup" in active:
-            losses["sup"] = self.supervised(logits_1[:num_labeled], label) + self.supervised(
-                logits_2[:num_labeled], label
-            )
+            losses["sup"] = self.supervised(logits_1[labeled], label) + self.supervised(logits_2[labeled], label)
         if "cps" in active:
-            start = 0 if self.cps_on == "all" else num_labeled
-            losses["cps"] = self.cross_pseudo(logits_1[start:], logits_2[start:])
+            rows = slice(0 if self.cps_on == "all" else labeled.stop, None)
+            losses["cps"] = self.cross_pseudo(logits_1[rows], logits_2[rows])
         return losses
-
-    def inference_network(self) -> nn.Module:
-        """``infer_net``: :class:`~bundle.networks.SoftmaxOutput` of one branch (keys ``net.*``) or the
-        :class:`~bundle.networks.SoftmaxEnsemble` of both (keys ``net_a.*``, ``net_b.*``); created once."""
-        return self._inference_network

@@ -1,4 +1,4 @@
-"""The dual-network method of Lu, Wu, Chaddad et al. (spec ``shared/specs/dual_network_method.md``): Subnet A
+"""The dual-network method of Lu, Wu, Chaddad et al. (docs/methods/dual_network.md): Subnet A
 (ResNet-34) and Subnet B (V-Net) trained together with supervised, consistency, pseudo-label and prototype terms."""
 
 from __future__ import annotations
@@ -6,20 +6,14 @@ from __future__ import annotations
 from typing import Dict, Mapping, Optional
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from bundle.losses import (
-    CosineConsistencyLoss,
-    CrossPseudoSupervisionLoss,
-    EntropyFilteredLoss,
-    MaskedConsistencyLoss,
-    PrototypeContrastiveLoss,
-    SupervisedLoss,
-    UncertaintyRectifiedLoss,
-    contrastive_ramp,
-    sigmoid_rampup,
-)
-from bundle.methods.base import SSLMethod
+from bundle.losses.consistency import CosineConsistencyLoss, MaskedConsistencyLoss
+from bundle.losses.prototype import PrototypeContrastiveLoss
+from bundle.losses.pseudo import CrossPseudoSupervisionLoss, EntropyFilteredLoss, UncertaintyRectifiedLoss
+from bundle.losses.ramps import contrastive_ramp, sigmoid_rampup
+from bundle.losses.supervised import SupervisedLoss
+from bundle.methods.base import SSLMethod, Terms, Weights
 from bundle.networks import SoftmaxEnsemble
 
 #: terms that need the unlabeled batch (``ue`` and ``cos`` run on labeled + unlabeled samples).
@@ -47,12 +41,13 @@ class DualNetworkMethod(SSLMethod):
 
     Logits and features are cast to float32 before any term, so the terms are also safe under AMP.
 
-    The J-faithful total (spec section 4.9) is obtained with weights ``sup=1, cr=lambda, cps=1, efs=1, ue=1, pgl=1,
-    cos=1`` (``cos=0`` drops the C-only cosine term).
+    The J-faithful total (docs/methods/dual_network.md §8) is obtained with weights ``sup=1, cr=lambda, cps=1, efs=1,
+    ue=1, pgl=1, cos=1`` (``cos=0`` drops the C-only cosine term).
 
-    **Winner switch** (spec section 4.8): the winner is B if ``Dice_B < Dice_A`` (labeled Dice losses), else A. Because
-    one backward of the summed loss is taken, the switch only decides whose decoder features (and argmax) PGL uses:
-    the **loser's**. The choice of the latest call is kept in :attr:`pgl_feature_net` (``"a"`` or ``"b"``).
+    **Winner switch** (docs/methods/dual_network.md §7): the winner is B if ``Dice_B < Dice_A`` (labeled Dice losses),
+    else A. Because one backward of the summed loss is taken, the switch only decides whose decoder features (and
+    argmax) PGL uses: the **loser's**. The choice of the latest call is kept in :attr:`pgl_feature_net` (``"a"`` or
+    ``"b"``).
 
     Args:
         network_a: Subnet A (:class:`~bundle.networks.ResNet34Seg`), stored as ``net_a``; must provide
@@ -81,6 +76,7 @@ class DualNetworkMethod(SSLMethod):
     """
 
     term_names = ("sup", "cr", "cps", "efs", "ue", "pgl", "cos")
+    unlabeled_terms = UNLABELED_TERMS
 
     def __init__(
         self,
@@ -106,9 +102,7 @@ class DualNetworkMethod(SSLMethod):
         super().__init__(loss_weights, max_iterations)
         self.net_a = network_a
         self.net_b = network_b
-        # Not a registered submodule: its state dict would duplicate ``net_a.*`` / ``net_b.*`` under a new prefix.
-        object.__setattr__(self, "_ensemble", SoftmaxEnsemble(network_a, network_b))
-        self.uses_unlabeled = any(self.loss_weights[name] != 0.0 for name in UNLABELED_TERMS)
+        self.set_inference_network(SoftmaxEnsemble(network_a, network_b))
         self.supervised = SupervisedLoss()
         self.cross_reliable = MaskedConsistencyLoss(threshold=cr_threshold, mask_rule=cr_mask)
         self.cross_pseudo = CrossPseudoSupervisionLoss(threshold=cps_threshold, normalization=cps_normalization)
@@ -129,8 +123,8 @@ class DualNetworkMethod(SSLMethod):
         self.rampup_iters = int(rampup_iters)
 
     def term_weights(self, iteration: int) -> Dict[str, float]:
-        """The config weights, with ``pgl`` multiplied by ``lambda_c(iteration)`` (spec section 4.9) and ``cps``,
-        ``efs``, ``ue``, ``cos`` by ``r(iteration, rampup_iters)``."""
+        """The config weights, with ``pgl`` multiplied by ``lambda_c(iteration)`` (docs/methods/dual_network.md §8) and
+        ``cps``, ``efs``, ``ue``, ``cos`` by ``r(iteration, rampup_iters)``."""
         weights = dict(self.loss_weights)
         weights["pgl"] *= contrastive_ramp(iteration, self.max_iterations, self.pgl_ramp_max, self.pgl_ramp_step)
         ramp = sigmoid_rampup(iteration, self.rampup_iters)
@@ -138,19 +132,11 @@ class DualNetworkMethod(SSLMethod):
             weights[name] *= ramp
         return weights
 
-    def compute_losses(
-        self,
-        labeled_image: torch.Tensor,
-        label: torch.Tensor,
-        unlabeled_image: Optional[torch.Tensor],
-        iteration: int,
-    ) -> Dict[str, torch.Tensor]:
-        """See :meth:`SSLMethod.compute_losses`; returns the unweighted active terms."""
-        active = self.active_terms(iteration)
-        needs_unlabeled = any(name in active for name in UNLABELED_TERMS)
-        if needs_unlabeled and unlabeled_image is None:
-            raise ValueError(f"terms {[n for n in UNLABELED_TERMS if n in active]} need an unlabeled batch, got None.")
-        images = torch.cat([labeled_image, unlabeled_image]) if needs_unlabeled else labeled_image
+    def terms(
+        self, labeled_image: Tensor, label: Tensor, unlabeled_image: Optional[Tensor], iteration: int, active: Weights
+    ) -> Terms:
+        """See :meth:`SSLMethod.terms`; one forward of each net on :meth:`SSLMethod.joint_images`."""
+        images = self.joint_images(labeled_image, unlabeled_image)
         num_labeled = labeled_image.shape[0]
 
         if "pgl" in active:
@@ -183,8 +169,4 @@ class DualNetworkMethod(SSLMethod):
                 losses["pgl"] = self.prototype(features_b[num_labeled:].float(), unlabeled_b, unlabeled_a)
         if "cos" in active:
             losses["cos"] = self.cosine(logits_a, logits_b)
-        return {name: value for name, value in losses.items() if name in active}
-
-    def inference_network(self) -> nn.Module:
-        """The :class:`~bundle.networks.SoftmaxEnsemble` sharing ``net_a`` and ``net_b`` (created once)."""
-        return self._ensemble
+        return losses

@@ -1,12 +1,12 @@
 """DuCiSC (Wu, Wang, Cui, IEEE TMI 2025): dual cross-image semantic consistency in a mean teacher with self-aware
-thresholds (spec ``shared/specs/peer_methods.md`` section 1)."""
+thresholds (docs/methods/ducisc.md)."""
 
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from bundle.losses.ducisc import (
     DeepSupervisedCEDiceLoss,
@@ -18,6 +18,7 @@ from bundle.losses.ducisc import (
     resize_label,
     resize_soft,
 )
+from bundle.methods.base import Terms, Weights
 from bundle.methods.ema import StudentTeacherMethod
 
 #: terms that need the unlabeled batch.
@@ -29,7 +30,7 @@ MIXED_TERMS = ("cs_mix", "proto_mix")
 class DuCiSCMethod(StudentTeacherMethod):
     """A deep-supervised V-Net student (:class:`~bundle.networks_peer.DeepSupervisedVNet`) and its EMA teacher.
 
-    One iteration at ``t`` (spec sections 1.1-1.4), with ``S = 4`` heads ``O^s`` and taps ``F^s`` (coarse to fine):
+    One iteration at ``t`` (docs/methods/ducisc.md), with ``S = 4`` heads ``O^s`` and taps ``F^s`` (coarse to fine):
 
     1. student on ``x_l`` -> ``O_l^s, F_l^s``; ``y^s`` = nearest-resized ground truth;
     2. (after the warm-up) teacher, no gradient, train mode, on the same ``x_u``: ``q^s = softmax(O_t^s)``,
@@ -61,8 +62,8 @@ class DuCiSCMethod(StudentTeacherMethod):
         loss_weights: weights of ``("sup", "cs_ulb", "cs_mix", "proto_ulb", "proto_mix")`` (paper: 1, 0.3, 0.1, 0.1,
             0.1).
         max_iterations: total iterations.
-        ema_decay: EMA ``alpha`` (0.99).
-        warmup_iters: supervised-only iterations (code: 2000).
+        warmup_iters: supervised-only iterations; ``None`` (default): ``min(2000, max_iterations // 3)``, the
+            released 2000 for runs of 6000 iterations or more.
         normalize_by_value: per-term normalisation by the detached value (code) or the plain weighted sum (paper).
         threshold_beta: EMA factor ``beta`` of the thresholds (0.99).
         threshold_min, threshold_max: the clip of the thresholds (code: 0.5, 0.95; paper: none).
@@ -71,17 +72,19 @@ class DuCiSCMethod(StudentTeacherMethod):
         mix_ce_as_kl: the mixed "CE" as KL divergence (code) or soft-target CE (paper's wording).
         mix_low, mix_high: the range of the mixup ratio (0.25, 0.75).
         num_proto_levels: how many feature levels enter the prototype losses, coarsest first (4).
+        student_teacher_args: ``ema_decay`` (0.99), ``ema_buffers``, ``teacher_train_mode`` (True, as the released
+            code), ``infer_net`` (``"student"``): see :class:`~bundle.methods.ema.StudentTeacherMethod`.
     """
 
     term_names = ("sup", "cs_ulb", "cs_mix", "proto_ulb", "proto_mix")
+    unlabeled_terms = UNLABELED_TERMS
 
     def __init__(
         self,
         student: nn.Module,
         loss_weights: Mapping[str, float],
         max_iterations: int,
-        ema_decay: float = 0.99,
-        warmup_iters: int = 2000,
+        warmup_iters: Optional[int] = None,
         normalize_by_value: bool = True,
         threshold_beta: float = 0.99,
         threshold_min: float = 0.5,
@@ -92,19 +95,19 @@ class DuCiSCMethod(StudentTeacherMethod):
         mix_low: float = 0.25,
         mix_high: float = 0.75,
         num_proto_levels: int = 4,
+        **student_teacher_args: Any,
     ) -> None:
-        super().__init__(student, loss_weights, max_iterations, ema_decay=ema_decay)
+        super().__init__(student, loss_weights, max_iterations, **student_teacher_args)
         if not 0.0 <= mix_low <= mix_high <= 1.0:
             raise ValueError(f"need 0 <= mix_low <= mix_high <= 1, got {mix_low}, {mix_high}.")
         self.num_classes = int(student.head.out_channels)
         self.num_scales = len(getattr(student, "ds_heads", ())) + 1
         if not 1 <= num_proto_levels <= self.num_scales:
             raise ValueError(f"num_proto_levels must be in [1, {self.num_scales}], got {num_proto_levels}.")
-        self.warmup_iters = int(warmup_iters)
+        self.warmup_iters = min(2000, max_iterations // 3) if warmup_iters is None else int(warmup_iters)
         self.normalize = bool(normalize_by_value)
         self.mix_low, self.mix_high = float(mix_low), float(mix_high)
         self.num_proto_levels = int(num_proto_levels)
-        self.uses_unlabeled = any(self.loss_weights[name] != 0.0 for name in UNLABELED_TERMS)
         self.thresholds = SelfAwareThresholds(
             self.num_scales, self.num_classes, threshold_beta, threshold_min, threshold_max, threshold_per_scale
         )
@@ -124,25 +127,17 @@ class DuCiSCMethod(StudentTeacherMethod):
         logits, taps = self.student.forward_deep(images)
         return [z.float() for z in logits], [f.float() for f in taps]  # every term in float32, also under AMP
 
-    def compute_losses(
-        self,
-        labeled_image: torch.Tensor,
-        label: torch.Tensor,
-        unlabeled_image: Optional[torch.Tensor],
-        iteration: int,
-    ) -> Dict[str, torch.Tensor]:
-        """See :meth:`SSLMethod.compute_losses`; returns the unweighted active terms (normalised if configured)."""
-        active = self.active_terms(iteration)
-        unlabeled_terms = [name for name in UNLABELED_TERMS if name in active]
-        if unlabeled_terms and unlabeled_image is None:
-            raise ValueError(f"terms {unlabeled_terms} need an unlabeled batch, got None.")
+    def terms(
+        self, labeled_image: Tensor, label: Tensor, unlabeled_image: Optional[Tensor], iteration: int, active: Weights
+    ) -> Terms:
+        """See :meth:`SSLMethod.terms`; returns the unweighted active terms (normalised if configured)."""
         levels = slice(0, self.num_proto_levels)
         logits_l, taps_l = self._student(labeled_image)
         targets_l = [one_hot(resize_label(label, z.shape[2:]), self.num_classes) for z in logits_l]
         losses: Dict[str, torch.Tensor] = {}
         if "sup" in active:
             losses["sup"] = self.supervised(logits_l, targets_l)
-        if unlabeled_terms:
+        if unlabeled_image is not None:
             teacher_logits, _ = self.teacher_forward(unlabeled_image, "forward_deep")
             teacher_prob = [torch.softmax(z.float(), dim=1) for z in teacher_logits]
             pseudo = [q.argmax(dim=1, keepdim=True) for q in teacher_prob]

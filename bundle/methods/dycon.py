@@ -1,12 +1,12 @@
 """DyCON (Assefa et al., CVPR 2025): uncertainty-aware consistency (UnCL) and focal entropy-aware contrastive
-learning (FeCL) in a mean teacher (spec ``shared/specs/peer_methods.md`` section 2)."""
+learning (FeCL) in a mean teacher (docs/methods/dycon.md)."""
 
 from __future__ import annotations
 
-from typing import Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from bundle.losses.dycon import (
     BETA_SCHEDULES,
@@ -17,6 +17,7 @@ from bundle.losses.dycon import (
     uncl_beta,
 )
 from bundle.losses.supervised import SupervisedLoss
+from bundle.methods.base import Terms, Weights
 from bundle.methods.ema import StudentTeacherMethod
 
 #: terms that need the unlabeled batch.
@@ -26,7 +27,7 @@ UNLABELED_TERMS = ("uncl", "fecl")
 class DyCONMethod(StudentTeacherMethod):
     """A V-Net student with a projection head (:class:`~bundle.networks_peer.ProjectionVNet`) and its EMA teacher.
 
-    One iteration at ``t`` (spec sections 2.1-2.5), ``x = cat(x_l, x_u)``:
+    One iteration at ``t`` (docs/methods/dycon.md), ``x = cat(x_l, x_u)``:
 
     1. student on ``x`` in one call -> logits ``z`` and embeddings ``e`` ``(B, E, H/8, W/8, D/8)``;
     2. teacher, no gradient, train mode, on ``x_u + xi`` (``xi = clip(noise_std N(0, 1), +-noise_clip)``; on all of
@@ -50,7 +51,6 @@ class DyCONMethod(StudentTeacherMethod):
         student: a :class:`~bundle.networks_peer.ProjectionVNet` (``forward_embedding`` -> ``(logits, embedding)``).
         loss_weights: weights of ``("sup", "uncl", "fecl")``.
         max_iterations: total iterations (``T`` of the beta schedule).
-        ema_decay: EMA ``alpha`` (0.99).
         noise_std, noise_clip: teacher input noise (0.1, 0.2).
         beta_schedule: ``"exp_decay"`` (paper), ``"geometric"`` (code) or ``"constant"``.
         beta_max, beta_min, beta_decay: paper 1.0, 0.1, 0.3 (0.1 ISLES); code (geometric) 5.0, 0.5.
@@ -63,16 +63,18 @@ class DyCONMethod(StudentTeacherMethod):
         fecl_gs_temperature: ``T`` of the gambling softmax (not given in the paper; 1 = the plain softmax, as in the
             code's helper).
         fecl_on_labeled: FeCL also on the labeled volumes (with ground-truth token labels).
+        student_teacher_args: ``ema_decay`` (0.99), ``ema_buffers``, ``teacher_train_mode`` (True, as the released
+            code), ``infer_net`` (``"student"``): see :class:`~bundle.methods.ema.StudentTeacherMethod`.
     """
 
     term_names = ("sup", "uncl", "fecl")
+    unlabeled_terms = UNLABELED_TERMS
 
     def __init__(
         self,
         student: nn.Module,
         loss_weights: Mapping[str, float],
         max_iterations: int,
-        ema_decay: float = 0.99,
         noise_std: float = 0.1,
         noise_clip: float = 0.2,
         beta_schedule: str = "exp_decay",
@@ -87,20 +89,21 @@ class DyCONMethod(StudentTeacherMethod):
         fecl_entropy_weight: bool = True,
         fecl_gs_temperature: float = 1.0,
         fecl_on_labeled: bool = False,
+        **student_teacher_args: Any,
     ) -> None:
-        super().__init__(student, loss_weights, max_iterations, ema_decay=ema_decay)
+        super().__init__(
+            student, loss_weights, max_iterations, noise_std=noise_std, noise_clip=noise_clip, **student_teacher_args
+        )
         if beta_schedule not in BETA_SCHEDULES:
             raise ValueError(f"beta_schedule must be one of {BETA_SCHEDULES}, got {beta_schedule!r}.")
         if fecl_gs_temperature <= 0:
             raise ValueError(f"fecl_gs_temperature must be > 0, got {fecl_gs_temperature}.")
         self.num_classes = int(student.head.out_channels)
-        self.noise_std, self.noise_clip = float(noise_std), float(noise_clip)
         self.beta_schedule = beta_schedule
         self.beta_max, self.beta_min, self.beta_decay = float(beta_max), float(beta_min), float(beta_decay)
         self.uncl_on_labeled = bool(uncl_on_labeled)
         self.fecl_on_labeled = bool(fecl_on_labeled)
         self.fecl_gs_temperature = float(fecl_gs_temperature)
-        self.uses_unlabeled = any(self.loss_weights[name] != 0.0 for name in UNLABELED_TERMS)
         self.supervised = SupervisedLoss()
         self.uncl = UncertaintyAwareConsistencyLoss()
         self.fecl = FocalEntropyContrastiveLoss(
@@ -113,23 +116,11 @@ class DyCONMethod(StudentTeacherMethod):
             iteration / self.max_iterations, self.beta_schedule, self.beta_max, self.beta_min, self.beta_decay
         )
 
-    def teacher_noise(self, images: torch.Tensor) -> torch.Tensor:
-        """``clip(noise_std N(0, 1), -noise_clip, noise_clip)``, one draw per voxel, shaped like ``images``."""
-        return torch.clamp(torch.randn_like(images) * self.noise_std, -self.noise_clip, self.noise_clip)
-
-    def compute_losses(
-        self,
-        labeled_image: torch.Tensor,
-        label: torch.Tensor,
-        unlabeled_image: Optional[torch.Tensor],
-        iteration: int,
-    ) -> Dict[str, torch.Tensor]:
-        """See :meth:`SSLMethod.compute_losses`; returns the unweighted active terms."""
-        active = self.active_terms(iteration)
-        unlabeled_terms = [name for name in UNLABELED_TERMS if name in active]
-        if unlabeled_terms and unlabeled_image is None:
-            raise ValueError(f"terms {unlabeled_terms} need an unlabeled batch, got None.")
-        images = torch.cat([labeled_image, unlabeled_image]) if unlabeled_terms else labeled_image
+    def terms(
+        self, labeled_image: Tensor, label: Tensor, unlabeled_image: Optional[Tensor], iteration: int, active: Weights
+    ) -> Terms:
+        """See :meth:`SSLMethod.terms`; returns the unweighted active terms."""
+        images = self.joint_images(labeled_image, unlabeled_image)
         num_labeled = labeled_image.shape[0]
         if "fecl" in active:
             logits, embedding = self.student.forward_embedding(images)
@@ -140,7 +131,7 @@ class DyCONMethod(StudentTeacherMethod):
         losses: Dict[str, torch.Tensor] = {}
         if "sup" in active:
             losses["sup"] = self.supervised(logits[:num_labeled], label)
-        if not unlabeled_terms:
+        if unlabeled_image is None:
             return losses
 
         # Teacher rows: all images when a labeled option needs them, else the unlabeled ones (row r <-> r + first).
@@ -149,12 +140,10 @@ class DyCONMethod(StudentTeacherMethod):
         teacher_images = images[first:]
         teacher_embedding = None
         if "fecl" in active and self.fecl.top_k > 0:
-            teacher_logits, teacher_embedding = self.teacher_forward(
-                teacher_images + self.teacher_noise(teacher_images), "forward_embedding"
-            )
+            teacher_logits, teacher_embedding = self.teacher_forward(self.noisy(teacher_images), "forward_embedding")
             teacher_embedding = teacher_embedding.float()
         else:
-            teacher_logits = self.teacher_forward(teacher_images + self.teacher_noise(teacher_images))
+            teacher_logits = self.teacher_forward(self.noisy(teacher_images))
         teacher_prob = torch.softmax(teacher_logits.float(), dim=1)
 
         if "uncl" in active:

@@ -1,4 +1,4 @@
-"""Exponential-moving-average (EMA) teachers, shared by Mean Teacher, UA-MT and BCP (spec section 1.4).
+"""Exponential-moving-average (EMA) teachers, shared by Mean Teacher, UA-MT and BCP (docs/methods/README.md §4).
 
 ``theta_bar <- alpha_t theta_bar + (1 - alpha_t) theta`` after every optimizer step, on **parameters only**: the
 teacher's BatchNorm running statistics are its own (it runs in train mode and accumulates them from its own
@@ -13,12 +13,13 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from bundle.losses.tensor_ops import clipped_noise
 from bundle.methods.base import SSLMethod
 from bundle.networks import SoftmaxOutput
 
-#: which network a student-teacher method exports for validation and inference (spec section 2.5).
+#: which network a student-teacher method exports for validation and inference (docs/methods/README.md §4).
 STUDENT_TEACHER_INFER_NETS = ("student", "teacher")
-#: what happens to the teacher's buffers (BatchNorm running statistics) at an EMA update (spec section 2.6).
+#: what happens to the teacher's buffers (BatchNorm running statistics) at an EMA update (docs/methods/README.md §4).
 EMA_BUFFER_RULES = ("own", "copy")
 
 
@@ -66,6 +67,7 @@ class StudentTeacherMethod(SSLMethod):
         teacher_train_mode: run the teacher in train mode (dropout on, batch statistics), as all released codes do;
             ``False`` runs it in eval mode.
         infer_net: ``"student"`` or ``"teacher"``: the network :meth:`inference_network` exports.
+        noise_std, noise_clip: ``sigma`` and clip of the teacher input noise of :meth:`noisy` (0: none).
     """
 
     def __init__(
@@ -78,8 +80,13 @@ class StudentTeacherMethod(SSLMethod):
         ema_buffers: str = "own",
         teacher_train_mode: bool = True,
         infer_net: str = "student",
+        noise_std: float = 0.0,
+        noise_clip: float = 0.0,
     ) -> None:
         super().__init__(loss_weights, max_iterations)
+        if noise_std < 0 or noise_clip < 0:
+            raise ValueError(f"noise_std and noise_clip must be >= 0, got {noise_std}, {noise_clip}.")
+        self.noise_std, self.noise_clip = float(noise_std), float(noise_clip)
         if not 0.0 <= ema_decay <= 1.0:
             raise ValueError(f"ema_decay must be in [0, 1], got {ema_decay}.")
         if ema_buffers not in EMA_BUFFER_RULES:
@@ -94,10 +101,7 @@ class StudentTeacherMethod(SSLMethod):
         self.ema_buffers = ema_buffers
         self.teacher_train_mode = bool(teacher_train_mode)
         self.infer_net = infer_net
-        # Not a registered submodule: its state dict would duplicate ``student.*`` / ``teacher.*``.
-        object.__setattr__(
-            self, "_inference_network", SoftmaxOutput(self.teacher if infer_net == "teacher" else student)
-        )
+        self.set_inference_network(SoftmaxOutput(self.teacher if infer_net == "teacher" else student))
 
     def reset_teacher(self) -> None:
         """Teacher <- student (parameters and buffers); the teacher stays frozen (``requires_grad=False``)."""
@@ -113,13 +117,18 @@ class StudentTeacherMethod(SSLMethod):
     def teacher_forward(self, images: torch.Tensor, method: str = "forward"):
         """The teacher's ``method`` (``forward``, or e.g. ``forward_deep`` of a deep-supervised net) on ``images``,
         without gradient, in train mode by default (``teacher_train_mode``: dropout on, BatchNorm batch statistics,
-        spec section 2.6)."""
+        docs/methods/mean_teacher.md)."""
         was_training = self.teacher.training
         self.teacher.train(self.teacher_train_mode)
         try:
             return getattr(self.teacher, method)(images)
         finally:
             self.teacher.train(was_training)
+
+    def noisy(self, images: torch.Tensor) -> torch.Tensor:
+        """``images + xi``, ``xi = clip(N(0, noise_std^2), -noise_clip, noise_clip)`` drawn per voxel
+        (:func:`~bundle.losses.tensor_ops.clipped_noise`; docs/methods/mean_teacher.md, Eq. MT-2)."""
+        return images + clipped_noise(images, self.noise_std, self.noise_clip)
 
     def teacher_logits(self, images: torch.Tensor) -> torch.Tensor:
         """``f_teacher(images)`` ``(B, C, *spatial)`` in float32, without gradient (:meth:`teacher_forward`)."""
@@ -128,7 +137,3 @@ class StudentTeacherMethod(SSLMethod):
     def teacher_probabilities(self, images: torch.Tensor) -> torch.Tensor:
         """``softmax_C(f_teacher(images))``, ``(B, C, *spatial)``, float32, no gradient."""
         return torch.softmax(self.teacher_logits(images), dim=1)
-
-    def inference_network(self) -> nn.Module:
-        """:class:`~bundle.networks.SoftmaxOutput` of the ``infer_net`` (created once; state dict keys ``net.*``)."""
-        return self._inference_network

@@ -1,14 +1,16 @@
 """Mean Teacher (Tarvainen & Valpola, NeurIPS 2017) as used in 3D by SSL4MIS and UA-MT's LA recipe
-(spec ``shared/specs/baselines.md`` section 2)."""
+(docs/methods/mean_teacher.md)."""
 
 from __future__ import annotations
 
-from typing import Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from bundle.losses.baselines import HalfCEDiceLoss, SoftmaxMSELoss, stepped_rampup
+from bundle.losses.baselines import HalfCEDiceLoss, SoftmaxMSELoss
+from bundle.losses.ramps import ramp_schedule, stepped_rampup
+from bundle.methods.base import Terms, Weights
 from bundle.methods.ema import StudentTeacherMethod
 
 #: the images the consistency term covers: the unlabeled part (README commands) or labeled + unlabeled.
@@ -18,7 +20,8 @@ CONSISTENCY_TARGETS = ("unlabeled", "all")
 class MeanTeacherMethod(StudentTeacherMethod):
     """A student and its EMA teacher; the student matches the teacher's softmax on noisy inputs.
 
-    One iteration at ``t`` (spec section 2.2), with ``x = cat(x_l, x_u)`` of shape ``(B_l + B_u, C_in, H, W, D)``:
+    One iteration at ``t`` (docs/methods/mean_teacher.md), with ``x = cat(x_l, x_u)`` of shape ``(B_l + B_u, C_in, H, W,
+    D)``:
 
     1. student on ``x`` in **one** call (BatchNorm statistics mix labeled and unlabeled): ``z = f_theta(x)``,
        ``p = softmax_C(z)``;
@@ -37,63 +40,47 @@ class MeanTeacherMethod(StudentTeacherMethod):
        ema_alpha`).
 
     :meth:`term_weights`: ``sup`` keeps its weight; ``cons`` is ``lambda(t) = w_cons r(step floor(t / step), L)``
-    (:func:`~bundle.losses.baselines.stepped_rampup`) with ``w_cons = 0.1``, ``L = rampup_iters`` (LA: 6000) and
+    (:func:`~bundle.losses.ramps.stepped_rampup`) with ``w_cons = 0.1``, ``L = rampup_iters`` (LA: 6000) and
     ``step = rampup_step`` (LA: 150), i.e. the released code's ``0.1 r(floor(t / 150), 40)``.
 
     Args:
         student: the V-Net (:class:`~bundle.networks.VNetSeg`); the teacher is its deep copy.
         loss_weights: weights of ``("sup", "cons")``; ``cons`` is the maximum ``lambda`` of the ramp.
         max_iterations: total iterations.
-        rampup_iters: ``L`` of the consistency ramp, in iterations (6000 on LA: the whole run).
-        rampup_step: ramp quantisation in iterations (150 in the released code; 1 = smooth).
-        ema_decay: EMA ``alpha`` (0.99).
-        ema_buffers: ``"own"`` or ``"copy"`` (teacher BatchNorm statistics).
+        rampup_iters: ``L`` of the consistency ramp, in iterations; ``None`` (default): ``max_iterations``, the whole
+            run (6000 on LA, as the released code).
+        rampup_step: ramp quantisation in iterations; ``None`` (default): ``max(1, L // 40)`` (150 for 6000, as the
+            released code); 1 = smooth (:func:`~bundle.losses.ramps.ramp_schedule`).
         noise_std, noise_clip: teacher input noise ``sigma`` (0.1) and its clip (0.2).
         consistency_on: ``"unlabeled"`` (default) or ``"all"``.
         dice_variant: ``"fg_sq"`` (UA-MT LA recipe, default), ``"mean_sq"`` (SSL4MIS) or ``"bcp"``.
-        teacher_train_mode: teacher dropout/BatchNorm in train mode (True, as the released code).
-        infer_net: ``"student"`` (released code) or ``"teacher"``.
+        student_teacher_args: ``ema_decay`` (0.99), ``ema_buffers``, ``teacher_train_mode`` (True, as the released
+            code), ``infer_net`` (``"student"``): see :class:`~bundle.methods.ema.StudentTeacherMethod`.
     """
 
     term_names = ("sup", "cons")
+    unlabeled_terms = ("cons",)
 
     def __init__(
         self,
         student: nn.Module,
         loss_weights: Mapping[str, float],
         max_iterations: int,
-        rampup_iters: int = 6000,
-        rampup_step: int = 150,
-        ema_decay: float = 0.99,
-        ema_buffers: str = "own",
+        rampup_iters: Optional[int] = None,
+        rampup_step: Optional[int] = None,
         noise_std: float = 0.1,
         noise_clip: float = 0.2,
         consistency_on: str = "unlabeled",
         dice_variant: str = "fg_sq",
-        teacher_train_mode: bool = True,
-        infer_net: str = "student",
+        **student_teacher_args: Any,
     ) -> None:
         super().__init__(
-            student,
-            loss_weights,
-            max_iterations,
-            ema_decay=ema_decay,
-            ema_warmup=True,
-            ema_buffers=ema_buffers,
-            teacher_train_mode=teacher_train_mode,
-            infer_net=infer_net,
+            student, loss_weights, max_iterations, noise_std=noise_std, noise_clip=noise_clip, **student_teacher_args
         )
         if consistency_on not in CONSISTENCY_TARGETS:
             raise ValueError(f"consistency_on must be one of {CONSISTENCY_TARGETS}, got {consistency_on!r}.")
-        if noise_std < 0 or noise_clip < 0:
-            raise ValueError(f"noise_std and noise_clip must be >= 0, got {noise_std}, {noise_clip}.")
-        stepped_rampup(0, rampup_iters, rampup_step)  # validates the ramp arguments
-        self.rampup_iters = int(rampup_iters)
-        self.rampup_step = int(rampup_step)
-        self.noise_std = float(noise_std)
-        self.noise_clip = float(noise_clip)
+        self.rampup_iters, self.rampup_step = ramp_schedule(max_iterations, rampup_iters, rampup_step)
         self.consistency_on = consistency_on
-        self.uses_unlabeled = self.loss_weights["cons"] != 0.0
         self.supervised = HalfCEDiceLoss(dice_variant)
         self.consistency = SoftmaxMSELoss()
 
@@ -107,27 +94,16 @@ class MeanTeacherMethod(StudentTeacherMethod):
         weights["cons"] *= self.consistency_ramp(iteration)
         return weights
 
-    def teacher_noise(self, images: torch.Tensor) -> torch.Tensor:
-        """``xi = clip(N(0, noise_std^2), -noise_clip, noise_clip)``, one fresh draw per voxel, shaped like
-        ``images``."""
-        return torch.clamp(torch.randn_like(images) * self.noise_std, -self.noise_clip, self.noise_clip)
-
     def consistency_mask(self, images: torch.Tensor, iteration: int) -> Optional[torch.Tensor]:
         """Voxels the consistency covers, ``(B, 1, *spatial)``; ``None`` = all (Mean Teacher). UA-MT overrides it."""
         return None
 
-    def compute_losses(
-        self,
-        labeled_image: torch.Tensor,
-        label: torch.Tensor,
-        unlabeled_image: Optional[torch.Tensor],
-        iteration: int,
-    ) -> Dict[str, torch.Tensor]:
-        """See :meth:`SSLMethod.compute_losses`; returns the unweighted active terms among ``sup`` and ``cons``."""
-        active = self.active_terms(iteration)
-        if "cons" in active and unlabeled_image is None:
-            raise ValueError("the consistency term needs an unlabeled batch, got None.")
-        images = torch.cat([labeled_image, unlabeled_image]) if "cons" in active else labeled_image
+    def terms(
+        self, labeled_image: Tensor, label: Tensor, unlabeled_image: Optional[Tensor], iteration: int, active: Weights
+    ) -> Terms:
+        """See :meth:`SSLMethod.terms`: ``sup`` and ``cons`` from one student forward of
+        :meth:`SSLMethod.joint_images`."""
+        images = self.joint_images(labeled_image, unlabeled_image)
         num_labeled = labeled_image.shape[0]
         logits = self.student(images).float()  # every term in float32, also under AMP
         losses: Dict[str, torch.Tensor] = {}
@@ -137,7 +113,7 @@ class MeanTeacherMethod(StudentTeacherMethod):
             on_all = self.consistency_on == "all"
             consistency_images = images if on_all else unlabeled_image
             student_logits = logits if on_all else logits[num_labeled:]
-            teacher_prob = self.teacher_probabilities(consistency_images + self.teacher_noise(consistency_images))
+            teacher_prob = self.teacher_probabilities(self.noisy(consistency_images))
             mask = self.consistency_mask(consistency_images, iteration)
             losses["cons"] = self.consistency(student_logits, teacher_prob, mask)
         return losses

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Dict, Mapping, Optional
+from typing import Mapping, Optional
 
-import torch
-from torch import nn
+from torch import Tensor, nn
 
 from bundle.losses.baselines import HalfCEDiceLoss
-from bundle.methods.base import SSLMethod
+from bundle.methods.base import SSLMethod, Terms, Weights
 from bundle.networks import SoftmaxOutput
 
 
@@ -25,7 +24,6 @@ class SupervisedVNetMethod(SSLMethod):
     """
 
     term_names = ("sup",)
-    uses_unlabeled = False
 
     def __init__(
         self, network: nn.Module, loss_weights: Mapping[str, float], max_iterations: int, dice_variant: str = "fg_sq"
@@ -33,19 +31,10 @@ class SupervisedVNetMethod(SSLMethod):
         super().__init__(loss_weights, max_iterations)
         self.net = network
         self.supervised = HalfCEDiceLoss(dice_variant)
-        # Not a registered submodule: its state dict would duplicate ``net.*``.
-        object.__setattr__(self, "_inference_network", SoftmaxOutput(network))
+        self.set_inference_network(SoftmaxOutput(network))
 
-    def compute_losses(
-        self,
-        labeled_image: torch.Tensor,
-        label: torch.Tensor,
-        unlabeled_image: Optional[torch.Tensor],
-        iteration: int,
-    ) -> Dict[str, torch.Tensor]:
+    def terms(
+        self, labeled_image: Tensor, label: Tensor, unlabeled_image: Optional[Tensor], iteration: int, active: Weights
+    ) -> Terms:
         """``{"sup": 1/2 (CE + Dice)}`` of the V-Net's float32 logits ``(B_l, C, H, W, D)`` on the labeled batch."""
         return {"sup": self.supervised(self.net(labeled_image).float(), label)}
-
-    def inference_network(self) -> nn.Module:
-        """:class:`~bundle.networks.SoftmaxOutput` of the V-Net (state dict keys ``net.*``)."""
-        return self._inference_network

@@ -1,37 +1,39 @@
 """Uncertainty-aware Mean Teacher, UA-MT (Yu et al., MICCAI 2019), as in the released LA code
-(spec ``shared/specs/baselines.md`` section 3)."""
+(docs/methods/ua_mt.md)."""
 
 from __future__ import annotations
 
 import math
-from typing import Mapping, Optional
+from typing import Any, Optional
 
 import torch
-from torch import nn
 
 from bundle.losses.ramps import sigmoid_rampup
+from bundle.losses.tensor_ops import entropy
 from bundle.methods.mean_teacher import MeanTeacherMethod
 
 
 def uncertainty_threshold(iteration: int, rampup_iters: int, num_classes: int = 2) -> float:
-    """``tau(t) = (3/4 + 1/4 r(t, t_max)) ln C`` (spec section 3.2, step 3), ``r`` the smooth ramp in **iterations**
-    (not quantised). For ``C = 2``, ``t_max = 6000``: 0.521028 at ``t = 0``, 0.569508 at 3000 and ``ln 2 = 0.693147``
-    from 6000 on (the fixtures of spec section 1.3)."""
+    """``tau(t) = (3/4 + 1/4 r(t, t_max)) ln C`` (docs/methods/ua_mt.md, Eq. UA-3), ``r`` the smooth ramp in
+    **iterations** (not quantised). For ``C = 2``, ``t_max = 6000``: 0.521028 at ``t = 0``, 0.569508 at 3000 and ``ln 2
+    = 0.693147`` from 6000 on (docs/methods/ua_mt.md, Eq. UA-3)."""
     return (0.75 + 0.25 * sigmoid_rampup(iteration, rampup_iters)) * math.log(num_classes)
 
 
 def predictive_entropy(mean_prob: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """``u = -sum_c mu_c ln(mu_c + eps)``: ``(B, C, *spatial)`` mean probabilities -> ``(B, 1, *spatial)``, nats.
+    """``u = -sum_c mu_c ln(mu_c + eps)``: ``(B, C, *spatial)`` mean probabilities -> ``(B, 1, *spatial)``, nats
+    (:func:`~bundle.losses.tensor_ops.entropy`).
 
     ``eps = 1e-6`` as in the released code (so a one-hot ``mu`` gives ``u`` of about ``-1e-6``, not NaN)."""
-    return -(mean_prob * torch.log(mean_prob + eps)).sum(dim=1, keepdim=True)
+    return entropy(mean_prob, eps, keepdim=True)
 
 
 class UncertaintyAwareMeanTeacherMethod(MeanTeacherMethod):
     """Mean Teacher whose consistency only covers voxels where the teacher is certain.
 
     Everything of :class:`~bundle.methods.mean_teacher.MeanTeacherMethod` (student on ``cat(x_l, x_u)``, one noisy
-    teacher pass as the target ``pbar``, EMA with warm-up, ``lambda(t)`` ramp of ``cons``), plus (spec section 3.2):
+    teacher pass as the target ``pbar``, EMA with warm-up, ``lambda(t)`` ramp of ``cons``), plus
+    (docs/methods/ua_mt.md):
 
     1. **Monte-Carlo uncertainty** with ``T = mc_samples`` (8): ``T / 2`` teacher passes under no_grad, each on the
        duplicated batch ``[x_u; x_u]`` (``2 B_u`` volumes) with a fresh clipped-Gaussian noise per voxel, dropout on:
@@ -49,45 +51,21 @@ class UncertaintyAwareMeanTeacherMethod(MeanTeacherMethod):
 
     Args:
         mc_samples: ``T``, an even number >= 2 (8).
-        uncertainty_rampup_iters: ``t_max`` of the threshold ramp, in iterations (6000 on LA: the whole run).
-        Others: see :class:`~bundle.methods.mean_teacher.MeanTeacherMethod`.
+        uncertainty_rampup_iters: ``t_max`` of the threshold ramp, in iterations; ``None`` (default):
+            ``max_iterations``, the whole run (6000 on LA).
+        args, mean_teacher_args: every other argument, with its default, of
+            :class:`~bundle.methods.mean_teacher.MeanTeacherMethod` (``student``, ``loss_weights``,
+            ``max_iterations``, ``rampup_iters``, ``noise_std``, ...).
     """
 
     def __init__(
-        self,
-        student: nn.Module,
-        loss_weights: Mapping[str, float],
-        max_iterations: int,
-        rampup_iters: int = 6000,
-        rampup_step: int = 150,
-        uncertainty_rampup_iters: int = 6000,
-        mc_samples: int = 8,
-        ema_decay: float = 0.99,
-        ema_buffers: str = "own",
-        noise_std: float = 0.1,
-        noise_clip: float = 0.2,
-        consistency_on: str = "unlabeled",
-        dice_variant: str = "fg_sq",
-        teacher_train_mode: bool = True,
-        infer_net: str = "student",
+        self, *args: Any, uncertainty_rampup_iters: Optional[int] = None, mc_samples: int = 8, **mean_teacher_args: Any
     ) -> None:
-        super().__init__(
-            student,
-            loss_weights,
-            max_iterations,
-            rampup_iters=rampup_iters,
-            rampup_step=rampup_step,
-            ema_decay=ema_decay,
-            ema_buffers=ema_buffers,
-            noise_std=noise_std,
-            noise_clip=noise_clip,
-            consistency_on=consistency_on,
-            dice_variant=dice_variant,
-            teacher_train_mode=teacher_train_mode,
-            infer_net=infer_net,
-        )
+        super().__init__(*args, **mean_teacher_args)
         if mc_samples < 2 or mc_samples % 2:
             raise ValueError(f"mc_samples must be an even number >= 2 (T/2 passes on [x; x]), got {mc_samples}.")
+        if uncertainty_rampup_iters is None:
+            uncertainty_rampup_iters = self.max_iterations
         if uncertainty_rampup_iters < 0:
             raise ValueError(f"uncertainty_rampup_iters must be >= 0, got {uncertainty_rampup_iters}.")
         self.mc_samples = int(mc_samples)
@@ -107,7 +85,7 @@ class UncertaintyAwareMeanTeacherMethod(MeanTeacherMethod):
         repeated = images.repeat(2, *([1] * (images.dim() - 1)))
         total = None
         for _ in range(self.mc_samples // 2):
-            prob = self.teacher_probabilities(repeated + self.teacher_noise(repeated))
+            prob = self.teacher_probabilities(self.noisy(repeated))
             pair_sum = prob[:batch] + prob[batch:]
             total = pair_sum if total is None else total + pair_sum
         return total / self.mc_samples

@@ -1,6 +1,6 @@
 """Does ranking pay? Uncertainty-chosen scans against random ones on LA (``scripts/rank_payoff.py``).
 
-Per seed, with the benchmark's accuracy runner (:func:`bundle.benchmark.accuracy`: same protocol, same split, the
+Per seed, with the benchmark's accuracy runner (:func:`benchmarking.runs.accuracy`: same protocol, same split, the
 same 20 held-out test cases):
 
 1. ``base``: train at K = ``base_k`` (the first ``base_k`` training cases labeled);
@@ -17,7 +17,7 @@ record in ``results_dir``), and a manifest ``results_dir/rank_payoff_<protocol>_
 (kind ``rank_payoff``: the ranking, the drawn cases and every arm's record path) is rewritten after each step, so
 an interrupted experiment continues where it stopped. :func:`payoff_sections` turns the manifests into the section
 of ``docs/RESULTS.md``: per-case Dice differences paired by seed and test case, with the bootstrap intervals of
-:mod:`bundle.statistics`.
+:mod:`benchmarking.statistics`.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from bundle.accuracy_report import DUAL_NETWORK_METHODS, verdict
-from bundle.benchmark import (
+from benchmarking.report import DUAL_NETWORK_METHODS, verdict
+from benchmarking.runs import (
     CONFIG_DIR,
     accuracy,
     bundle_command,
@@ -41,16 +41,24 @@ from bundle.benchmark import (
     run_logged,
     write_json,
 )
+from benchmarking.statistics import bootstrap_interval, format_interval, paired_differences, seed_summary
 from bundle.data import read_case_list
-from bundle.statistics import bootstrap_interval, format_interval, paired_differences, seed_summary
 
 Record = Dict[str, Any]
 #: inference settings the ranking takes from the training configuration of the base run.
-MODEL_KEYS = ("in_channels", "out_channels", "base_width", "norm", "patch_size", "sw_strides", "resample_factor")
+MODEL_KEYS = ("in_channels", "out_channels", "base_width", "patch_size", "sw_strides", "resample_factor")
 #: the arms, in report order, and how the report names them.
 ARMS = {"base": "base (K₀ labeled)", "first": "+ next of the list", "random": "+ random", "ranked": "+ top-ranked"}
 #: the paired comparisons of the report: (arm, reference arm).
 COMPARISONS = (("ranked", "random"), ("ranked", "first"), ("random", "first"), ("ranked", "base"))
+
+
+def network_norm(method_config: Dict[str, Any]) -> str:
+    """The normalisation of the networks in a method's config (``batch``, the networks' default, unless set)."""
+    norms = {net.get("norm", "batch") for net in method_config.values() if isinstance(net, dict) and "_target_" in net}
+    if len(norms) != 1:
+        raise ValueError(f"the method's networks use different normalisations {sorted(norms)}; rank needs one.")
+    return norms.pop()
 
 
 def inference_configs(method: str) -> List[str]:
@@ -166,6 +174,7 @@ def rank_pool(
         handle.write("\n".join(pool) + "\n")
     training = parse_bundle(method_configs(method, protocol), overrides)
     settings = {key: training[key] for key in MODEL_KEYS}
+    settings["norm"] = network_norm(training["method"])
     settings.update(dataset_dir=os.path.relpath(dataset_dir), case_list=pool_list, output_dir=rank_dir,
                     ckpt_path=os.path.join(base["config"]["model_dir"], "model.pt"), rank_by=rank_by)  # fmt: skip
     command = bundle_command("run", inference_configs(method), settings)
@@ -198,7 +207,7 @@ def arm_scores(manifest: Record) -> Dict[str, Dict[str, float]]:
 
 def payoff_sections(manifests: Sequence[Tuple[str, Record]]) -> List[str]:
     """Markdown lines of the ranking-payoff section of ``docs/RESULTS.md``, one table per experiment (protocol,
-    method, K₀, added, tag), seeds pooled as in :mod:`bundle.statistics`."""
+    method, K₀, added, tag), seeds pooled as in :mod:`benchmarking.statistics`."""
     experiments: Dict[tuple, List[Record]] = {}
     for _, manifest in manifests:
         key = (manifest["protocol"], manifest["method"], manifest["base_k"], manifest["add"], manifest["tag"])
@@ -214,7 +223,7 @@ def payoff_sections(manifests: Sequence[Tuple[str, Record]]) -> List[str]:
             "(`configs/rank.json`: most uncertain first), the next cases of the list (the standard run), or cases",
             "drawn at random from the same unlabeled pool (`random`: the per-case mean over the draws). Same seeds,",
             "protocol and held-out test cases; Δ Dice is the per-case difference paired by seed and test case with a",
-            "95 % bootstrap interval over test cases within seeds (`bundle/statistics.py`).",
+            "95 % bootstrap interval over test cases within seeds (`benchmarking/statistics.py`).",
             "",
             "| arm | seeds | Dice (mean ± sd over seeds) |",
             "|---|---|---|",

@@ -22,7 +22,8 @@ from ignite.engine import Events
 from monai.bundle import ConfigParser
 from monai.inferers import SlidingWindowInferer
 
-from bundle.accuracy_report import accuracy_sections
+from benchmarking.report import accuracy_sections
+from bundle.config_check import method_parameters
 from bundle.inference import strides_to_overlap
 from bundle.network_optimization import optimize_for_inference
 from bundle.precision import cpu_has_native_bf16
@@ -86,11 +87,15 @@ def time_training(
     device = parser.get_parsed_content("device")
     channels, patch = parser["in_channels"], list(parser["patch_size"])
     generator = torch.Generator().manual_seed(0)
+    labeled_batch, unlabeled_batch = (
+        parser["train#dataloader#batch_size"],
+        parser["train#unlabeled_dataloader#batch_size"],
+    )
     labeled = {
-        "image": torch.randn(parser["labeled_batch_size"], channels, *patch, generator=generator),
-        "label": (torch.rand(parser["labeled_batch_size"], 1, *patch, generator=generator) > 0.7).float(),
+        "image": torch.randn(labeled_batch, channels, *patch, generator=generator),
+        "label": (torch.rand(labeled_batch, 1, *patch, generator=generator) > 0.7).float(),
     }
-    unlabeled = {"image": torch.randn(parser["unlabeled_batch_size"], channels, *patch, generator=generator)}
+    unlabeled = {"image": torch.randn(unlabeled_batch, channels, *patch, generator=generator)}
     total = warmup + iterations
     trainer = SSLTrainer(
         device=device,
@@ -100,8 +105,8 @@ def time_training(
         method=method,
         optimizer=optimizer,
         unlabeled_data_loader=[unlabeled] if method.uses_unlabeled else None,
-        precision=parser["precision"],
-        cpu_allocator_cache=bool(parser.get("cpu_allocator_cache", False)),
+        precision=parser["train#trainer#precision"],
+        cpu_allocator_cache=bool(parser["train#trainer#cpu_allocator_cache"]),
     )
     stamps: List[float] = []
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda engine: stamps.append(time.perf_counter()))
@@ -154,7 +159,7 @@ def time_inference(
 
 def run_isolated(kind: str, **kwargs: Any) -> Dict[str, Any]:
     """Run one probe in a fresh Python process so its peak memory is its own."""
-    command = [sys.executable, "-c", "import json,sys; from bundle import benchmark as b; "
+    command = [sys.executable, "-c", "import json,sys; from benchmarking import runs as b; "
                "a=json.loads(sys.argv[1]); print('RESULT'+json.dumps(getattr(b, a.pop('kind'))(**a)))",
                json.dumps({"kind": kind, **kwargs})]  # fmt: skip
     out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
@@ -234,6 +239,21 @@ def run_logged(command: List[str], log_path: str) -> float:
     return time.perf_counter() - start
 
 
+#: nested settings a record keeps besides the top-level ones (the optimiser, schedule, batches and trainer).
+RECORDED_SETTINGS = (
+    "optimizer#lr",
+    "optimizer#momentum",
+    "optimizer#weight_decay",
+    "lr_scheduler#milestones",
+    "lr_scheduler#gamma",
+    "train#dataloader#batch_size",
+    "train#unlabeled_dataloader#batch_size",
+    "train#preprocessing#augment",
+    "train#trainer#precision",
+    "train#trainer#cpu_allocator_cache",
+)
+
+
 def method_configs(method: str, protocol: str) -> List[str]:
     """Config files of one benchmark run, in merge order: base, LA preset, method preset, protocol preset."""
     files = [
@@ -248,18 +268,51 @@ def method_configs(method: str, protocol: str) -> List[str]:
     return files
 
 
+def protocol_overrides(configs: Sequence[str]) -> Dict[str, Any]:
+    """``--method#<arg>`` overrides from the protocol file's ``_method_args_`` (the last of ``configs``), for the
+    arguments the configured method takes (e.g. ``rampup_iters`` for the methods that have a ramp); the others do
+    not apply to that method, as in the records made before methods held their own arguments."""
+    parser = parse_bundle(configs, {})
+    taken = method_parameters(parser["method#_target_"])
+    return {f"method#{k}": v for k, v in parser.get().get("_method_args_", {}).items() if k in taken}
+
+
+def json_value(value: Any) -> Any:
+    """``value`` as JSON (tuples become lists); ``TypeError`` when it is not JSON data (a module, a tensor)."""
+    return json.loads(json.dumps(value))
+
+
 def resolved_hyperparameters(parser: ConfigParser) -> Dict[str, Any]:
-    """The top-level settings of a parsed bundle with references and expressions resolved (``"@max_iterations"``
-    becomes its number); components, and expressions that do not resolve to JSON values, are left out."""
+    """The settings of a parsed bundle with references, expressions and defaults resolved, for a record.
+
+    Top-level values (``"@max_iterations"`` becomes its number; components and non-JSON expressions are left out),
+    the optimiser, LR schedule, batch sizes and trainer settings, and ``method``: its class and every argument
+    (:func:`~bundle.config_check.method_parameters`) with the value the built method uses (a ``None`` default
+    such as ``rampup_iters`` as the attribute it resolves to), networks left out.
+    """
     values: Dict[str, Any] = {}
     for key, raw in parser.get().items():
-        if key in ("imports", "initialize", "run", "training") or (isinstance(raw, dict) and key != "loss_weights"):
+        if key in ("imports", "initialize", "run", "training") or key.startswith("_") or isinstance(raw, dict):
             continue
-        value = parser.get_parsed_content(key) if isinstance(raw, str) and raw[:1] in "@$" else raw
         try:
-            values[key] = json.loads(json.dumps(value))
+            values[key] = json_value(
+                parser.get_parsed_content(key) if isinstance(raw, str) and raw[:1] in "@$" else raw
+            )
         except TypeError:
             continue
+    for key in RECORDED_SETTINGS:
+        values[key] = json_value(parser.get_parsed_content(key))
+    method = parser.get_parsed_content("method")
+    arguments: Dict[str, Any] = {"_target_": parser["method#_target_"]}
+    for name, param in method_parameters(parser["method#_target_"]).items():
+        value = parser.get_parsed_content(f"method#{name}") if name in parser["method"] else param.default
+        if value is None:
+            value = getattr(method, name, None)
+        try:
+            arguments[name] = json_value(value)
+        except TypeError:
+            continue  # a network
+    values["method"] = arguments
     return values
 
 
@@ -326,13 +379,13 @@ def accuracy(
     configs = method_configs(method, protocol)
     common = {
         "dataset_dir": os.path.relpath(dataset_dir),
-        "train_list": lists["train"],
+        "datalists#train_list": lists["train"],
         "num_labeled": num_labeled,
         "seed": seed,
         "model_dir": os.path.join(run_dir, "models"),
         **overrides,
     }
-    train_overrides = {**common, "val_list": None, "output_dir": run_dir}
+    train_overrides = {**common, **protocol_overrides(configs), "datalists#val_list": None, "output_dir": run_dir}
     log_path = os.path.join(run_dir, "benchmark.log")
     info_path = os.path.join(run_dir, "train_info.json")
     train_command = bundle_command("training", configs, train_overrides)
@@ -343,7 +396,7 @@ def accuracy(
     with open(info_path) as handle:
         train_info = json.load(handle)
     eval_dir = os.path.join(run_dir, "eval")
-    eval_overrides = {**common, "val_list": lists["test"], "output_dir": eval_dir}
+    eval_overrides = {**train_overrides, "datalists#val_list": lists["test"], "output_dir": eval_dir}
     run_logged(bundle_command("run", configs + [f"{CONFIG_DIR}/evaluate.json"], eval_overrides), log_path)
     parser = parse_bundle(configs, train_overrides)
     hyperparameters = resolved_hyperparameters(parser)
@@ -398,7 +451,7 @@ def speed(
     if with_baselines:
         training_variants["activations kept"] = {"activation_checkpointing": False}
         if not torch.cuda.is_available():  # the allocator cache is a CPU setting
-            training_variants["checkpointing + allocator cache"] = {"cpu_allocator_cache": True}
+            training_variants["checkpointing + allocator cache"] = {"train#trainer#cpu_allocator_cache": True}
     rows = []
     for patch in patches:
         for variant, settings in training_variants.items():
@@ -485,7 +538,7 @@ def report(results_dir: str = "docs/results", output: str = "docs/RESULTS.md", f
     ]
     accuracy_records = [(n, r) for n, r in records if r.get("kind") == "accuracy"]
     lines += accuracy_sections(accuracy_records, figure_dir, os.path.dirname(output) or ".")
-    from bundle.rank_payoff import payoff_sections  # it imports this module's runner
+    from benchmarking.rank_payoff import payoff_sections  # it imports this module's runner
 
     lines += payoff_sections([(n, r) for n, r in records if r.get("kind") == "rank_payoff"])
     speed_records = [(n, r) for n, r in records if r.get("kind") == "speed"]

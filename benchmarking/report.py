@@ -1,12 +1,12 @@
 """The accuracy part of ``docs/RESULTS.md``: one row per method over its seeds, each semi-supervised row against its
-supervised reference with a paired per-case interval (:mod:`bundle.statistics`), and a figure per setting."""
+supervised reference with a paired per-case interval (:mod:`benchmarking.statistics`), and a figure per setting."""
 
 from __future__ import annotations
 
 import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from bundle.statistics import (
+from benchmarking.statistics import (
     bootstrap_interval,
     case_means,
     excludes_zero,
