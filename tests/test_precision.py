@@ -5,13 +5,17 @@ and the stop on non-finite losses."""
 import pytest
 import torch
 from ignite.engine import Events
+from monai.inferers import SlidingWindowInferer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from bundle import precision
+from bundle.inference import SubnetDisagreement
 from bundle.methods.supervised_vnet import SupervisedVNetMethod
-from bundle.networks import ResNet34Seg, VNetSeg
+from bundle.network_optimization import optimize_for_inference
+from bundle.networks import ResNet34Seg, SoftmaxEnsemble, VNetSeg
 from bundle.precision import (
+    AutocastInference,
     autocast,
     cpu_has_native_bf16,
     guard_small_depth_convolutions,
@@ -130,6 +134,40 @@ def test_the_guard_is_a_no_op_for_the_cpu_protocol_patch(patch, guarded):
         for net in nets:
             net.eval()(torch.zeros(1, 1, *patch))
     assert len(qualifying) == 47 + 26 and sum(qualifying) == guarded
+
+
+def small_ensemble():
+    torch.manual_seed(0)
+    return SoftmaxEnsemble(ResNet34Seg(base_width=4), VNetSeg(base_width=4)).eval()
+
+
+@pytest.mark.parametrize("optimized", [False, True])
+def test_bf16_sliding_window_inference_agrees_with_fp32(optimized):
+    ensemble = small_ensemble()
+    if optimized:
+        optimize_for_inference(ensemble)  # folded norms, channels-last weights: inference.json's default
+    volume = torch.randn(1, 1, 40, 36, 32, generator=torch.Generator().manual_seed(5))
+    inferer = SlidingWindowInferer(roi_size=(32, 32, 32), sw_batch_size=2, overlap=0.5, mode="constant")
+    low = AutocastInference(ensemble, "bf16", "cpu")
+    assert low.precision == "bf16" and AutocastInference(ensemble, "fp32").precision == "fp32"
+    with torch.no_grad():
+        reference, prob = inferer(volume, ensemble), inferer(volume, low)
+    assert reference.dtype == prob.dtype == torch.float32  # the stitching buffer is fp32
+    assert torch.allclose(prob.sum(dim=1), torch.ones(1), atol=1e-5)
+    difference = (prob - reference).abs()
+    assert 0 < difference.max() < 0.05
+    assert (prob.argmax(1) == reference.argmax(1)).float().mean() > 0.99
+    assert all(b.dtype != torch.bfloat16 for b in ensemble.buffers()) and all(
+        p.dtype == torch.float32 for p in ensemble.parameters()
+    )
+
+
+def test_autocast_inference_returns_fp32_tuples():
+    wrapped = AutocastInference(SubnetDisagreement(small_ensemble()), "bf16", "cpu")
+    with torch.no_grad():
+        prob, disagreement = wrapped(torch.randn(1, 1, 16, 16, 16, generator=torch.Generator().manual_seed(6)))
+    assert prob.dtype == disagreement.dtype == torch.float32
+    assert prob.shape == (1, 2, 16, 16, 16) and disagreement.shape == (1, 1, 16, 16, 16)
 
 
 def test_gradients_finite():
