@@ -80,9 +80,9 @@ def autocast(precision: str, device: torch.device | str) -> ContextManager:
 
 class AutocastInference(nn.Module):
     """``network``'s forward under the autocast of ``precision`` (``auto`` resolved on ``device``), its outputs (a
-    tensor or a tuple of tensors) cast to fp32, e.g. for ``SlidingWindowInferer``, whose stitching buffer takes the
-    dtype of the first output. ``network`` stays a submodule, so mode switches reach it; its state dict gets a
-    ``network.`` prefix, so load weights into ``network`` itself."""
+    tensor or a tuple of tensors) cast to fp32, e.g. for ``SlidingWindowInferer`` (whose stitching buffers take the
+    input's dtype, fp32 for our images). ``network`` stays a submodule, so mode switches reach it; its state dict gets
+    a ``network.`` prefix, so load weights into ``network`` itself."""
 
     def __init__(self, network: nn.Module, precision: str = "auto", device: torch.device | str = "cpu") -> None:
         super().__init__()
