@@ -13,10 +13,10 @@ buffer stays fp32.
 oneDNN's bf16 convolution backward (torch 2.13 CPU, oneDNN 3.12) computes a wrong weight gradient, reading
 uninitialised memory and sometimes corrupting the heap, when the first spatial axis of a stride-1 ``Conv3d``'s input
 is shorter than the kernel along it but longer than 1 (2 for a ``3^3`` kernel: the 1/16 stage of a 32^3 patch; 2..6
-for ``7^3``) and the layer has 16 or more channels; the forward and the input gradient are right, transposed
-convolutions and the other axes are not affected. :func:`guard_small_depth_convolutions` runs every ``Conv3d`` whose
-input is shorter than its kernel along that axis in fp32; at the 64x64x32, 96^3 and 112x112x80 patches no layer
-qualifies, so it changes nothing there.
+for ``7^3``) and the layer has 16 or more input or output channels (8 in and 8 out was right); the forward and the
+input gradient are right; stride-2 and transposed convolutions and the other two axes were not affected.
+:func:`guard_small_depth_convolutions` runs every ``Conv3d`` whose input is shorter than its kernel along that axis in
+fp32; at the 64x64x32, 96^3 and 112x112x80 patches no layer qualifies, so it changes nothing there.
 """
 
 from __future__ import annotations
