@@ -5,6 +5,7 @@ and the stop on non-finite losses."""
 import pytest
 import torch
 from ignite.engine import Events
+from monai.bundle import ConfigParser
 from monai.inferers import SlidingWindowInferer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -23,6 +24,9 @@ from bundle.precision import (
     resolve_precision,
 )
 from bundle.trainer import SSLTrainer, gradients_finite
+from tests.conftest import REPO_ROOT
+
+CONFIGS = REPO_ROOT / "configs"
 
 
 @pytest.mark.parametrize("native, expected", [(True, "bf16"), (False, "fp32")])
@@ -206,3 +210,16 @@ def test_a_non_finite_loss_stops_training_before_the_step_naming_iteration_and_t
     for key, value in method.state_dict().items():
         if value.is_floating_point() and "running" not in key:  # the NaN forward still updated BatchNorm statistics
             assert torch.equal(value, after_first[key]), key
+
+
+def test_inference_precision_follows_training_except_in_the_cpu_protocol():
+    """train.json's validation and evaluate.json use ``inference_precision`` (default: ``precision``); the LA cpu
+    protocol trains in bf16 but evaluates in fp32, as when its records were made."""
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / "train.json"), str(CONFIGS / "evaluate.json")])
+    parser.update({"precision": "fp32"})
+    assert parser.get_parsed_content("inference_precision") == "fp32"
+    assert parser["validate#evaluator#network#_target_"] == "bundle.precision.AutocastInference"
+    parser.read_config([str(CONFIGS / n) for n in ("train.json", "benchmark/la_cpu.json", "evaluate.json")])
+    assert parser.get_parsed_content("precision") == "bf16"
+    assert parser.get_parsed_content("inference_precision") == "fp32"
