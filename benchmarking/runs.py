@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import resource
 import shlex
 import subprocess
@@ -26,23 +27,42 @@ from benchmarking.report import accuracy_sections
 from bundle.config_check import method_parameters
 from bundle.inference import strides_to_overlap
 from bundle.network_optimization import optimize_for_inference
-from bundle.precision import cpu_has_native_bf16
+from bundle.precision import AutocastInference, cpu_flags, cpu_has_native_bf16, resolve_precision
 from bundle.trainer import SSLTrainer
 
 CONFIG_DIR = "configs"
 
 
-def hardware() -> str:
-    """A one-line description of the machine the numbers come from."""
-    cpu = platform.processor() or platform.machine()
+def cpu_model() -> str:
+    """The ``model name`` of the first processor in ``/proc/cpuinfo`` (``platform.processor()`` elsewhere)."""
     try:
         with open("/proc/cpuinfo") as handle:
             names = [line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")]
-        cpu = names[0] if names else cpu
+        if names:
+            return names[0]
     except OSError:
         pass
-    bf16 = "native bf16" if cpu_has_native_bf16() else "no native bf16"
-    text = f"{cpu} ({bf16}), {torch.get_num_threads()} torch threads, {os.cpu_count()} cores, torch {torch.__version__}"
+    return platform.processor() or platform.machine()
+
+
+#: CPU flags that decide the speed of bf16 and fp32 convolutions, recorded with every speed probe.
+SPEED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "bf16")
+
+
+def cpu_description() -> Dict[str, Any]:
+    """The CPU model, its :data:`SPEED_FLAGS` and whether it computes in bf16 natively."""
+    flags = cpu_flags()
+    return {"model": cpu_model(), "flags": [f for f in SPEED_FLAGS if f in flags], "native_bf16": cpu_has_native_bf16()}
+
+
+def hardware() -> str:
+    """A one-line description of the machine the numbers come from."""
+    cpu = cpu_description()
+    bf16 = "native bf16" if cpu["native_bf16"] else "no native bf16"
+    text = (
+        f"{cpu['model']} ({bf16}; {' '.join(cpu['flags']) or 'no AVX2'}), {torch.get_num_threads()} torch threads, "
+        f"{os.cpu_count()} cores, torch {torch.__version__}"
+    )
     if torch.cuda.is_available():
         text += f", GPU {torch.cuda.get_device_name(0)}"
     return text
@@ -117,6 +137,7 @@ def time_training(
     stamps = [start] + stamps
     timed = [b - a for a, b in zip(stamps[warmup:], stamps[warmup + 1 :])]
     result = {"seconds_per_iteration": sum(timed) / len(timed), "iterations_timed": len(timed)}
+    result["precision"] = trainer.precision
     result["peak_rss_gib"] = peak_rss_gib()
     if torch.cuda.is_available():
         result["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -132,12 +153,14 @@ def time_inference(
 ) -> Dict[str, float]:
     """Seconds and peak memory to segment one random volume with the bundle's ensemble through MONAI's
     ``SlidingWindowInferer`` at the given strides (overlaps chosen so MONAI's window grid has exactly them), with the
-    inference rewrite of ``configs/inference.json`` (``optimize_network``) or without it."""
+    inference rewrite of ``configs/inference.json`` (``optimize_network``) or without it, under the configured
+    ``validate#precision``."""
     parser = parse_bundle(config_files, overrides)
     device = parser.get_parsed_content("device")
     network = parser.get_parsed_content("network_def").to(device).eval()
     if optimize_network:
         optimize_for_inference(network)
+    predictor = AutocastInference(network, parser.get_parsed_content("validate#precision"), device)
     patch = list(parser["patch_size"])
     inferer = SlidingWindowInferer(
         roi_size=patch,
@@ -149,9 +172,10 @@ def time_inference(
     volume = torch.randn(1, parser["in_channels"], *volume_shape, generator=torch.Generator().manual_seed(0))
     start = time.perf_counter()
     with torch.no_grad():
-        output = inferer(volume, network)
+        output = inferer(volume, predictor)
     seconds = time.perf_counter() - start
     result = {"seconds_per_volume": seconds, "peak_rss_gib": peak_rss_gib(), "output_shape": list(output.shape)}
+    result["precision"] = predictor.precision
     if torch.cuda.is_available():
         result["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return result
@@ -426,9 +450,30 @@ def accuracy(
     return write_json(record, results_dir, name)
 
 
-#: The authors' released code on a 2-core CPU machine (DEVELOPERS.md): the baseline our speed is compared with.
-AUTHORS_CPU_SECONDS = {"train_64x64x32": 8.8, "train_112x112x80": 92.0, "infer_175x132x88": 122.0}
-AUTHORS_CPU_PEAK_GIB = {"train_64x64x32": 2.4, "train_112x112x80": 12.8}
+#: The authors' released code per CPU model, 2 threads, batch 2+2 (``../shared/specs/reference_speed.md``): median
+#: seconds and peak RSS (GiB) per probe. Compare a figure of ours only with those of the same CPU model.
+AUTHORS_REFERENCE: Dict[str, Dict[str, Any]] = {
+    "AMD EPYC": {
+        "measured": "2026-11-22",
+        "seconds": {"train_64x64x32": 8.8, "train_112x112x80": 92.3, "infer_175x132x88": 122.0},
+        "peak_gib": {"train_64x64x32": 2.4, "train_112x112x80": 12.8},
+    },
+    "Intel Xeon with AVX-512 BF16 + AMX": {
+        "measured": "2026-12-01",
+        "seconds": {"train_64x64x32": 4.6, "train_112x112x80": 55.4, "infer_175x132x88": 64.5},
+        "peak_gib": {"train_64x64x32": 2.5, "train_112x112x80": 13.0},
+    },
+}
+
+
+def reference_machine(model: str, flags: Sequence[str]) -> Optional[str]:
+    """The :data:`AUTHORS_REFERENCE` key of the CPU model ``model`` with ``flags``, or ``None`` when the authors'
+    code was not timed on that model."""
+    if model.startswith("AMD EPYC"):
+        return "AMD EPYC"
+    if "Xeon" in model and {"avx512_bf16", "amx_bf16"} <= set(flags):
+        return "Intel Xeon with AVX-512 BF16 + AMX"
+    return None
 
 
 def speed(
@@ -442,33 +487,49 @@ def speed(
     results_dir: str = "docs/results",
 ) -> str:
     """Training seconds/iteration and peak memory per patch size (batch 2+2), and inference seconds and peak memory
-    for one volume at the given strides, each probe in its own process. The defaults (activation checkpointing in
-    training, the inference rewrite) are timed; ``with_baselines`` also times each probe without them, and training
-    with the CPU allocator cache, in the same run, so each trade-off is measured on the same machine state. Writes
-    ``speed_<device>_<method>.json``."""
+    for one volume at the given strides, each probe in its own process. The defaults (``precision`` auto, activation
+    checkpointing in training, the inference rewrite) are timed; ``with_baselines`` also times each probe without
+    them (fp32 where auto is not fp32) and training with the CPU allocator cache, in the same run, so each trade-off
+    is measured on the same machine state. Writes ``speed_<device>_<cpu model>_<method>.json`` with the CPU model,
+    its bf16/AMX flags, the precision of every row and the authors' figures for that CPU model (``reference``, null
+    with a ``reference_note`` when there are none)."""
     configs = [f"{CONFIG_DIR}/train.json", f"{CONFIG_DIR}/methods/{method}.json"]
-    training_variants = {"activation checkpointing": {}}  # train.json's defaults
+    device = "gpu" if torch.cuda.is_available() else "cpu"
+    low_precision = resolve_precision("auto", "cuda" if device == "gpu" else "cpu") != "fp32"
+    training_variants: Dict[str, Dict[str, Any]] = {"activation checkpointing": {}}  # train.json's defaults
+    inference_variants: Dict[str, Dict[str, Any]] = {"norms folded, channels-last": {}}  # inference.json's
     if with_baselines:
         training_variants["activations kept"] = {"activation_checkpointing": False}
-        if not torch.cuda.is_available():  # the allocator cache is a CPU setting
+        if device == "cpu":  # the allocator cache is a CPU setting
             training_variants["checkpointing + allocator cache"] = {"train#trainer#cpu_allocator_cache": True}
+        inference_variants["plain eager"] = {"optimize_network": False}
+        if low_precision:
+            training_variants["activation checkpointing, fp32"] = {"train#trainer#precision": "fp32"}
+            inference_variants["norms folded, channels-last, fp32"] = {"validate#precision": "fp32"}
     rows = []
     for patch in patches:
         for variant, settings in training_variants.items():
             overrides = {"patch_size": list(patch), **settings}
             result = run_isolated("time_training", config_files=configs, overrides=overrides, iterations=iterations)
             rows.append({"probe": "train_" + "x".join(map(str, patch)), "batch": "2+2", "variant": variant, **result})
-    for optimize in (True, False) if with_baselines else (True,):
-        result = run_isolated("time_inference", config_files=configs, overrides={"patch_size": list(inference_patch)},
-                              volume_shape=list(volume), strides=list(strides), optimize_network=optimize)  # fmt: skip
-        variant = "norms folded, channels-last" if optimize else "plain eager"
+    for variant, settings in inference_variants.items():
+        overrides = {"patch_size": list(inference_patch), **settings}
+        optimize = overrides.pop("optimize_network", True)
+        result = run_isolated("time_inference", config_files=configs, overrides=overrides, volume_shape=list(volume),
+                              strides=list(strides), optimize_network=optimize)  # fmt: skip
         rows.append({"probe": "infer_" + "x".join(map(str, volume)), "strides": list(strides), "variant": variant,
                      **result})  # fmt: skip
-    device = "gpu" if torch.cuda.is_available() else "cpu"
+    cpu = cpu_description()
+    machine = reference_machine(cpu["model"], cpu["flags"]) if device == "cpu" else None
     command = f"python scripts/benchmark.py speed --method {method}"
     record = {"kind": "speed", "method": method, "device": device, "command": command, "commit": git_commit(),
-              "hardware": hardware(), "rows": rows}  # fmt: skip
-    return write_json(record, results_dir, f"speed_{device}_{method}")
+              "hardware": hardware(), "cpu": cpu, "reference_machine": machine,
+              "reference": AUTHORS_REFERENCE.get(machine) if machine else None, "rows": rows}  # fmt: skip
+    if machine is None:
+        record["reference_note"] = f"the authors' code has no figure for {cpu['model']} ({device}); time it with "
+        record["reference_note"] += "../shared/tools/reference_bench on this machine to compare"
+    slug = re.sub(r"[^a-z0-9]+", "_", cpu["model"].lower()).strip("_")
+    return write_json(record, results_dir, f"speed_{device}_{slug}_{method}")
 
 
 def inference_memory(
@@ -543,36 +604,46 @@ def report(results_dir: str = "docs/results", output: str = "docs/RESULTS.md", f
     lines += payoff_sections([(n, r) for n, r in records if r.get("kind") == "rank_payoff"])
     speed_records = [(n, r) for n, r in records if r.get("kind") == "speed"]
     if speed_records:
+        figures = "; ".join(
+            f"{machine} ({ref['measured']}): " + ", ".join(f"{p} {t} s" for p, t in ref["seconds"].items())
+            for machine, ref in AUTHORS_REFERENCE.items()
+        )
         lines += [
             "## Speed",
             "",
             "One training iteration (batch 2 labeled + 2 unlabeled, random data, loading excluded) and one LA-sized",
-            "volume through the sliding window; each probe in its own process. The authors' released code on a",
-            "similar 2-core CPU machine: 8.8 s / 2.4 GB at 64×64×32, 92 s / 12.8 GB at 112×112×80, 122 s per volume",
-            "(these CPU VMs drift by ±25 %, so ratios against a baseline timed in one run are more reliable).",
+            "volume through the sliding window; each probe in its own process. Each record is compared with the",
+            "authors' released code timed on the same CPU model (`../shared/specs/reference_speed.md`; these CPU VMs",
+            "drift by ±25 %, so ratios against a baseline timed in one run are more reliable); `–` where it was not",
+            f"timed on that model. Authors' figures: {figures}.",
             "Variants: `activation checkpointing` is train.json's default; `activations kept` is",
-            "`--activation_checkpointing false`; `+ allocator cache` adds `--cpu_allocator_cache true`. For",
-            "inference, `norms folded, channels-last` is inference.json's default (`optimize_network`); `plain eager`",
-            "is without it.",
+            "`--activation_checkpointing false`; `+ allocator cache` adds `--train#trainer#cpu_allocator_cache true`;",
+            "`fp32` sets `--train#trainer#precision fp32` (training) or `--validate#precision fp32`. For inference,",
+            "`norms folded,",
+            "channels-last` is inference.json's default (`optimize_network`); `plain eager` is without it. Precision",
+            "is the resolved `auto` unless the variant says otherwise (records without it predate bf16: fp32).",
             "",
-            "| record | device | probe | variant | seconds | peak RSS (GiB) | authors' seconds | time ratio "
-            "| authors' GB | memory ratio |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| record | CPU (authors' figures) | probe | variant | precision | seconds | peak RSS (GiB) "
+            "| authors' seconds | time ratio | authors' GB | memory ratio |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for name, r in speed_records:
+            machine = r.get("reference_machine", reference_machine(r["hardware"], []))  # older records: no flags
+            reference = AUTHORS_REFERENCE.get(machine) if machine and r["device"] == "cpu" else None
             for row in r["rows"]:
                 seconds = row.get("seconds_per_iteration", row.get("seconds_per_volume"))
-                theirs = AUTHORS_CPU_SECONDS.get(row["probe"]) if r["device"] == "cpu" else None
-                their_gb = AUTHORS_CPU_PEAK_GIB.get(row["probe"]) if r["device"] == "cpu" else None
+                theirs = reference["seconds"].get(row["probe"]) if reference else None
+                their_gb = reference["peak_gib"].get(row["probe"]) if reference else None
                 ratio = "–" if theirs is None else f"{seconds / theirs:.2f}"
                 memory_ratio = "–" if their_gb is None else f"{row['peak_rss_gib'] / their_gb:.2f}"
-                lines.append(f"| `{name}` | {r['device']} | {row['probe']} | {row.get('variant', '–')} | {seconds:.2f} "
-                             f"| {row['peak_rss_gib']:.2f} "
-                             f"| {theirs if theirs is not None else '–'} | {ratio} "
+                lines.append(f"| `{name}` | {r['device']}: {machine or 'no figure'} | {row['probe']} "
+                             f"| {row.get('variant', '–')} | {row.get('precision', 'fp32')} | {seconds:.2f} "
+                             f"| {row['peak_rss_gib']:.2f} | {theirs if theirs is not None else '–'} | {ratio} "
                              f"| {their_gb if their_gb is not None else '–'} | {memory_ratio} |")  # fmt: skip
         lines.append("")
         for name, r in speed_records:
-            lines.append(f"- `{name}`: commit {r['commit']}, {r['hardware']}; command: `{r['command']}`")
+            note = f" ({r['reference_note']})" if r.get("reference_note") else ""
+            lines.append(f"- `{name}`: commit {r['commit']}, {r['hardware']}; command: `{r['command']}`{note}")
         lines.append("")
     memory_records = [(n, r) for n, r in records if r.get("kind") == "memory"]
     if memory_records:

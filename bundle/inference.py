@@ -33,6 +33,7 @@ from torch import nn
 
 from bundle.data import NIFTI_SUFFIXES, DatasetError, check_items
 from bundle.network_optimization import optimize_for_inference
+from bundle.precision import AutocastInference
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ class SubnetDisagreement(nn.Module):
 
     ``forward(x)``: ``(N, in_channels, *S)`` -> ``(prob (N, C, *S), disagreement (N, 1, *S))``, where ``prob`` is
     the mean of the two softmaxes, exactly the ensemble's output (docs/methods/dual_network.md §1), and both are
-    stitched by the inferer like any output.
+    stitched by the inferer like any output; both are fp32 also under autocast.
     """
 
     def __init__(self, ensemble: nn.Module) -> None:
@@ -120,8 +121,8 @@ class SubnetDisagreement(nn.Module):
         self.ensemble = ensemble
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        prob_a = torch.softmax(self.ensemble.net_a(x), dim=1)
-        prob_b = torch.softmax(self.ensemble.net_b(x), dim=1)
+        prob_a = torch.softmax(self.ensemble.net_a(x).float(), dim=1)
+        prob_b = torch.softmax(self.ensemble.net_b(x).float(), dim=1)
         return 0.5 * (prob_a + prob_b), disagreement_map(prob_a, prob_b)
 
 
@@ -220,6 +221,9 @@ class FolderInference:
         optimize_network: after loading the weights, fold the BatchNorms into the convolutions and store the weights
             channels-last (:func:`bundle.network_optimization.optimize_for_inference`): the same outputs within float
             rounding, about 1.7x faster on CPU (docs/RESULTS.md, speed table).
+        precision: ``fp32`` | ``bf16`` | ``fp16`` | ``auto`` (:mod:`bundle.precision`; resolved on the device of
+            ``network``'s parameters): the autocast of each window's forward (:class:`AutocastInference`); the
+            probabilities are fp32 and stitched in fp32 whatever it is.
     """
 
     def __init__(
@@ -233,6 +237,7 @@ class FolderInference:
         in_channels: int = 1,
         save_uncertainty: bool = False,
         optimize_network: bool = True,
+        precision: str = "fp32",
     ) -> None:
         self.dataset = dataset
         self.network = network
@@ -242,7 +247,10 @@ class FolderInference:
         self.ckpt_path = ckpt_path
         self.in_channels = in_channels
         self.optimize_network = optimize_network
-        self.predictor = SubnetDisagreement(network) if save_uncertainty else network
+        device = next(network.parameters(), torch.empty(0)).device
+        self.predictor = AutocastInference(
+            SubnetDisagreement(network) if save_uncertainty else network, precision, device
+        )
 
     def run(self) -> Dict[str, list]:
         """Segment all items. Returns ``{"written": [output paths], "failed": []}``; raises ``SystemExit`` listing

@@ -349,8 +349,9 @@ class VNetSeg(EncoderDecoderSeg):
 class SoftmaxEnsemble(nn.Module):
     """Inference network: the mean of the two subnets' softmax probabilities (docs/methods/dual_network.md §1).
 
-    ``forward(x)``: ``(N, in_channels, H, W, D)`` -> ``(N, C, H, W, D)`` probabilities summing to 1 over ``C``.
-    Its state dict keys are ``net_a.*`` and ``net_b.*`` (the layout of ``models/model.pt``).
+    ``forward(x)``: ``(N, in_channels, H, W, D)`` -> ``(N, C, H, W, D)`` probabilities summing to 1 over ``C``, in
+    fp32 also under autocast (the logits are cast before the softmax). Its state dict keys are ``net_a.*`` and
+    ``net_b.*`` (the layout of ``models/model.pt``).
     """
 
     def __init__(self, net_a: nn.Module, net_b: nn.Module) -> None:
@@ -359,14 +360,14 @@ class SoftmaxEnsemble(nn.Module):
         self.net_b = net_b
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return 0.5 * (torch.softmax(self.net_a(x), dim=1) + torch.softmax(self.net_b(x), dim=1))
+        return 0.5 * (torch.softmax(self.net_a(x).float(), dim=1) + torch.softmax(self.net_b(x).float(), dim=1))
 
 
 class SoftmaxOutput(nn.Module):
     """Inference network of a single-network method (the baselines' student, or one CPS branch): its softmax.
 
-    ``forward(x)``: ``(N, in_channels, H, W, D)`` -> ``(N, C, H, W, D)`` probabilities ``softmax_C(net(x))``, the
-    same kind of output as :class:`SoftmaxEnsemble`. Its state dict keys are ``net.*`` (the layout of
+    ``forward(x)``: ``(N, in_channels, H, W, D)`` -> ``(N, C, H, W, D)`` fp32 probabilities ``softmax_C(net(x))``,
+    the same kind of output as :class:`SoftmaxEnsemble`. Its state dict keys are ``net.*`` (the layout of
     ``models/model.pt`` for such methods).
     """
 
@@ -375,4 +376,4 @@ class SoftmaxOutput(nn.Module):
         self.net = net
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.net(x), dim=1)
+        return torch.softmax(self.net(x).float(), dim=1)

@@ -19,7 +19,7 @@ from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys
 
 from bundle.methods.base import SSLMethod
-from bundle.precision import autocast, resolve_precision
+from bundle.precision import autocast, guard_small_depth_convolutions, resolve_precision
 from bundle.resume import ResumableStream, capture_rng, restore_rng
 from bundle.runtime import tune_cpu_allocator
 
@@ -44,9 +44,10 @@ class SSLTrainer(SupervisedTrainer):
             ``method.uses_unlabeled``. It is cycled endlessly and reshuffled at every pass.
         lr_scheduler: the per-iteration LR scheduler (stepped by a ``LrScheduleHandler``); the trainer only uses it
             to restart the schedule at a stage boundary (``method.stage_starts``).
-        precision: ``auto`` (fp16 AMP with a gradient scaler on CUDA, fp32 on CPU) | ``fp32`` | ``bf16`` (autocast;
-            fast on CPUs with native bf16) | ``fp16`` (:mod:`bundle.precision`). The resolved value is
-            :attr:`precision`.
+        precision: ``auto`` (fp16 AMP with a gradient scaler on CUDA, bf16 autocast on a CPU with native bf16, fp32
+            on other CPUs) | ``fp32`` | ``bf16`` | ``fp16`` (:mod:`bundle.precision`). The resolved value is
+            :attr:`precision`; under CPU bf16 the method's convolutions that oneDNN gets wrong in bf16 run in fp32
+            (:func:`bundle.precision.guard_small_depth_convolutions`).
         cpu_allocator_cache: on CPU, keep freed tensor memory in the process (``bundle.runtime.tune_cpu_allocator``):
             fewer page faults, faster iterations, but a higher peak RSS from heap fragmentation (112x112x80, batch
             2+2, activation checkpointing: 29 s and 9.4 GiB with it, 40 s and 6.1 GiB without; docs/RESULTS.md).
@@ -81,6 +82,8 @@ class SSLTrainer(SupervisedTrainer):
         kwargs["amp"] = self.precision == "fp16"  # the gradient scaler is for fp16 only
         if cpu_allocator_cache and torch.device(device).type == "cpu":
             tune_cpu_allocator()
+        if self.precision == "bf16" and torch.device(device).type == "cpu":
+            guard_small_depth_convolutions(method)
         plugin: SSLMethod = getattr(method, "module", method)  # unwrap DistributedDataParallel
         if plugin.uses_unlabeled and unlabeled_data_loader is None:
             raise ValueError(f"{type(plugin).__name__} trains on unlabeled data but no unlabeled loader was given.")
@@ -205,12 +208,6 @@ class SSLTrainer(SupervisedTrainer):
         weights = self.method.active_terms(iteration)
         terms, loss = self._forward_backward(engine, image, label, unlabeled, iteration, weights, self.precision)
         finite = engine.amp or gradients_finite(self.method)  # under fp16 AMP the gradient scaler skips such steps
-        if self.precision == "bf16" and not finite:
-            # oneDNN's bf16 convolution backward (torch 2.13 CPU) reads uninitialised memory when the first spatial
-            # axis of its input is 2 (e.g. the 1/16 stage of a 32^3 patch): redo such a step in fp32
-            logger.warning("iteration %d: non-finite bf16 gradients, step recomputed in fp32", iteration + 1)
-            terms, loss = self._forward_backward(engine, image, label, unlabeled, iteration, weights, "fp32")
-            finite = gradients_finite(self.method)
         if not (finite and torch.isfinite(loss)):
             bad = [name for name, value in terms.items() if not torch.isfinite(value)] or ["the gradients"]
             raise FloatingPointError(

@@ -6,7 +6,16 @@ import shlex
 import numpy as np
 import pytest
 
-from benchmarking.runs import accuracy, bundle_command, report, split_lists, write_json
+from benchmarking.runs import (
+    SPEED_FLAGS,
+    accuracy,
+    bundle_command,
+    cpu_description,
+    reference_machine,
+    report,
+    split_lists,
+    write_json,
+)
 
 
 def test_split_lists_trains_on_the_first_cases_and_tests_on_the_rest(tmp_path):
@@ -93,10 +102,16 @@ def test_report_summarises_seeds_and_compares_each_row_with_its_reference(tmp_pa
         write_json(_accuracy_record("mean_teacher", mt, seed), str(results), f"la_cpu_mean_teacher_k8_seed{seed}")
     ablation = _accuracy_record("dual_journal", 0.80, 1, variant="no_pgl")
     write_json(ablation, str(results), "la_cpu_dual_journal_no_pgl_k8_seed1")
-    speed = {"kind": "speed", "device": "cpu", "command": "speed cmd", "commit": "abc1234", "hardware": "test cpu",
+    speed = {"kind": "speed", "device": "cpu", "command": "speed cmd", "commit": "abc1234", "hardware": "AMD EPYC, x",
              "rows": [{"probe": "train_64x64x32", "variant": "activation checkpointing", "seconds_per_iteration": 4.4,
                        "peak_rss_gib": 2.0}]}  # fmt: skip
-    write_json(speed, str(results), "speed_cpu_dual_journal")
+    write_json(speed, str(results), "speed_cpu_dual_journal")  # a record from before the CPU fields: fp32, AMD
+    xeon = {**speed, "hardware": "Xeon", "cpu": {"model": "Intel(R) Xeon(R)", "flags": ["avx512_bf16", "amx_bf16"]},
+            "reference_machine": "Intel Xeon with AVX-512 BF16 + AMX",
+            "rows": [{**speed["rows"][0], "precision": "bf16", "seconds_per_iteration": 1.15}]}  # fmt: skip
+    write_json(xeon, str(results), "speed_cpu_xeon_dual_journal")
+    other = {**xeon, "hardware": "Other", "reference_machine": None, "reference_note": "no figure for Other"}
+    write_json(other, str(results), "speed_cpu_other_dual_journal")
     memory = {"kind": "memory", "device": "cpu", "volume": [512, 512, 300], "patch": [128, 128, 96],
               "strides": [128, 128, 96], "peak_rss_gib": 3.5, "seconds": 200.0, "command": "memory cmd",
               "commit": "abc1234", "hardware": "test cpu"}  # fmt: skip
@@ -115,14 +130,32 @@ def test_report_summarises_seeds_and_compares_each_row_with_its_reference(tmp_pa
                                                          "not separable", "30 min", "–"]  # fmt: skip
     assert "![Dice per method and paired differences](figures/la_cpu_k8.png)" in text
     assert (tmp_path / "docs" / "figures" / "la_cpu_k8.png").stat().st_size > 10000
-    speed_row = next(line for line in text.splitlines() if "train_64x64x32" in line)
-    assert [cell.strip() for cell in speed_row.split("|")[4:-1]] == [
-        "activation checkpointing", "4.40", "2.00", "8.8", "0.50", "2.4", "0.83"]  # fmt: skip
+    speed_rows = [[cell.strip() for cell in line.split("|")[2:-1]] for line in text.splitlines() if "train_64" in line
+                  and line.startswith("| `speed")]  # fmt: skip
+    assert speed_rows == [
+        ["cpu: AMD EPYC", "train_64x64x32", "activation checkpointing", "fp32", "4.40", "2.00", "8.8", "0.50", "2.4",
+         "0.83"],
+        ["cpu: no figure", "train_64x64x32", "activation checkpointing", "bf16", "1.15", "2.00", "–", "–", "–", "–"],
+        ["cpu: Intel Xeon with AVX-512 BF16 + AMX", "train_64x64x32", "activation checkpointing", "bf16", "1.15",
+         "2.00", "4.6", "0.25", "2.5", "0.80"],
+    ]  # fmt: skip
+    assert "(no figure for Other)" in text
     assert "| 512×512×300 | 128×128×96 / 128×128×96 | 3.50 | 200 |" in text
-    assert text.count("commit abc1234") == 11
+    assert text.count("commit abc1234") == 13
 
 
 def test_accuracy_overrides_need_a_variant_name(tmp_path):
     with pytest.raises(ValueError, match="--variant"):
         accuracy(str(tmp_path), method="dual_journal", **{"method#loss_weights#pgl": 0})
     assert list(tmp_path.iterdir()) == []  # refused before any split or run folder is written
+
+
+def test_reference_machine_is_chosen_by_cpu_model_and_flags():
+    assert reference_machine("AMD EPYC 9B14", ["avx512_bf16"]) == "AMD EPYC"
+    assert reference_machine("Intel(R) Xeon(R) Platinum 8481C", ["avx512_bf16", "amx_bf16"]) == (
+        "Intel Xeon with AVX-512 BF16 + AMX"
+    )
+    assert reference_machine("Intel(R) Xeon(R) CPU @ 2.20GHz", ["avx2", "avx512f"]) is None  # no AMX: not timed
+    assert reference_machine("Apple M2", []) is None
+    description = cpu_description()
+    assert set(description) == {"model", "flags", "native_bf16"} and set(description["flags"]) <= set(SPEED_FLAGS)

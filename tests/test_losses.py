@@ -16,7 +16,7 @@ from bundle.losses import (
     contrastive_ramp,
     sigmoid_rampup,
 )
-from bundle.losses.reliability import percentile, reliable_voxels, union_pseudo_label
+from bundle.losses.reliability import class_argmax, percentile, reliable_voxels, union_pseudo_label
 
 SQRT2 = math.sqrt(2.0)
 #: d(u, c) between 2-D directions 45 degrees apart: sqrt(2 - 2 cos 45).
@@ -210,6 +210,23 @@ def test_entropy_filtered_negative_logits_give_finite_loss():
 
 
 # --------------------------------------------------------------------------------------------- reliability
+def test_percentile_equals_the_sorted_order_statistics_exactly():
+    values = torch.rand(2, 16, 16, 8, generator=torch.Generator().manual_seed(0)).round(decimals=2)  # many ties
+    ordered = values.flatten().sort().values
+    for q in (0.0, 12.5, 70.0, 99.9, 100.0):
+        position = q / 100 * (ordered.numel() - 1)
+        low, high = int(position), min(int(position) + 1, ordered.numel() - 1)
+        assert torch.equal(percentile(values, q), ordered[low] + (position - low) * (ordered[high] - ordered[low]))
+
+
+def test_class_argmax_is_argmax_over_classes_with_ties_and_nan():
+    scores = torch.randint(0, 3, (2, 3, 8, 8, 4), generator=torch.Generator().manual_seed(1)).float()  # ties
+    scores[0, 1, 0, 0, 0] = float("nan")
+    assert torch.equal(class_argmax(scores), scores.argmax(dim=1))
+    assert torch.equal(class_argmax(scores, keepdim=True), scores.argmax(dim=1, keepdim=True))
+    assert class_argmax(scores)[0, 0, 0, 0] == 1
+
+
 def test_percentile_matches_numpy_linear_rule():
     values = torch.rand(1001, generator=torch.Generator().manual_seed(0))
     for q in (0.0, 20.0, 70.0, 100.0):

@@ -106,8 +106,8 @@ def test_inference_config_applies_the_rewrite_with_the_same_probabilities(tmp_pa
     nib.save(nib.Nifti1Image(image, np.eye(4)), str(tmp_path / "in" / "case.nii.gz"))
 
     plain_network, fast_network = copy.deepcopy(ensemble), copy.deepcopy(ensemble)
-    plain = _segment(tmp_path, "plain", plain_network, optimize_network=False)
-    fast = _segment(tmp_path, "fast", fast_network)
+    plain = _segment(tmp_path, "plain", plain_network, optimize_network=False, precision="fp32")
+    fast = _segment(tmp_path, "fast", fast_network, precision="fp32")  # the rewrite alone; bf16: test_precision.py
 
     assert count_norms(plain_network) > 0 and count_norms(fast_network) == 0
     np.testing.assert_allclose(fast, plain, atol=1e-4)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from monai.losses import DiceLoss
 from torch import nn
 
+from bundle.losses.reliability import class_argmax
 from bundle.losses.supervised import check_label
 from bundle.losses.tensor_ops import one_hot
 
@@ -148,7 +149,7 @@ class ArgmaxCrossPseudoLoss(nn.Module):
     """
 
     def forward(self, logits_1: torch.Tensor, logits_2: torch.Tensor) -> torch.Tensor:
-        target_1, target_2 = logits_1.detach().argmax(dim=1), logits_2.detach().argmax(dim=1)
+        target_1, target_2 = class_argmax(logits_1.detach()), class_argmax(logits_2.detach())
         return F.cross_entropy(logits_1, target_2) + F.cross_entropy(logits_2, target_1)
 
 

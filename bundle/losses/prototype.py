@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bundle.losses.reliability import RELIABILITY_RULES, reliable_voxels
+from bundle.losses.reliability import RELIABILITY_RULES, class_argmax, reliable_voxels
 
 
 def normalized_distance(u: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -92,7 +92,7 @@ class PrototypeContrastiveLoss(nn.Module):
             prob_own, prob_other = torch.softmax(own_logits, dim=1), torch.softmax(other_logits, dim=1)
             reliable, reliable_label = reliable_voxels(prob_own, prob_other, self.percentile, self.reliability)
             reliable, reliable_label = reliable.flatten(), reliable_label.flatten()
-            uncertain_pred = prob_own.argmax(dim=1).flatten().masked_fill(reliable, -1)
+            uncertain_pred = class_argmax(prob_own).flatten().masked_fill(reliable, -1)
         flat = features.movedim(1, -1).reshape(-1, features.shape[1])  # (V, F)
 
         prototypes: List[Optional[torch.Tensor]] = []

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bundle.losses.reliability import UNDEFINED_LABEL, entropy_uncertain, union_pseudo_label
+from bundle.losses.reliability import UNDEFINED_LABEL, class_argmax, entropy_uncertain, union_pseudo_label
 
 #: CPS normalisations: mean over all voxels, or over the voxels that carry a confident pseudo-label.
 CPS_NORMALIZATIONS = ("all", "confident")
@@ -100,7 +100,7 @@ class EntropyFilteredLoss(nn.Module):
         with torch.no_grad():
             prob_a, prob_b = torch.softmax(logits_a, dim=1), torch.softmax(logits_b, dim=1)
             kept = ~(entropy_uncertain(prob_a, self.percentile) & entropy_uncertain(prob_b, self.percentile))
-            pred_a, pred_b = prob_a.argmax(dim=1), prob_b.argmax(dim=1)
+            pred_a, pred_b = class_argmax(prob_a), class_argmax(prob_b)
             if self.target == "union":
                 target_a = target_b = union_pseudo_label(pred_a, pred_b)
             else:
@@ -147,7 +147,7 @@ class UncertaintyRectifiedLoss(nn.Module):
         log_teacher = F.log_softmax(teacher_logits, dim=1)
         kl = (log_teacher.exp() * (log_teacher - log_student)).sum(dim=1)
         if self.target == "hard":
-            ce = -log_student.gather(1, teacher_logits.argmax(dim=1, keepdim=True)).squeeze(1)
+            ce = -log_student.gather(1, class_argmax(teacher_logits, keepdim=True)).squeeze(1)
         else:
             ce = -(torch.softmax(teacher_logits / self.temperature, dim=1) * log_student).sum(dim=1)
         return (torch.exp(-kl) * ce).mean() + kl.mean()
