@@ -33,6 +33,7 @@ def tiny_overrides(dataset_dir, out_dir, **extra):
         "val_interval": 3,
         "train#checkpoint_saver#save_interval": 2,
         "validate#inferer#sw_batch_size": 2,
+        "train#trainer#precision": "fp32",  # exact values on any CPU; bf16 has its own tests (test_precision.py)
     }
     overrides.update(extra)
     return overrides
