@@ -3,7 +3,7 @@
 ``auto`` is fp16 AMP (with a gradient scaler in training) on CUDA, bf16 autocast on a CPU with native bf16 arithmetic
 (AVX-512 BF16 or AMX on x86, the ``bf16`` feature on Arm; :func:`cpu_has_native_bf16`) and fp32 on other CPUs, where
 bf16 kernels are emulated and slower than fp32. bf16 made forward + backward of both subnets at 64x64x32 2.7x faster
-on an AMD EPYC with AVX-512 BF16 and 2.3x on an Intel Xeon with AMX (``../shared/specs/reference_speed.md``).
+on an AMD EPYC with AVX-512 BF16 and 2.3x on an Intel Xeon with AMX (1 and 2 threads; see docs/RESULTS.md).
 
 Under autocast only the autocast-listed ops (convolutions, matmuls) run in the low precision; parameters, BatchNorm
 statistics, optimizer state and checkpoints stay fp32, every method casts its logits to fp32 before its losses,
