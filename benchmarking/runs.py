@@ -450,7 +450,7 @@ def accuracy(
     return write_json(record, results_dir, name)
 
 
-#: The authors' released code timed per CPU model (2 threads, batch 2+2; measured by the project, not in this repo): median
+#: The authors' released code timed per CPU model (2 threads, batch 2+2; measured by the project): median
 #: seconds and peak RSS (GiB) per probe. Compare a figure of ours only with those of the same CPU model.
 AUTHORS_REFERENCE: Dict[str, Dict[str, Any]] = {
     "AMD EPYC": {
@@ -613,8 +613,8 @@ def report(results_dir: str = "docs/results", output: str = "docs/RESULTS.md", f
             "",
             "One training iteration (batch 2 labeled + 2 unlabeled, random data, loading excluded) and one LA-sized",
             "volume through the sliding window; each probe in its own process. Each record is compared with the",
-            "authors' released code timed on the same CPU model (`AUTHORS_REFERENCE` in `benchmarking/runs.py`; these CPU VMs",
-            "drift by ±25 %, so ratios against a baseline timed in one run are more reliable); `–` where it was not",
+            "authors' released code timed on the same CPU model (`AUTHORS_REFERENCE` in `benchmarking/runs.py`; these CPU",
+            "VMs drift by ±25 %, so ratios against a baseline timed in one run are more reliable); `–` where it was not",
             f"timed on that model. Authors' figures: {figures}.",
             "Variants: `activation checkpointing` is train.json's default; `activations kept` is",
             "`--activation_checkpointing false`; `+ allocator cache` adds `--train#trainer#cpu_allocator_cache true`;",
