@@ -231,7 +231,7 @@ class FolderRanking(FolderInference):
 
     def __init__(self, band_voxels: int = 3, rank_by: str = "auto", figure_scans: int = 4, **kwargs) -> None:
         super().__init__(**kwargs)
-        two_subnets = isinstance(self.predictor, SubnetDisagreement)
+        two_subnets = isinstance(self.predictor.network, SubnetDisagreement)  # inside the autocast wrapper
         if rank_by == "auto":
             rank_by = "disagreement" if two_subnets else "entropy"
         if rank_by not in SCORES:

@@ -108,6 +108,13 @@ class ResumableStream:
     def __len__(self) -> int:
         return len(self.loader)
 
+    def __getattr__(self, name: str) -> Any:
+        """The loader's other attributes (``sampler``, ``dataset``: MONAI's workflow and the distributed runner read
+        them from the trainer's ``data_loader``)."""
+        if name == "loader":  # not set yet (e.g. while unpickling)
+            raise AttributeError(name)
+        return getattr(self.loader, name)
+
     def _transform_states(self) -> List[Dict[str, Any]]:
         return [_numpy_state(generator.get_state()) for generator in self._generators]
 

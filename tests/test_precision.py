@@ -220,7 +220,7 @@ def test_inference_precision_follows_training_except_in_the_cpu_protocol():
     parser.update({"train#trainer#precision": "fp32"})
     assert parser.get_parsed_content("validate#precision") == "fp32"
     assert parser["validate#evaluator#network#_target_"] == "bundle.precision.AutocastInference"
-    assert parser["validate#evaluator#network#precision"] == "@validate#precision"
+    assert parser.get_parsed_content("validate#evaluator#network#precision") == "fp32"
     parser.read_config([str(CONFIGS / n) for n in ("train.json", "benchmark/la_cpu.json", "evaluate.json")])
     assert parser.get_parsed_content("train#trainer#precision") == "bf16"
     assert parser.get_parsed_content("validate#precision") == "fp32"

@@ -124,7 +124,7 @@ def _expected(image, band=1):
 
 
 def _run(config_files, dataset_dir, output_dir, network_def, **override):
-    settings = dict(ckpt_path=None, patch_size=[8, 8, 8], sw_strides=[4, 4, 4], rank_band_voxels=1)
+    settings = dict(ckpt_path=None, patch_size=[8, 8, 8], sw_strides=[4, 4, 4], rank_band_voxels=1, precision="fp32")
     workflow = ConfigWorkflow(
         config_file=config_files,
         logging_file=False,
