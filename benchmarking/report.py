@@ -4,7 +4,10 @@ supervised reference with a paired per-case interval (:mod:`benchmarking.statist
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
 
 from benchmarking.statistics import (
     bootstrap_interval,
@@ -127,6 +130,7 @@ def accuracy_sections(records: Sequence[Tuple[str, Record]], figure_dir: Optiona
                     f"| {'–' if paper is None else f'{paper:.2f}'} |"
                 )
             lines.append("")
+            lines += gap_lines(groups, protocol, k, compared)
             if figure_dir and compared:
                 path = write_figure(groups, keys, compared, os.path.join(figure_dir, f"la_{protocol}_k{k}.png"))
                 lines += [f"![Dice per method and paired differences]({os.path.relpath(path, doc_dir)})", ""]
@@ -138,6 +142,40 @@ def accuracy_sections(records: Sequence[Tuple[str, Record]], figure_dir: Optiona
                 if r.get("notes"):
                     lines.append(f"  Note: {r['notes']}")
         lines.append("")
+    return lines
+
+
+def fully_labeled(record: Record) -> bool:
+    """Whether a run labeled every training case (its split reads ``first N of <list> (N labeled)``)."""
+    match = re.match(r"train: first (\d+) of \S+ \((\d+) labeled\)", record.get("split", ""))
+    return bool(match) and match.group(1) == match.group(2)
+
+
+def _mean_dice(by_seed: Dict[int, Tuple[str, Record]]) -> float:
+    return float(np.mean([r["summary"]["dice"]["mean"] for _, r in by_seed.values()])) * 100
+
+
+def gap_lines(groups, protocol: str, k: int, compared: Dict[GroupKey, Dict[str, Any]]) -> List[str]:
+    """For the compared rows of one K: the fully labeled run of their reference (the upper bound of what unlabeled
+    data can buy under the protocol) and the share of the gap between the K-labeled reference and it that each row
+    closes (Δ Dice / (upper bound − reference), means over seeds)."""
+    lines = []
+    for reference in sorted({result["reference"] for result in compared.values()}):
+        bounds = [key for key in groups if key[0] == protocol and key[2] == reference and not key[3] and key[1] > k
+                  and all(fully_labeled(r) for _, r in groups[key].values())]  # fmt: skip
+        if not bounds:
+            continue
+        bound_key = max(bounds, key=lambda key: key[1])
+        bound, base = _mean_dice(groups[bound_key]), _mean_dice(groups[(protocol, k, reference, "")])
+        shares = [f"{_label(key[2], key[3])} {100 * result['mean'] * 100 / (bound - base):.0f} %"
+                  for key, result in sorted(compared.items()) if result["reference"] == reference]  # fmt: skip
+        seeds = ", ".join(str(s) for s in sorted(groups[bound_key]))
+        lines += [
+            f"Upper bound: `{reference}` with all {bound_key[1]} training cases labeled reaches {bound:.2f} Dice",
+            f"(seeds {seeds}), {bound - base:+.2f} over `{reference}` at K = {k}; share of that gap closed by the",
+            f"unlabeled data (Δ Dice / gap): {'; '.join(shares)}.",
+            "",
+        ]
     return lines
 
 

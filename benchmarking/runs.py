@@ -602,6 +602,10 @@ def report(results_dir: str = "docs/results", output: str = "docs/RESULTS.md", f
     from benchmarking.rank_payoff import payoff_sections  # it imports this module's runner
 
     lines += payoff_sections([(n, r) for n, r in records if r.get("kind") == "rank_payoff"])
+    from benchmarking.precision import precision_sections  # it imports this module's runner
+
+    agreements = [(n, r) for n, r in records if r.get("kind") == "precision_agreement"]
+    lines += precision_sections(accuracy_records, agreements)
     speed_records = [(n, r) for n, r in records if r.get("kind") == "speed"]
     if speed_records:
         figures = "; ".join(

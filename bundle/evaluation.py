@@ -245,6 +245,14 @@ def evaluate_folders(
 
 
 # ---------------------------------------------------------------------------------------------- ignite handler
+def save_prediction(path: str, pred: np.ndarray) -> None:
+    """Write a class map ``(H, W, D)`` as ``pred`` (uint8) of a compressed ``.npz``, atomically."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    temporary = path + ".partial.npz"
+    np.savez_compressed(temporary, pred=pred.astype(np.uint8))
+    os.replace(temporary, path)
+
+
 class MetricsReportHandler:
     """Ignite handler that fills a :class:`MetricsReport` from a MONAI ``SupervisedEvaluator`` and writes it when
     the run completes (``configs/evaluate.json``).
@@ -265,6 +273,8 @@ class MetricsReportHandler:
         classes: see :class:`MetricsReport`.
         num_slices: see :class:`MetricsReport`.
         original_labels: score against the label file as stored rather than the ``label`` of the output item.
+        predictions_dir: also write each case's predicted class map there as ``<case>.npz`` (array ``pred``,
+            uint8, the label's grid; written to a temporary name, then renamed), e.g. to compare two precisions.
     """
 
     def __init__(
@@ -273,8 +283,10 @@ class MetricsReportHandler:
         classes: Optional[Sequence[int]] = None,
         num_slices: int = 3,
         original_labels: bool = True,
+        predictions_dir: Optional[str] = None,
     ) -> None:
         self.report = MetricsReport(output_dir, classes, num_slices)
+        self.predictions_dir = predictions_dir
         self.load_label = (
             Compose([LoadVolumed(keys=["label"]), EnsureChannelFirstd(keys=["label"])]) if original_labels else None
         )
@@ -300,6 +312,8 @@ class MetricsReportHandler:
             if pred.shape != tuple(label.shape[1:]):
                 raise ValueError(f"{path}: prediction shape {pred.shape} differs from the label's {label.shape[1:]}.")
             self.report.add(case, pred, np.asarray(label[0]), spacing, image)
+            if self.predictions_dir:
+                save_prediction(os.path.join(self.predictions_dir, f"{case}.npz"), pred)
 
     def completed(self, engine: Engine) -> None:
         summary = self.report.write()

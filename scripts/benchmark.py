@@ -5,6 +5,7 @@ Run from the bundle root, e.g.::
     python scripts/benchmark.py accuracy --dataset_dir /data/LA --method dual_journal --protocol cpu
     python scripts/benchmark.py speed --patch "[64,64,32]"
     python scripts/benchmark.py memory --volume "[512,512,300]"
+    python scripts/benchmark.py agreement --record docs/results/la_cpu_dual_journal_k8_seed1337.json
     python scripts/benchmark.py report
 """
 
@@ -15,7 +16,10 @@ import fire
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarking.precision import agreement  # noqa: E402
 from benchmarking.runs import accuracy, inference_memory, report, speed  # noqa: E402
 
 if __name__ == "__main__":
-    fire.Fire({"accuracy": accuracy, "speed": speed, "memory": inference_memory, "report": report})
+    fire.Fire(
+        {"accuracy": accuracy, "speed": speed, "memory": inference_memory, "report": report, "agreement": agreement}
+    )

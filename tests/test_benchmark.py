@@ -144,6 +144,25 @@ def test_report_summarises_seeds_and_compares_each_row_with_its_reference(tmp_pa
     assert text.count("commit abc1234") == 13
 
 
+def test_report_gives_the_share_of_the_gap_to_the_fully_labeled_run(tmp_path):
+    results = tmp_path / "results"
+    for seed, (dual, sup) in {1: (0.85, 0.80), 2: (0.87, 0.82)}.items():
+        write_json(_accuracy_record("dual_journal", dual, seed), str(results), f"la_cpu_dual_journal_k8_seed{seed}")
+        write_json(_accuracy_record("supervised", sup, seed), str(results), f"la_cpu_supervised_k8_seed{seed}")
+    bound = {**_accuracy_record("supervised", 0.91), "num_labeled": 60}
+    bound["split"] = "train: first 60 of train.list (60 labeled); test: the remaining cases"
+    write_json(bound, str(results), "la_cpu_supervised_k60_seed1337")
+    partly = {**_accuracy_record("supervised", 0.95), "num_labeled": 30}  # not fully labeled: never the bound
+    partly["split"] = "train: first 60 of train.list (30 labeled); test: the remaining cases"
+    write_json(partly, str(results), "la_cpu_supervised_k30_seed1337")
+    text = open(report(str(results), str(tmp_path / "RESULTS.md"), None)).read()
+    # reference at K = 8: 81.00; bound 91.00; dual_journal +5.00 -> 50 % of the 10-point gap
+    assert "Upper bound: `supervised` with all 60 training cases labeled reaches 91.00 Dice" in text
+    assert "(seeds 1337), +10.00 over `supervised` at K = 8;" in text
+    assert "(Δ Dice / gap): dual_journal 50 %." in text
+    assert text.count("Upper bound:") == 1  # K = 30 and K = 60 have no compared rows
+
+
 def test_accuracy_overrides_need_a_variant_name(tmp_path):
     with pytest.raises(ValueError, match="--variant"):
         accuracy(str(tmp_path), method="dual_journal", **{"method#loss_weights#pgl": 0})

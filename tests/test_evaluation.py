@@ -211,6 +211,20 @@ def test_handler_scores_against_the_original_label_file_not_the_resampled_one(tm
         assert row[column] == pytest.approx(value, abs=TOL), column
 
 
+def test_handler_writes_predictions_when_asked(tmp_path):
+    label = np.zeros((8, 8, 6), np.uint8)
+    label[2:6, 2:6, 1:5] = 1
+    pred = np.zeros_like(label)
+    pred[3:6, 2:6, 1:5] = 1
+    _save(tmp_path / "case3.nii.gz", label, np.eye(4))
+    handler = MetricsReportHandler(str(tmp_path / "out"), num_slices=0, predictions_dir=str(tmp_path / "preds"))
+    handler.iteration_completed(_handler_output(pred, torch.as_tensor(label[None].astype(np.float32)),
+                                                tmp_path / "case3.nii.gz"))  # fmt: skip
+    assert os.listdir(tmp_path / "preds") == ["case3.npz"]
+    saved = np.load(tmp_path / "preds" / "case3.npz")["pred"]
+    assert saved.dtype == np.uint8 and np.array_equal(saved, pred)
+
+
 def test_handler_rejects_a_prediction_off_the_label_grid(tmp_path):
     label = np.zeros((8, 8, 8), np.uint8)
     label[2:5, 2:5, 2:5] = 1

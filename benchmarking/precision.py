@@ -1,0 +1,174 @@
+"""bf16 against fp32 on LA: does the faster precision change the result?
+
+* :func:`agreement` (``python scripts/benchmark.py agreement --record docs/results/<accuracy record>.json``) scores
+  one accuracy run's final model on its test cases once per precision (``--validate#precision``), keeping the
+  predicted masks, and records the per-case Dice between the masks of the two precisions.
+* :func:`precision_sections` is the section of ``docs/RESULTS.md``: training in bf16 (the protocol's default)
+  against the same runs trained with ``--variant fp32`` (same method, K and seeds; paired per case), and the mask
+  agreement records.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Dict, List, Sequence, Tuple
+
+import numpy as np
+
+from benchmarking.report import group_records, per_case
+from benchmarking.runs import (
+    CONFIG_DIR,
+    bundle_command,
+    git_commit,
+    hardware,
+    method_configs,
+    protocol_overrides,
+    read_metrics,
+    run_logged,
+    write_json,
+)
+from benchmarking.statistics import bootstrap_interval, format_interval, paired_differences, seed_summary
+
+Record = Dict[str, Any]
+
+
+def mask_dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice of the foreground (class > 0) of two class maps of one shape; 1 when both are empty."""
+    if a.shape != b.shape:
+        raise ValueError(f"masks of shapes {a.shape} and {b.shape} cannot be compared.")
+    fa, fb = a > 0, b > 0
+    total = int(fa.sum()) + int(fb.sum())
+    return 1.0 if total == 0 else 2.0 * int(np.logical_and(fa, fb).sum()) / total
+
+
+def agreement(record: str, precisions: Sequence[str] = ("fp32", "bf16"), results_dir: str = "docs/results") -> str:
+    """Evaluate the final model of the accuracy record ``record`` on its test cases under each of ``precisions``
+    (the first is the reference), writing the masks, and record the per-case mask Dice of every other precision
+    against the first. Needs the run's folder (``runs/benchmark/<name>/``: model and split lists) on this machine.
+    Writes ``<results_dir>/precision_agreement_<record name>.json``; returns its path."""
+    with open(record) as handle:
+        source = json.load(handle)
+    if source.get("kind") != "accuracy":
+        raise ValueError(f"{record}: not an accuracy record (kind {source.get('kind')!r}).")
+    if len(precisions) < 2 or len(set(precisions)) != len(precisions):
+        raise ValueError(f"precisions {list(precisions)}: need two or more distinct precisions.")
+    model_dir = source["config"]["model_dir"]
+    run_dir = os.path.dirname(model_dir)
+    needed = [
+        os.path.join(model_dir, "model.pt"),
+        os.path.join(run_dir, "train.list"),
+        os.path.join(run_dir, "test.list"),
+    ]
+    missing = [path for path in needed if not os.path.isfile(path)]
+    if missing:
+        raise FileNotFoundError(f"{record}: the run's files are not here: {missing} (train it first).")
+    configs = method_configs(source["method"], source["protocol"])
+    overrides = {
+        "dataset_dir": source["config"]["dataset_dir"],
+        "datalists#train_list": os.path.join(run_dir, "train.list"),
+        "datalists#val_list": os.path.join(run_dir, "test.list"),
+        "num_labeled": source["num_labeled"],
+        "seed": source["seed"],
+        "model_dir": model_dir,
+        **source.get("overrides", {}),
+        **protocol_overrides(configs),
+    }
+    masks: Dict[str, Dict[str, str]] = {}
+    runs: Dict[str, Record] = {}
+    for precision in precisions:
+        out = os.path.join(run_dir, f"agreement_{precision}")
+        os.makedirs(out, exist_ok=True)
+        settings = {**overrides, "output_dir": out, "predictions_dir": os.path.join(out, "predictions"),
+                    "validate#precision": precision}  # fmt: skip
+        command = bundle_command("run", configs + [f"{CONFIG_DIR}/evaluate.json"], settings)
+        start = time.perf_counter()
+        run_logged(command, os.path.join(out, "agreement.log"))
+        metrics = read_metrics(out)
+        runs[precision] = {"seconds": time.perf_counter() - start, "summary": metrics["summary"],
+                           "dice": {row["case"]: row["dice"] for row in metrics["per_case"]}}  # fmt: skip
+        masks[precision] = {case: os.path.join(out, "predictions", f"{case}.npz") for case in runs[precision]["dice"]}
+    reference, cases = precisions[0], sorted(runs[precisions[0]]["dice"])
+    rows = []
+    for case in cases:
+        ref_mask = np.load(masks[reference][case])["pred"]
+        row: Record = {"case": case, **{f"dice_{p}": runs[p]["dice"][case] for p in precisions}}
+        for other in precisions[1:]:
+            row[f"mask_dice_{other}_vs_{reference}"] = mask_dice(np.load(masks[other][case])["pred"], ref_mask)
+        rows.append(row)
+    name = os.path.splitext(os.path.basename(record))[0]
+    result = {
+        "kind": "precision_agreement",
+        "record": os.path.relpath(record),
+        "method": source["method"],
+        "protocol": source["protocol"],
+        "num_labeled": source["num_labeled"],
+        "seed": source["seed"],
+        "model_commit": source["commit"],
+        "commit": git_commit(),
+        "hardware": hardware(),
+        "command": f"python scripts/benchmark.py agreement --record {os.path.relpath(record)}",
+        "precisions": list(precisions),
+        "seconds": {p: runs[p]["seconds"] for p in precisions},
+        "summary": {p: runs[p]["summary"] for p in precisions},
+        "min_mask_dice": {o: min(r[f"mask_dice_{o}_vs_{reference}"] for r in rows) for o in precisions[1:]},
+        "per_case": rows,
+    }
+    return write_json(result, results_dir, f"precision_agreement_{name}")
+
+
+def precision_sections(accuracy: Sequence[Tuple[str, Record]], agreements: Sequence[Tuple[str, Record]]) -> List[str]:
+    """Markdown lines: bf16-trained runs against their ``fp32`` variant (paired per seed and case), and the mask
+    agreement records. Empty when there is neither."""
+    groups = group_records(accuracy)
+    pairs = [(key, (key[0], key[1], key[2], "")) for key in groups if key[3] == "fp32"]
+    pairs = [(fp32, default) for fp32, default in pairs if default in groups]
+    if not pairs and not agreements:
+        return []
+    lines = [
+        "## Precision: bf16 against fp32",
+        "",
+        "Training: the protocol's bf16 autocast runs against the same method, K and seeds trained with",
+        "`--variant fp32 --train#trainer#precision fp32` (both scored in fp32); Δ Dice (bf16 − fp32) is paired per",
+        "seed and test case, with the bootstrap interval of the accuracy tables. Inference: one trained model",
+        "scored on its 20 test cases under each precision (`--validate#precision`); mask Dice is the per-case Dice",
+        "between the two precisions' masks (1 = identical).",
+        "",
+    ]
+    if pairs:
+        lines += ["| protocol | K | method | seeds | bf16 Dice | fp32 Dice | Δ Dice (bf16 − fp32) [95 % CI] | verdict |",
+                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for fp32_key, default_key in sorted(pairs):
+            seeds = sorted(set(groups[fp32_key]) & set(groups[default_key]))
+            bf16_scores = {s: v for s, v in per_case(groups[default_key]).items() if s in seeds}
+            fp32_scores = {s: v for s, v in per_case(groups[fp32_key]).items() if s in seeds}
+            result = bootstrap_interval(paired_differences(bf16_scores, fp32_scores))
+            cells = []
+            for scores in (bf16_scores, fp32_scores):
+                summary = seed_summary([100 * float(np.mean(list(scores[s].values()))) for s in seeds])
+                cells.append(f"{summary['mean']:.2f} ± {summary['sd']:.2f}")
+            verdict = "equal within the interval" if result["low"] <= 0 <= result["high"] else "differ"
+            lines.append(f"| {fp32_key[0]} | {fp32_key[1]} | {fp32_key[2]} | {', '.join(map(str, seeds))} "
+                         f"| {cells[0]} | {cells[1]} | {format_interval(result, 100)} | {verdict} |")  # fmt: skip
+        lines.append("")
+    if agreements:
+        lines += ["| record | model | precisions | min mask Dice (case) | mean mask Dice | Dice vs label "
+                  "| seconds for the 20 cases |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for name, r in agreements:
+            reference = r["precisions"][0]
+            for other in r["precisions"][1:]:
+                column = f"mask_dice_{other}_vs_{reference}"
+                worst = min(r["per_case"], key=lambda row: row[column])
+                mean = float(np.mean([row[column] for row in r["per_case"]]))
+                dice = ", ".join(f"{p} {100 * r['summary'][p]['dice']['mean']:.2f}" for p in (reference, other))
+                seconds = ", ".join(f"{p} {r['seconds'][p]:.0f}" for p in (reference, other))
+                lines.append(f"| `{name}` | {r['method']} K = {r['num_labeled']} seed {r['seed']} "
+                             f"(`{r['protocol']}`) | {other} vs {reference} | {worst[column]:.4f} ({worst['case']}) "
+                             f"| {mean:.4f} | {dice} | {seconds} |")  # fmt: skip
+        lines.append("")
+        for name, r in agreements:
+            lines.append(f"- `{name}`: commit {r['commit']} (model trained at {r['model_commit']}), {r['hardware']};"
+                         f" command: `{r['command']}`")  # fmt: skip
+        lines.append("")
+    return lines
