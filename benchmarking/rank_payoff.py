@@ -23,6 +23,7 @@ of ``docs/RESULTS.md``: per-case Dice differences paired by seed and test case, 
 from __future__ import annotations
 
 import csv
+import fcntl
 import json
 import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -49,6 +50,8 @@ Record = Dict[str, Any]
 MODEL_KEYS = ("in_channels", "out_channels", "base_width", "patch_size", "sw_strides", "resample_factor")
 #: the arms, in report order, and how the report names them.
 ARMS = {"base": "base (K₀ labeled)", "first": "+ next of the list", "random": "+ random", "ranked": "+ top-ranked"}
+#: what ``--arms`` chooses from: ``ranked`` (the base run, its ranking and the top-ranked arm), ``first``, ``random``.
+ARM_GROUPS = ("ranked", "first", "random")
 #: the paired comparisons of the report: (arm, reference arm).
 COMPARISONS = (("ranked", "random"), ("ranked", "first"), ("random", "first"), ("ranked", "base"))
 
@@ -101,14 +104,21 @@ def payoff(
     runs_dir: str = "runs/benchmark",
     tag: str = "",
     rank_by: str = "auto",
+    arms: Sequence[str] = ("ranked", "first", "random"),
     **overrides: Any,
 ) -> List[str]:
     """Run the experiment of the module docstring for every seed; return the manifests' paths.
 
     ``overrides`` are passed to every training and evaluation (e.g. a tiny smoke configuration); they need a
     ``tag``, which goes into every run's name and the manifest's, so that they never mix with the real runs.
+    ``arms`` are the arms this process runs (:data:`ARM_GROUPS`; ``ranked`` includes the base run and the
+    ranking): two processes, e.g. ``--arms '["ranked","first"]'`` and ``--arms random``, share one seed's work
+    and its manifest, each on its own core.
     """
     seeds = [seeds] if isinstance(seeds, int) else list(seeds)
+    arms = [arms] if isinstance(arms, str) else list(arms)
+    if not arms or set(arms) - set(ARM_GROUPS):
+        raise ValueError(f"arms {arms}: choose among {list(ARM_GROUPS)}.")
     if overrides and not tag:
         raise ValueError(f"overrides {sorted(overrides)} change the protocol: name the experiment with --tag.")
     if random_draws < 1 or add < 1 or base_k < 1:
@@ -120,13 +130,16 @@ def payoff(
     arm_dir = os.path.join(results_dir, "rank_payoff")
     common = dict(dataset_dir=dataset_dir, method=method, protocol=protocol, list_file=list_file,
                   train_cases=train_cases, runs_dir=runs_dir, **overrides)  # fmt: skip
+    labeled_base = cases[:base_k]
     manifests = []
     for seed in seeds:
         name = f"rank_payoff_{protocol}_{method}{'_' + tag if tag else ''}_seed{seed}"
         manifest_path = os.path.join(results_dir, f"{name}.json")
-        manifest: Record = _load(manifest_path) if os.path.isfile(manifest_path) else {}
-        manifest.update(kind="rank_payoff", method=method, protocol=protocol, seed=seed, base_k=base_k, add=add,
-                        tag=tag, overrides=overrides, pool=pool, arms=manifest.get("arms", {}))  # fmt: skip
+        header = dict(kind="rank_payoff", method=method, protocol=protocol, seed=seed, base_k=base_k, add=add,
+                      tag=tag, overrides=overrides, pool=pool)  # fmt: skip
+
+        def update(**fields: Any) -> Record:
+            return update_manifest(manifest_path, os.path.join(runs_dir, f"{name}.lock"), header, **fields)
 
         def run_arm(arm: str, labeled: Optional[List[str]], k: int, variant: str, where: str) -> str:
             """The arm's record: reused when it exists, else trained, evaluated and written now."""
@@ -135,24 +148,42 @@ def payoff(
             if not os.path.isfile(path):
                 path = accuracy(**common, num_labeled=k, seed=seed, results_dir=where, variant=variant,
                                 labeled_cases=labeled, notes=f"rank payoff: {arm} arm")  # fmt: skip
-            manifest["arms"][arm] = os.path.relpath(path)
-            write_json(manifest, results_dir, name)
+            update(arms={arm: os.path.relpath(path)})
             return path
 
-        base = _load(run_arm("base", None, base_k, tag, arm_dir))
-        manifest["ranking"] = rank_pool(base, dataset_dir, pool, method, protocol, rank_by, overrides)
-        write_json(manifest, results_dir, name)
-        top = [row["scan"] for row in manifest["ranking"]["rows"][:add]]
-        labeled_base = cases[:base_k]
-        run_arm("ranked", labeled_base + top, base_k + add, _variant(tag, f"rank_top{add}"), arm_dir)
-        first_where = results_dir if not tag else arm_dir  # the standard K = base_k + add record
-        run_arm("first", None, base_k + add, tag, first_where)
-        manifest["random_draws"] = [random_draw(pool, add, seed, d) for d in range(random_draws)]
-        for draw, chosen in enumerate(manifest["random_draws"]):
-            variant = _variant(tag, f"random{add}_draw{draw}")
-            run_arm(f"random_draw{draw}", labeled_base + chosen, base_k + add, variant, arm_dir)
+        update()
+        if "ranked" in arms:
+            base = _load(run_arm("base", None, base_k, tag, arm_dir))
+            ranking = rank_pool(base, dataset_dir, pool, method, protocol, rank_by, overrides)
+            update(ranking=ranking)
+            top = [row["scan"] for row in ranking["rows"][:add]]
+            run_arm("ranked", labeled_base + top, base_k + add, _variant(tag, f"rank_top{add}"), arm_dir)
+        if "first" in arms:
+            first_where = results_dir if not tag else arm_dir  # the standard K = base_k + add record
+            run_arm("first", None, base_k + add, tag, first_where)
+        if "random" in arms:
+            draws = [random_draw(pool, add, seed, d) for d in range(random_draws)]
+            update(random_draws=draws)
+            for draw, chosen in enumerate(draws):
+                variant = _variant(tag, f"random{add}_draw{draw}")
+                run_arm(f"random_draw{draw}", labeled_base + chosen, base_k + add, variant, arm_dir)
         manifests.append(os.path.relpath(manifest_path))
     return manifests
+
+
+def update_manifest(path: str, lock_path: str, header: Record, arms: Optional[Dict[str, str]] = None, **fields: Any
+                    ) -> Record:  # fmt: skip
+    """Read, update and rewrite the manifest at ``path`` under an exclusive lock on ``lock_path``: processes that
+    run different arms of one seed at the same time (``--arms``) never lose each other's entries. ``header`` and
+    ``fields`` replace keys; ``arms`` entries are added to the manifest's ``arms``."""
+    os.makedirs(os.path.dirname(lock_path) or ".", exist_ok=True)
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        manifest = _load(path) if os.path.isfile(path) else {}
+        manifest.update(header, **fields)
+        manifest["arms"] = {**manifest.get("arms", {}), **(arms or {})}
+        write_json(manifest, os.path.dirname(path) or ".", os.path.splitext(os.path.basename(path))[0])
+    return manifest
 
 
 def rank_pool(

@@ -1,5 +1,6 @@
 """The ranking payoff experiment without training: explicit labeled sets in the split, draws, and the report."""
 
+import json
 import os
 
 import pytest
@@ -93,3 +94,33 @@ def test_report_pairs_each_arm_by_seed_and_case(tmp_path, monkeypatch):
     assert "- seed 1: top-ranked w (disagreement 0.5000), x (disagreement 0.4000)" in text
     assert "  - ranked: `results/rank_payoff/ranked1.json` (commit abc1234)" in text
     assert payoff_sections([]) == []
+
+
+def test_arms_split_between_processes_share_one_manifest(tmp_path, monkeypatch):
+    """``--arms random`` and ``--arms '["ranked","first"]'`` run disjoint trainings and both land in the manifest."""
+    import benchmarking.rank_payoff as rank_payoff
+
+    cases = [f"case{i:02d}" for i in range(14)]
+    (tmp_path / "train.list").write_text("\n".join(cases) + "\n")
+    trained = []
+
+    def fake_accuracy(num_labeled, seed, results_dir, variant, labeled_cases, **_):
+        trained.append((variant, labeled_cases))
+        record = {"kind": "accuracy", "config": {"model_dir": str(tmp_path / "runs" / variant / "models")}}
+        return write_json(record, results_dir, f"la_cpu_dual_journal_{variant}_k{num_labeled}_seed{seed}")
+
+    ranking = {"rows": [{"scan": c} for c in reversed(cases[4:10])]}
+    monkeypatch.setattr(rank_payoff, "accuracy", fake_accuracy)
+    monkeypatch.setattr(rank_payoff, "rank_pool", lambda *args: ranking)
+    common = dict(dataset_dir=str(tmp_path), train_cases=10, random_draws=2, results_dir=str(tmp_path / "results"),
+                  runs_dir=str(tmp_path / "runs"), tag="smoke", max_iterations=2)  # fmt: skip
+    [manifest_path] = rank_payoff.payoff(**common, arms="random")
+    assert [variant for variant, _ in trained] == ["smoke_random4_draw0", "smoke_random4_draw1"]
+    rank_payoff.payoff(**common, arms=["ranked", "first"])
+    assert [variant for variant, _ in trained[2:]] == ["smoke", "smoke_rank_top4", "smoke"]
+    assert trained[3][1] == cases[:4] + ["case09", "case08", "case07", "case06"]  # base cases + the top 4
+    manifest = json.load(open(manifest_path))
+    assert sorted(manifest["arms"]) == ["base", "first", "random_draw0", "random_draw1", "ranked"]
+    assert manifest["ranking"] == ranking and len(manifest["random_draws"]) == 2
+    with pytest.raises(ValueError, match="choose among"):
+        rank_payoff.payoff(**common, arms="everything")
