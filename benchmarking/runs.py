@@ -476,6 +476,26 @@ def reference_machine(model: str, flags: Sequence[str]) -> Optional[str]:
     return None
 
 
+def same_run_reference(path: str) -> Dict[str, Any]:
+    """The authors' figures from a ``bench_reference.py`` output (``train[<D>x<H>x<W>]``: median seconds and peak
+    RSS; ``inference``: seconds and peak RSS of their ``test_single_case``, its 45 windows as in our
+    ``infer_175x132x88`` probe), in the form of :data:`AUTHORS_REFERENCE` plus where they come from."""
+    with open(path) as handle:
+        bench = json.load(handle)
+    failed = [key for key, value in [*bench.get("train", {}).items(), ("inference", bench.get("inference", {}))]
+              if "error" in value]  # fmt: skip
+    if failed or not bench.get("train"):
+        raise ValueError(f"{path}: the authors' code did not run for {failed or 'training'}; see its output.")
+    seconds = {f"train_{size}": value["median_s"] for size, value in bench["train"].items()}
+    peak = {f"train_{size}": round(value["peak_rss_mb"] / 1024, 2) for size, value in bench["train"].items()}
+    if "inference" in bench:
+        seconds["infer_175x132x88"] = bench["inference"]["seconds"]
+        peak["infer_175x132x88"] = round(bench["inference"]["peak_rss_mb"] / 1024, 2)
+    return {"measured": bench["date_utc"], "seconds": seconds, "peak_gib": peak, "cpu_model": bench["cpu_model"],
+            "threads": bench["threads"], "load_before_after": [bench["loadavg_before"], bench["loadavg_after"]],
+            "source_commits": {repo: src["commit"] for repo, src in bench["sources"].items()}}  # fmt: skip
+
+
 def speed(
     method: str = "dual_journal",
     patches: Sequence[Sequence[int]] = ((64, 64, 32), (112, 112, 80)),
@@ -485,12 +505,15 @@ def speed(
     iterations: int = 3,
     with_baselines: bool = True,
     results_dir: str = "docs/results",
+    reference_json: Optional[str] = None,
 ) -> str:
     """Training seconds/iteration and peak memory per patch size (batch 2+2), and inference seconds and peak memory
     for one volume at the given strides, each probe in its own process. The defaults (``precision`` auto, activation
     checkpointing in training, the inference rewrite) are timed; ``with_baselines`` also times each probe without
     them (fp32 where auto is not fp32) and training with the CPU allocator cache, in the same run, so each trade-off
-    is measured on the same machine state. Writes ``speed_<device>_<cpu model>_<method>.json`` with the CPU model,
+    is measured on the same machine state. ``reference_json``: the output of
+    ``../shared/tools/reference_bench/bench_reference.py`` timed on this machine just before (the authors' code in
+    the same run), used as the reference instead of the stored figures for the CPU model. Writes ``speed_<device>_<cpu model>_<method>.json`` with the CPU model,
     its bf16/AMX flags, the precision of every row and the authors' figures for that CPU model (``reference``, null
     with a ``reference_note`` when there are none)."""
     configs = [f"{CONFIG_DIR}/train.json", f"{CONFIG_DIR}/methods/{method}.json"]
@@ -522,9 +545,14 @@ def speed(
     cpu = cpu_description()
     machine = reference_machine(cpu["model"], cpu["flags"]) if device == "cpu" else None
     command = f"python scripts/benchmark.py speed --method {method}"
+    reference = AUTHORS_REFERENCE.get(machine) if machine else None
+    if reference_json:
+        reference = same_run_reference(reference_json)
+        machine = f"{reference['cpu_model']}, timed in this run"
+        command += f" --reference_json {os.path.relpath(reference_json)}"
     record = {"kind": "speed", "method": method, "device": device, "command": command, "commit": git_commit(),
-              "hardware": hardware(), "cpu": cpu, "reference_machine": machine,
-              "reference": AUTHORS_REFERENCE.get(machine) if machine else None, "rows": rows}  # fmt: skip
+              "hardware": hardware(), "cpu": cpu, "reference_machine": machine, "reference": reference,
+              "rows": rows}  # fmt: skip
     if machine is None:
         record["reference_note"] = f"the authors' code has no figure for {cpu['model']} ({device}); time it with "
         record["reference_note"] += "../shared/tools/reference_bench on this machine to compare"
@@ -634,7 +662,9 @@ def report(results_dir: str = "docs/results", output: str = "docs/RESULTS.md", f
         ]
         for name, r in speed_records:
             machine = r.get("reference_machine", reference_machine(r["hardware"], []))  # older records: no flags
-            reference = AUTHORS_REFERENCE.get(machine) if machine and r["device"] == "cpu" else None
+            reference = r.get("reference") or (
+                AUTHORS_REFERENCE.get(machine) if machine and r["device"] == "cpu" else None
+            )
             for row in r["rows"]:
                 seconds = row.get("seconds_per_iteration", row.get("seconds_per_volume"))
                 theirs = reference["seconds"].get(row["probe"]) if reference else None

@@ -13,6 +13,7 @@ from benchmarking.runs import (
     cpu_description,
     reference_machine,
     report,
+    same_run_reference,
     split_lists,
     write_json,
 )
@@ -178,3 +179,21 @@ def test_reference_machine_is_chosen_by_cpu_model_and_flags():
     assert reference_machine("Apple M2", []) is None
     description = cpu_description()
     assert set(description) == {"model", "flags", "native_bf16"} and set(description["flags"]) <= set(SPEED_FLAGS)
+
+
+def test_same_run_reference_reads_the_reference_bench_output(tmp_path):
+    bench = {"date_utc": "2026-12-02T11:00:00Z", "cpu_model": "AMD EPYC 9R14", "threads": 2,
+             "loadavg_before": [0.1, 0.1, 0.1], "loadavg_after": [2.0, 1.5, 1.0],
+             "sources": {"a/b": {"git_dir": "/abs/path", "commit": "c0ffee"}},
+             "train": {"64x64x32": {"median_s": 8.5, "peak_rss_mb": 2457.6}},
+             "inference": {"seconds": 120.5, "peak_rss_mb": 3276.8}}  # fmt: skip
+    path = tmp_path / "reference.json"
+    path.write_text(json.dumps(bench))
+    reference = same_run_reference(str(path))
+    assert reference["seconds"] == {"train_64x64x32": 8.5, "infer_175x132x88": 120.5}
+    assert reference["peak_gib"] == {"train_64x64x32": 2.4, "infer_175x132x88": 3.2}
+    assert reference["source_commits"] == {"a/b": "c0ffee"} and "/abs/path" not in json.dumps(reference)
+    bench["inference"] = {"error": "timed out after 10 s"}
+    path.write_text(json.dumps(bench))
+    with pytest.raises(ValueError, match="did not run for \\['inference'\\]"):
+        same_run_reference(str(path))
