@@ -10,7 +10,14 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from bundle.checks import CheckedCacheDataset, check_dataset, check_settings, check_writable, report_data_problems
+from bundle.checks import (
+    CheckedCacheDataset,
+    check_dataset,
+    check_settings,
+    check_writable,
+    datalists_or_exit,
+    report_data_problems,
+)
 from bundle.data import build_datalists
 from bundle.transforms import training_transforms
 from tests.conftest import REPO_ROOT
@@ -116,6 +123,17 @@ def test_label_affine_differing_from_image_is_named(tmp_path):
     assert len(lines) == 1
     assert lines[0].startswith(f"  {root / 'labelsTr' / 'c3.nii.gz'}: label affine differs from the image's")
     assert "by up to 2 " in lines[0]
+
+
+def test_label_without_image_is_named(tmp_path):
+    root = _nifti_root(tmp_path)
+    nib.save(nib.Nifti1Image(_volumes(6)[1], AFFINE), root / "labelsTr" / "c6.nii.gz")  # e.g. a misspelt name
+    with pytest.raises(SystemExit) as info:
+        datalists_or_exit(dataset_dir=str(root), num_labeled=4)
+    assert str(info.value.code).splitlines() == [
+        "Data check failed:",
+        f"  {root / 'labelsTr' / 'c6.nii.gz'}: label has no image of the same name in {root / 'imagesTr'}.",
+    ]
 
 
 @pytest.mark.parametrize("layout", ["nifti", "h5"])
