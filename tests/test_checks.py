@@ -9,6 +9,7 @@ import h5py
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 from bundle.checks import (
     CheckedCacheDataset,
@@ -19,9 +20,10 @@ from bundle.checks import (
     report_data_problems,
 )
 from bundle.data import build_datalists
+from bundle.inference import FolderInference
 from bundle.transforms import training_transforms
 from tests.conftest import REPO_ROOT
-from tests.test_inference import _synthetic_image, _workflow, _write_nifti
+from tests.test_inference import _pointwise_ensemble, _synthetic_image, _workflow, _write_nifti
 
 SHAPE = (12, 10, 8)
 AFFINE = np.diag([1.0, 1.0, 1.5, 1.0])
@@ -262,3 +264,43 @@ def test_inference_reports_non_finite_input_and_removes_stale_staging(tmp_path):
     assert lines[0] == f"1 of 2 images segmented into {tmp_path / 'out'}; 1 failed:"
     assert lines[1:] == [f"  {bad}: DatasetError: {bad}: 1 non-finite voxel(s) (NaN or Inf) in the image"]
     assert sorted(os.listdir(tmp_path / "out")) == ["good.nii.gz"]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "other network", "resume checkpoint"])
+def test_inference_weights_that_cannot_be_loaded_are_named(tmp_path, damage):
+    path = tmp_path / "model.pt"
+    if damage == "resume checkpoint":
+        torch.save({"method": _pointwise_ensemble().state_dict(), "optimizer": {}}, path)
+    else:
+        torch.save((_pointwise_ensemble() if damage == "truncated" else torch.nn.Linear(2, 2)).state_dict(), path)
+    if damage == "truncated":
+        _truncate(path)
+    runner = FolderInference([], _pointwise_ensemble(), None, None, str(tmp_path / "out"), str(path))
+    with pytest.raises(SystemExit) as info:
+        runner.run()
+    lines = str(info.value.code).splitlines()
+    assert len(lines) == 2 and lines[0] == "Cannot segment:"
+    if damage == "truncated":
+        assert lines[1].startswith(f"  {path}: not a complete weights file, truncated or corrupt (")
+    else:
+        assert lines[1].startswith(
+            f"  {path}: the weights do not fit the network; pass the model's in_channels, out_channels, base_width "
+            "and norm as for training, and give the model.pt that training writes (Error(s) in loading state_dict"
+        )
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+@pytest.mark.parametrize("folder", ["empty", "missing"])
+def test_inference_without_images_is_one_line(tmp_path, folder):
+    if folder == "empty":
+        (tmp_path / folder).mkdir()
+    where = "folder" if folder == "empty" else "pattern (no such folder)"
+    workflow = _workflow(tmp_path / folder, tmp_path / "out")
+    workflow.initialize()
+    with pytest.raises(SystemExit) as info:
+        workflow.run()
+    assert str(info.value.code).splitlines() == [
+        "Cannot segment:",
+        f"  {tmp_path / folder}: no .nii / .nii.gz images found in this {where}.",
+    ]
+    assert not (tmp_path / "out").exists()
