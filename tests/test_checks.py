@@ -219,6 +219,10 @@ def test_check_data_command(tmp_path):
         ),
         ({"optimizer#lr": True}, "optimizer#lr: expected a number, got True (bool)"),
         ({"datalists#val_list": 3}, "datalists#val_list: expected a path or null, got 3 (int)"),
+        (
+            {"patch_size": [96, 96, 20]},
+            "patch_size: expected sizes divisible by 16 (the networks' down-sampling), got [96, 96, 20]",
+        ),
     ],
 )
 def test_settings_of_the_wrong_type_name_the_key(settings, message):
@@ -233,7 +237,7 @@ def test_good_settings_pass():
             "max_iterations": 5,
             "optimizer#lr": 1,
             "train#preprocessing#augment": False,
-            "patch_size": [8, 8, 8],
+            "patch_size": [16, 32, 16],
             "resume_from": None,
         }
     )
