@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from monai.data import CacheDataset
 
 from bundle.data import DatasetError, build_datalists
+from bundle.networks import SIZE_DIVISOR
 from bundle.transforms import LoadVolumed, check_volume_transforms
 
 #: expected types of train.json's user-facing settings, by config path (each can be a ``--path value`` override).
@@ -70,8 +71,9 @@ def _type_problem(key: str, value: Any, expected: Any) -> Optional[str]:
 def check_settings(settings: Dict[str, Any]) -> None:
     """Check the type of each setting (config path -> value) against :data:`SETTING_TYPES` (:data:`OPTIONAL_SETTINGS`:
     a string or null) and stop naming every wrong key, before anything is built (``--max_iterations abc`` would
-    otherwise fail deep inside training with a ``TypeError`` naming no key). Method arguments are checked by the
-    method's own constructor."""
+    otherwise fail deep inside training with a ``TypeError`` naming no key). ``patch_size`` must also be positive
+    multiples of the networks' :data:`~bundle.networks.SIZE_DIVISOR` (else the first iteration fails, after the
+    data are read). Method arguments are checked by the method's own constructor."""
     problems = []
     for key, value in settings.items():
         if key in OPTIONAL_SETTINGS:
@@ -79,6 +81,10 @@ def check_settings(settings: Dict[str, Any]) -> None:
                 problems.append(f"{key}: expected a path or null, got {value!r} ({type(value).__name__})")
         elif key in SETTING_TYPES:
             problem = _type_problem(key, value, SETTING_TYPES[key])
+            if not problem and key == "patch_size" and any(v <= 0 or v % SIZE_DIVISOR for v in value):
+                problem = (
+                    f"{key}: expected sizes divisible by {SIZE_DIVISOR} (the networks' down-sampling), got {value}"
+                )
             if problem:
                 problems.append(problem)
         else:

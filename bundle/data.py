@@ -10,7 +10,8 @@ Supported layouts of ``dataset_dir``:
 * **MSD-style** ``<dataset_dir>/dataset.json`` with a ``training`` list (items without ``label`` are unlabeled),
   optional ``validation`` list and optional ``unlabeled``/``test`` lists (paths or ``{"image": ...}``).
 * **Folders** ``<dataset_dir>/imagesTr`` + ``<dataset_dir>/labelsTr`` (same file names); images without a label
-  file are unlabeled; an optional ``imagesUnlabeled`` folder adds more unlabeled images.
+  file are unlabeled (a label file without an image is an error); an optional ``imagesUnlabeled`` folder adds more
+  unlabeled images.
 """
 
 from __future__ import annotations
@@ -178,7 +179,15 @@ def _nifti_files(folder: Path) -> List[Path]:
 
 
 def _folder_items(dataset_dir: str) -> List[Dict[str, str]]:
+    """Items of the ``imagesTr/`` + ``labelsTr/`` layout; a label whose image is missing (e.g. a misspelt name)
+    raises :class:`DatasetError` naming every such label, instead of being silently ignored."""
     root = Path(dataset_dir)
+    images = {p.name for p in _nifti_files(root / "imagesTr")}
+    orphans = [p for p in _nifti_files(root / "labelsTr") if p.name not in images]
+    if orphans:
+        raise DatasetError(
+            "\n".join(f"{label}: label has no image of the same name in {root / 'imagesTr'}." for label in orphans)
+        )
     items = []
     for image in _nifti_files(root / "imagesTr"):
         label = root / "labelsTr" / image.name

@@ -6,8 +6,9 @@
   that MONAI's scan interval ``int(roi * (1 - overlap))`` is exactly the stride (a naive ``1 - s / roi`` can give
   ``s - 1``: 96 and 16 give 15). :func:`window_starts` is the papers' reference grid, for tests.
 * :func:`entropy_map`, :func:`disagreement_map` and :class:`SubnetDisagreement`: the optional uncertainty outputs.
-* :func:`image_datalist` lists the input images; :class:`FolderInference` segments them one at a time, reports and
-  skips bad files, writes every output atomically, and exits non-zero at the end if any file failed.
+* :func:`image_datalist` lists the input images (:func:`image_datalist_or_exit`: stopping on none);
+  :class:`FolderInference` segments them one at a time, reports and skips bad files, writes every output
+  atomically, and exits non-zero at the end if any file failed.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from monai.transforms import Compose, SaveImage
 from monai.utils import convert_data_type
 from torch import nn
 
+from bundle.checks import stop
 from bundle.data import NIFTI_SUFFIXES, DatasetError, check_items
 from bundle.network_optimization import optimize_for_inference
 from bundle.precision import AutocastInference
@@ -149,6 +151,15 @@ def image_datalist(dataset_dir: str) -> List[Dict[str, str]]:
     return [{"image": p} for p in paths]
 
 
+def image_datalist_or_exit(dataset_dir: str) -> List[Dict[str, str]]:
+    """:func:`image_datalist` for ``configs/inference.json``: stops with its one-line report (no images, no such
+    folder, two inputs with one output name) instead of a traceback ending in "Failed to instantiate component"."""
+    try:
+        return image_datalist(dataset_dir)
+    except DatasetError as err:
+        stop("Cannot segment:", str(err).splitlines())
+
+
 def case_name(path: str) -> str:
     """File name without the ``.nii`` / ``.nii.gz`` / ``.h5`` extension: the name an input's outputs get."""
     name = os.path.basename(path)
@@ -256,9 +267,7 @@ class FolderInference:
         """Segment all items. Returns ``{"written": [output paths], "failed": []}``; raises ``SystemExit`` listing
         ``file: reason`` for each failed item when any failed."""
         if self.ckpt_path is not None:
-            if not os.path.isfile(self.ckpt_path):
-                raise FileNotFoundError(f"{self.ckpt_path}: no trained weights (train first, or set ckpt_path).")
-            self.network.load_state_dict(torch.load(self.ckpt_path, map_location="cpu", weights_only=True))
+            self._load_weights()
         self.network.eval()
         if self.optimize_network:
             optimize_for_inference(self.network)
@@ -285,6 +294,30 @@ class FolderInference:
             raise SystemExit(f"{summary}; {len(failed)} failed:\n{details}")
         logger.info(summary)
         return {"written": written, "failed": failed}
+
+    def _load_weights(self) -> None:
+        """Load ``ckpt_path`` strictly into ``network``; stop with one line naming the file when it is missing, not
+        readable (truncated, not a ``torch.save`` file) or does not fit the network (another ``base_width``, channel
+        count or norm, or a resume checkpoint instead of ``model.pt``), before anything is written."""
+        path = self.ckpt_path
+        if not os.path.isfile(path):
+            stop("Cannot segment:", [f"{path}: no trained weights (train first, or set ckpt_path)."])
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # a truncated zip, a 0-byte file, a foreign pickle
+            stop("Cannot segment:", [f"{path}: not a complete weights file, truncated or corrupt ({_reason(err)})."])
+        try:
+            self.network.load_state_dict(state)
+        except Exception as err:  # missing / unexpected keys, shape mismatches
+            reason = " ".join(str(err).split())
+            stop(
+                "Cannot segment:",
+                [
+                    f"{path}: the weights do not fit the network; pass the model's in_channels, out_channels, "
+                    f"base_width and norm as for training, and give the model.pt that training writes "
+                    f"({reason[:300]}{'...' if len(reason) > 300 else ''})."
+                ],
+            )
 
     def _segment(self, index: int) -> List[str]:
         check_items([self.dataset.data[index]], self.in_channels)

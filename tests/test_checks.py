@@ -9,12 +9,21 @@ import h5py
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
-from bundle.checks import CheckedCacheDataset, check_dataset, check_settings, check_writable, report_data_problems
+from bundle.checks import (
+    CheckedCacheDataset,
+    check_dataset,
+    check_settings,
+    check_writable,
+    datalists_or_exit,
+    report_data_problems,
+)
 from bundle.data import build_datalists
+from bundle.inference import FolderInference
 from bundle.transforms import training_transforms
 from tests.conftest import REPO_ROOT
-from tests.test_inference import _synthetic_image, _workflow, _write_nifti
+from tests.test_inference import _pointwise_ensemble, _synthetic_image, _workflow, _write_nifti
 
 SHAPE = (12, 10, 8)
 AFFINE = np.diag([1.0, 1.0, 1.5, 1.0])
@@ -118,6 +127,17 @@ def test_label_affine_differing_from_image_is_named(tmp_path):
     assert "by up to 2 " in lines[0]
 
 
+def test_label_without_image_is_named(tmp_path):
+    root = _nifti_root(tmp_path)
+    nib.save(nib.Nifti1Image(_volumes(6)[1], AFFINE), root / "labelsTr" / "c6.nii.gz")  # e.g. a misspelt name
+    with pytest.raises(SystemExit) as info:
+        datalists_or_exit(dataset_dir=str(root), num_labeled=4)
+    assert str(info.value.code).splitlines() == [
+        "Data check failed:",
+        f"  {root / 'labelsTr' / 'c6.nii.gz'}: label has no image of the same name in {root / 'imagesTr'}.",
+    ]
+
+
 @pytest.mark.parametrize("layout", ["nifti", "h5"])
 def test_truncated_file_with_intact_header_is_named(tmp_path, layout):
     root = (_nifti_root if layout == "nifti" else _la_root)(tmp_path)
@@ -199,6 +219,10 @@ def test_check_data_command(tmp_path):
         ),
         ({"optimizer#lr": True}, "optimizer#lr: expected a number, got True (bool)"),
         ({"datalists#val_list": 3}, "datalists#val_list: expected a path or null, got 3 (int)"),
+        (
+            {"patch_size": [96, 96, 20]},
+            "patch_size: expected sizes divisible by 16 (the networks' down-sampling), got [96, 96, 20]",
+        ),
     ],
 )
 def test_settings_of_the_wrong_type_name_the_key(settings, message):
@@ -213,7 +237,7 @@ def test_good_settings_pass():
             "max_iterations": 5,
             "optimizer#lr": 1,
             "train#preprocessing#augment": False,
-            "patch_size": [8, 8, 8],
+            "patch_size": [16, 32, 16],
             "resume_from": None,
         }
     )
@@ -244,3 +268,43 @@ def test_inference_reports_non_finite_input_and_removes_stale_staging(tmp_path):
     assert lines[0] == f"1 of 2 images segmented into {tmp_path / 'out'}; 1 failed:"
     assert lines[1:] == [f"  {bad}: DatasetError: {bad}: 1 non-finite voxel(s) (NaN or Inf) in the image"]
     assert sorted(os.listdir(tmp_path / "out")) == ["good.nii.gz"]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "other network", "resume checkpoint"])
+def test_inference_weights_that_cannot_be_loaded_are_named(tmp_path, damage):
+    path = tmp_path / "model.pt"
+    if damage == "resume checkpoint":
+        torch.save({"method": _pointwise_ensemble().state_dict(), "optimizer": {}}, path)
+    else:
+        torch.save((_pointwise_ensemble() if damage == "truncated" else torch.nn.Linear(2, 2)).state_dict(), path)
+    if damage == "truncated":
+        _truncate(path)
+    runner = FolderInference([], _pointwise_ensemble(), None, None, str(tmp_path / "out"), str(path))
+    with pytest.raises(SystemExit) as info:
+        runner.run()
+    lines = str(info.value.code).splitlines()
+    assert len(lines) == 2 and lines[0] == "Cannot segment:"
+    if damage == "truncated":
+        assert lines[1].startswith(f"  {path}: not a complete weights file, truncated or corrupt (")
+    else:
+        assert lines[1].startswith(
+            f"  {path}: the weights do not fit the network; pass the model's in_channels, out_channels, base_width "
+            "and norm as for training, and give the model.pt that training writes (Error(s) in loading state_dict"
+        )
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+@pytest.mark.parametrize("folder", ["empty", "missing"])
+def test_inference_without_images_is_one_line(tmp_path, folder):
+    if folder == "empty":
+        (tmp_path / folder).mkdir()
+    where = "folder" if folder == "empty" else "pattern (no such folder)"
+    workflow = _workflow(tmp_path / folder, tmp_path / "out")
+    workflow.initialize()
+    with pytest.raises(SystemExit) as info:
+        workflow.run()
+    assert str(info.value.code).splitlines() == [
+        "Cannot segment:",
+        f"  {tmp_path / folder}: no .nii / .nii.gz images found in this {where}.",
+    ]
+    assert not (tmp_path / "out").exists()

@@ -262,8 +262,12 @@ def test_failed_write_leaves_no_partial_output(tmp_path):
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     runner = FolderInference(Dataset([]), _pointwise_ensemble(), None, None, str(tmp_path), str(tmp_path / "x.pt"))
-    with pytest.raises(FileNotFoundError, match="no trained weights"):
+    with pytest.raises(SystemExit) as info:
         runner.run()
+    assert str(info.value.code).splitlines() == [
+        "Cannot segment:",
+        f"  {tmp_path / 'x.pt'}: no trained weights (train first, or set ckpt_path).",
+    ]
 
 
 # ------------------------------------------------------------------------------------------------ real data
