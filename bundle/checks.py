@@ -123,6 +123,18 @@ def check_resume_file(path: Optional[str]) -> None:
         stop("Cannot resume:", [f"{path}: not a complete checkpoint, truncated or corrupt ({err})"])
 
 
+def check_weights_file(path: str, title: str = "Cannot evaluate:") -> None:
+    """The weights file a run loads (``configs/evaluate.json``: ``ckpt_path``) exists and is a complete zip archive;
+    else stop with ``title`` and one line naming it."""
+    if not os.path.isfile(path):
+        stop(title, [f"{path}: no trained weights (train first, or set ckpt_path)."])
+    try:
+        with zipfile.ZipFile(path):
+            pass
+    except (zipfile.BadZipFile, OSError) as err:
+        stop(title, [f"{path}: not a complete weights file, truncated or corrupt ({err})."])
+
+
 def datalists_or_exit(**kwargs: Any) -> Dict[str, List[Dict[str, str]]]:
     """:func:`bundle.data.build_datalists`, stopping with its report (every header problem) instead of a traceback."""
     try:

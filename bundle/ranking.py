@@ -38,6 +38,7 @@ from monai.transforms.utils_morphological_ops import dilate
 
 from bundle.data import LA_FILE_NAME, DatasetError, read_case_list
 from bundle.inference import FolderInference, SubnetDisagreement, case_name, entropy_map, image_datalist
+from bundle.checks import stop
 from bundle.transforms import LoadVolumed
 
 logger = logging.getLogger(__name__)
@@ -76,6 +77,15 @@ def scan_datalist(dataset_dir: str, case_list: Optional[str] = None) -> List[Dic
     if repeated:
         raise DatasetError(f"{list_path}: cases listed more than once: {repeated}.")
     return [{"image": os.path.join(dataset_dir, case, LA_FILE_NAME), "scan": case} for case in cases]
+
+
+def scan_datalist_or_exit(dataset_dir: str, case_list: Optional[str] = None) -> List[Dict[str, str]]:
+    """:func:`scan_datalist` for ``configs/rank.json``: stops with its one-line report (no images, no such folder,
+    an empty list, a case listed twice) instead of a traceback ending in "Failed to instantiate component"."""
+    try:
+        return scan_datalist(dataset_dir, case_list)
+    except DatasetError as err:
+        stop("Cannot rank:", str(err).splitlines())
 
 
 def voxel_volume_ml(path: str) -> Optional[float]:

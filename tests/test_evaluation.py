@@ -159,21 +159,31 @@ def test_evaluate_json_overlay_scores_the_model_on_the_validation_list(tmp_path)
     (tmp_path / "data" / "dataset.json").write_text(json.dumps(spec))
     network = _pointwise_ensemble()
     torch.save(network.state_dict(), tmp_path / "model.pt")
-    workflow = ConfigWorkflow(
-        config_file=[str(REPO_ROOT / "configs" / "train.json"), str(REPO_ROOT / "configs" / "evaluate.json")],
-        logging_file=False,
-        workflow_type="infer",
-        dataset_dir=str(tmp_path / "data"),
-        output_dir=str(tmp_path / "out"),
-        ckpt_path=str(tmp_path / "model.pt"),
-        num_labeled=1,
-        base_width=2,
-        patch_size=[16, 16, 16],  # the settings check wants multiples of 16; the pointwise network takes any size
-        sw_strides=[4, 4, 4],
-        network_def=_pointwise_ensemble(zero=True),
-    )
-    workflow.initialize()
-    workflow.run()
+
+    def evaluate(ckpt_path):
+        workflow = ConfigWorkflow(
+            config_file=[str(REPO_ROOT / "configs" / "train.json"), str(REPO_ROOT / "configs" / "evaluate.json")],
+            logging_file=False,
+            workflow_type="infer",
+            dataset_dir=str(tmp_path / "data"),
+            output_dir=str(tmp_path / "out"),
+            ckpt_path=str(ckpt_path),
+            num_labeled=1,
+            base_width=2,
+            patch_size=[16, 16, 16],  # the settings check wants multiples of 16; the pointwise network takes any size
+            sw_strides=[4, 4, 4],
+            network_def=_pointwise_ensemble(zero=True),
+        )
+        workflow.initialize()
+        workflow.run()
+
+    (tmp_path / "truncated.pt").write_bytes((tmp_path / "model.pt").read_bytes()[:100])
+    for bad, reason in (("missing.pt", "no trained weights"), ("truncated.pt", "not a complete weights file")):
+        with pytest.raises(SystemExit) as exit_info:
+            evaluate(tmp_path / bad)
+        assert str(exit_info.value.code).startswith(f"Cannot evaluate:\n  {tmp_path / bad}: {reason}")
+    assert not (tmp_path / "out" / "metrics.csv").exists()
+    evaluate(tmp_path / "model.pt")
     rows = _read_csv(tmp_path / "out" / "metrics.csv")
     assert [row["case"] for row in rows] == ["case2", "case3"]
     for row in rows:

@@ -207,3 +207,18 @@ def test_la_case_list_ranks_h5_cases_and_reports_a_missing_one(tmp_path):
     (tmp_path / "twice.list").write_text("case_a\ncase_a\n")
     with pytest.raises(DatasetError, match="twice.list: cases listed more than once"):
         scan_datalist(str(tmp_path), "twice.list")
+
+
+@pytest.mark.parametrize("inputs", ["empty folder", "no such folder", "listed twice"])
+def test_rank_without_scans_stops_with_one_line(tmp_path, inputs):
+    dataset, override = tmp_path / "scans", {}
+    if inputs != "no such folder":
+        dataset.mkdir()
+    if inputs == "listed twice":
+        (dataset / "pool.list").write_text("case_a\ncase_a\n")
+        override["case_list"] = "pool.list"
+    with pytest.raises(SystemExit) as exit_info:
+        _run(CONFIGS, dataset, tmp_path / "out", SoftmaxEnsemble(_pointwise(4.0), _pointwise(2.0)), **override)
+    lines = str(exit_info.value.code).splitlines()
+    assert lines[0] == "Cannot rank:" and len(lines) == 2
+    assert lines[1].startswith(f"  {dataset}") and not (tmp_path / "out" / "ranking.csv").exists()
