@@ -84,6 +84,22 @@ def test_each_preset_trains_and_writes_flat_model(preset, tiny_dataset, tmp_path
         assert trainer.unlabeled_data_loader is None
 
 
+@pytest.mark.parametrize("preset", ["supervised", "dual_journal"])
+def test_every_case_labeled_trains_supervised_only(preset, tmp_path):
+    """All training cases labeled (the fully supervised upper bound): the supervised presets train without an
+    unlabeled stream; a semi-supervised preset stops at the data check, naming the missing unlabeled data."""
+    dataset = ensure_synthetic_dataset(str(tmp_path / "data"), num_labeled=4, num_unlabeled=0, num_validation=1,
+                                       shape=(20, 20, 18))  # fmt: skip
+    overrides = tiny_overrides(dataset, tmp_path / "out", num_labeled=-1)
+    if preset == "supervised":
+        workflow = run_workflow(make_workflow(["train.json", f"methods/{preset}.json"], overrides))
+        trainer = workflow.parser.get_parsed_content("train#trainer")
+        assert trainer.state.iteration == 3 and trainer.unlabeled_data_loader is None
+    else:
+        with pytest.raises(SystemExit, match="no unlabeled items"):
+            run_workflow(make_workflow(["train.json", f"methods/{preset}.json"], overrides))
+
+
 def test_weighted_sum_matches_logged_terms(tiny_dataset, tmp_path):
     workflow = run_workflow(make_workflow(["train.json"], tiny_overrides(tiny_dataset, tmp_path, max_iterations=1)))
     method = workflow.parser.get_parsed_content("network")
