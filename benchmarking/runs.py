@@ -516,6 +516,7 @@ def speed(
     the same run), used as the reference instead of the stored figures for the CPU model. Writes ``speed_<device>_<cpu model>_<method>.json`` with the CPU model,
     its bf16/AMX flags, the precision of every row and the authors' figures for that CPU model (``reference``, null
     with a ``reference_note`` when there are none)."""
+    same_run = same_run_reference(reference_json) if reference_json else None  # a bad file fails before timing
     configs = [f"{CONFIG_DIR}/train.json", f"{CONFIG_DIR}/methods/{method}.json"]
     device = "gpu" if torch.cuda.is_available() else "cpu"
     low_precision = resolve_precision("auto", "cuda" if device == "gpu" else "cpu") != "fp32"
@@ -546,8 +547,8 @@ def speed(
     machine = reference_machine(cpu["model"], cpu["flags"]) if device == "cpu" else None
     command = f"python scripts/benchmark.py speed --method {method}"
     reference = AUTHORS_REFERENCE.get(machine) if machine else None
-    if reference_json:
-        reference = same_run_reference(reference_json)
+    if same_run:
+        reference = same_run
         machine = f"{reference['cpu_model']}, timed in this run"
         command += f" --reference_json {os.path.relpath(reference_json)}"
     record = {"kind": "speed", "method": method, "device": device, "command": command, "commit": git_commit(),
