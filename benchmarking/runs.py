@@ -164,7 +164,7 @@ def time_inference(
     patch = list(parser["patch_size"])
     inferer = SlidingWindowInferer(
         roi_size=patch,
-        sw_batch_size=parser["sw_batch_size"],
+        sw_batch_size=parser["validate#inferer#sw_batch_size"],
         overlap=strides_to_overlap(patch, strides),
         sw_device=device,
         device="cpu",
@@ -186,7 +186,10 @@ def run_isolated(kind: str, **kwargs: Any) -> Dict[str, Any]:
     command = [sys.executable, "-c", "import json,sys; from benchmarking import runs as b; "
                "a=json.loads(sys.argv[1]); print('RESULT'+json.dumps(getattr(b, a.pop('kind'))(**a)))",
                json.dumps({"kind": kind, **kwargs})]  # fmt: skip
-    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode:
+        raise RuntimeError(f"{kind} probe failed (exit {result.returncode}):\n{result.stderr[-3000:]}")
+    out = result.stdout
     return json.loads([line for line in out.splitlines() if line.startswith("RESULT")][-1][len("RESULT") :])
 
 

@@ -12,6 +12,7 @@ from benchmarking.runs import (
     bundle_command,
     cpu_description,
     reference_machine,
+    run_isolated,
     report,
     same_run_reference,
     split_lists,
@@ -197,3 +198,16 @@ def test_same_run_reference_reads_the_reference_bench_output(tmp_path):
     path.write_text(json.dumps(bench))
     with pytest.raises(ValueError, match="did not run for \\['inference'\\]"):
         same_run_reference(str(path))
+
+
+def test_speed_probes_run_on_a_tiny_network():
+    """The probes of ``scripts/benchmark.py speed``, each in its own process, on a tiny configuration (no timing is
+    asserted: only that they run with train.json's keys and report what the record needs)."""
+    configs = ["configs/train.json", "configs/methods/dual_journal.json"]
+    tiny = {"patch_size": [16, 16, 16], "base_width": 4, "validate#precision": "fp32"}
+    result = run_isolated("time_inference", config_files=configs, overrides=tiny, volume_shape=[20, 18, 16],
+                          strides=[8, 8, 8])  # fmt: skip
+    assert result["output_shape"] == [1, 2, 20, 18, 16] and result["precision"] == "fp32"
+    assert result["seconds_per_volume"] > 0 and result["peak_rss_gib"] > 0
+    with pytest.raises(RuntimeError, match="time_inference probe failed (?s:.*)strides \\[8\\] differ in length"):
+        run_isolated("time_inference", config_files=configs, overrides=tiny, volume_shape=[20, 18, 16], strides=[8])
