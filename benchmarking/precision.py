@@ -137,8 +137,10 @@ def precision_sections(accuracy: Sequence[Tuple[str, Record]], agreements: Seque
         "",
     ]
     if pairs:
-        lines += ["| protocol | K | method | seeds | bf16 Dice | fp32 Dice | Δ Dice (bf16 − fp32) [95 % CI] | verdict |",
-                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "| protocol | K | method | seeds | bf16 Dice | fp32 Dice | Δ Dice (bf16 − fp32) [95 % CI] | verdict |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for fp32_key, default_key in sorted(pairs):
             seeds = sorted(set(groups[fp32_key]) & set(groups[default_key]))
             bf16_scores = {s: v for s, v in per_case(groups[default_key]).items() if s in seeds}

@@ -516,9 +516,9 @@ def speed(
     them (fp32 where auto is not fp32) and training with the CPU allocator cache, in the same run, so each trade-off
     is measured on the same machine state. ``reference_json``: the output of
     ``../shared/tools/reference_bench/bench_reference.py`` timed on this machine just before (the authors' code in
-    the same run), used as the reference instead of the stored figures for the CPU model. Writes ``speed_<device>_<cpu model>_<method>.json`` with the CPU model,
-    its bf16/AMX flags, the precision of every row and the authors' figures for that CPU model (``reference``, null
-    with a ``reference_note`` when there are none)."""
+    the same run), used as the reference instead of the stored figures for the CPU model. Writes
+    ``speed_<device>_<cpu model>_<method>.json`` with the CPU model, its bf16/AMX flags, the precision of every row
+    and the authors' figures (``reference``, null with a ``reference_note`` when there are none)."""
     same_run = same_run_reference(reference_json) if reference_json else None  # a bad file fails before timing
     configs = [f"{CONFIG_DIR}/train.json", f"{CONFIG_DIR}/methods/{method}.json"]
     device = "gpu" if torch.cuda.is_available() else "cpu"

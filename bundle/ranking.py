@@ -36,9 +36,9 @@ from matplotlib.figure import Figure
 from monai.transforms import Compose, EnsureChannelFirstd
 from monai.transforms.utils_morphological_ops import dilate
 
+from bundle.checks import stop
 from bundle.data import LA_FILE_NAME, DatasetError, read_case_list
 from bundle.inference import FolderInference, SubnetDisagreement, case_name, entropy_map, image_datalist
-from bundle.checks import stop
 from bundle.transforms import LoadVolumed
 
 logger = logging.getLogger(__name__)
