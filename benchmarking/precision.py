@@ -133,7 +133,8 @@ def precision_sections(accuracy: Sequence[Tuple[str, Record]], agreements: Seque
         "`--variant fp32 --train#trainer#precision fp32` (both scored in fp32); Δ Dice (bf16 − fp32) is paired per",
         "seed and test case, with the bootstrap interval of the accuracy tables. Inference: one trained model",
         "scored on its 20 test cases under each precision (`--validate#precision`); mask Dice is the per-case Dice",
-        "between the two precisions' masks (1 = identical).",
+        "between the two precisions' masks (1 = identical); its seconds are wall time, the machine possibly shared",
+        "with other benchmark runs (see the speed section for timing).",
         "",
     ]
     if pairs:
