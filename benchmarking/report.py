@@ -88,8 +88,14 @@ def verdict(result: Dict[str, Any]) -> str:
     return "above" if result["low"] > 0 else "below"
 
 
-def accuracy_sections(records: Sequence[Tuple[str, Record]], figure_dir: Optional[str], doc_dir: str) -> List[str]:
-    """Markdown lines of every protocol's accuracy table (and figures written to ``figure_dir``)."""
+def accuracy_sections(
+    records: Sequence[Tuple[str, Record]],
+    figure_dir: Optional[str],
+    doc_dir: str,
+    targets: Sequence[Record] = (),
+) -> List[str]:
+    """Markdown lines of every protocol's accuracy table (and figures written to ``figure_dir``); ``targets`` (see
+    :func:`target_lines`) are checked under the table of their protocol and K."""
     groups = group_records(records)
     lines: List[str] = []
     for protocol in sorted({key[0] for key in groups}):
@@ -130,6 +136,7 @@ def accuracy_sections(records: Sequence[Tuple[str, Record]], figure_dir: Optiona
                     f"| {'–' if paper is None else f'{paper:.2f}'} |"
                 )
             lines.append("")
+            lines += target_lines(targets, protocol, k, compared)
             lines += gap_lines(groups, protocol, k, compared)
             if figure_dir and compared:
                 path = write_figure(groups, keys, compared, os.path.join(figure_dir, f"la_{protocol}_k{k}.png"))
@@ -143,6 +150,33 @@ def accuracy_sections(records: Sequence[Tuple[str, Record]], figure_dir: Optiona
                     lines.append(f"  Note: {r['notes']}")
         lines.append("")
     return lines
+
+
+def target_lines(targets: Sequence[Record], protocol: str, k: int, compared: Dict[GroupKey, Dict[str, Any]]
+                 ) -> List[str]:  # fmt: skip
+    """Whether each target set for this protocol and K is met, from the paired comparisons of its methods.
+
+    A target (``docs/results/targets.json``, kind ``targets``, list ``targets``) names ``protocol``, ``k``,
+    ``methods``, ``min_delta`` (Dice points over the method's reference), ``interval_above_zero`` (the 95 % interval
+    must exclude 0 from above) and ``source`` (who set it). A method without runs is reported as not measured."""
+    lines = []
+    by_method = {key[2]: result for key, result in compared.items() if not key[3]}
+    for target in targets:
+        if target["protocol"] != protocol or target["k"] != k:
+            continue
+        for method in target["methods"]:
+            result = by_method.get(method)
+            goal = f"`{method}` at least {target['min_delta']:+.2f} Dice above its reference"
+            goal += " with the interval above 0" if target["interval_above_zero"] else ""
+            if result is None:
+                lines.append(f"- Target ({target['source']}): {goal}: **not measured**.")
+                continue
+            met = result["mean"] * 100 >= target["min_delta"] and (
+                result["low"] > 0 or not target["interval_above_zero"]
+            )
+            lines.append(f"- Target ({target['source']}): {goal}: **{'met' if met else 'missed'}** "
+                         f"({format_interval(result, 100)} vs `{result['reference']}`).")  # fmt: skip
+    return lines + [""] if lines else []
 
 
 def fully_labeled(record: Record) -> bool:

@@ -630,7 +630,8 @@ def report(results_dir: str = "docs/results", output: str = "docs/RESULTS.md", f
         "",
     ]
     accuracy_records = [(n, r) for n, r in records if r.get("kind") == "accuracy"]
-    lines += accuracy_sections(accuracy_records, figure_dir, os.path.dirname(output) or ".")
+    targets = [target for _, r in records if r.get("kind") == "targets" for target in r["targets"]]
+    lines += accuracy_sections(accuracy_records, figure_dir, os.path.dirname(output) or ".", targets)
     from benchmarking.rank_payoff import payoff_sections  # it imports this module's runner
 
     lines += payoff_sections([(n, r) for n, r in records if r.get("kind") == "rank_payoff"])

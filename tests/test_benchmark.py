@@ -157,7 +157,21 @@ def test_report_gives_the_share_of_the_gap_to_the_fully_labeled_run(tmp_path):
     partly = {**_accuracy_record("supervised", 0.95), "num_labeled": 30}  # not fully labeled: never the bound
     partly["split"] = "train: first 60 of train.list (30 labeled); test: the remaining cases"
     write_json(partly, str(results), "la_cpu_supervised_k30_seed1337")
+    targets = [
+        {"protocol": "cpu", "k": 8, "methods": ["dual_journal"], "min_delta": 3.0, "interval_above_zero": True,
+         "source": "issue A"},
+        {"protocol": "cpu", "k": 8, "methods": ["dual_journal", "mean_teacher"], "min_delta": 6.0,
+         "interval_above_zero": False, "source": "issue B"},
+        {"protocol": "cpu", "k": 4, "methods": ["dual_journal"], "min_delta": 0.0, "interval_above_zero": False,
+         "source": "issue C"},
+    ]  # fmt: skip
+    write_json({"kind": "targets", "targets": targets}, str(results), "targets")
     text = open(report(str(results), str(tmp_path / "RESULTS.md"), None)).read()
+    assert ("- Target (issue A): `dual_journal` at least +3.00 Dice above its reference with the interval above 0: "
+            "**met** (+5.00 [+5.00, +5.00] vs `supervised`).") in text  # fmt: skip
+    assert "- Target (issue B): `dual_journal` at least +6.00 Dice above its reference: **missed** (+5.00" in text
+    assert "- Target (issue B): `mean_teacher` at least +6.00 Dice above its reference: **not measured**." in text
+    assert "issue C" not in text  # no K = 4 runs: no K = 4 section
     # reference at K = 8: 81.00; bound 91.00; dual_journal +5.00 -> 50 % of the 10-point gap
     assert "Upper bound: `supervised` with all 60 training cases labeled reaches 91.00 Dice" in text
     assert "(seeds 1337), +10.00 over `supervised` at K = 8;" in text
