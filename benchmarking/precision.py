@@ -24,9 +24,9 @@ from benchmarking.runs import (
     git_commit,
     hardware,
     method_configs,
-    protocol_overrides,
     read_metrics,
     run_logged,
+    run_settings,
     write_json,
 )
 from benchmarking.statistics import bootstrap_interval, format_interval, paired_differences, seed_summary
@@ -65,16 +65,9 @@ def agreement(record: str, precisions: Sequence[str] = ("fp32", "bf16"), results
     if missing:
         raise FileNotFoundError(f"{record}: the run's files are not here: {missing} (train it first).")
     configs = method_configs(source["method"], source["protocol"])
-    overrides = {
-        "dataset_dir": source["config"]["dataset_dir"],
-        "datalists#train_list": os.path.join(run_dir, "train.list"),
-        "datalists#val_list": os.path.join(run_dir, "test.list"),
-        "num_labeled": source["num_labeled"],
-        "seed": source["seed"],
-        "model_dir": model_dir,
-        **source.get("overrides", {}),
-        **protocol_overrides(configs),
-    }
+    overrides = run_settings(configs, source["config"]["dataset_dir"], run_dir, source["num_labeled"],
+                             source["seed"], source.get("overrides", {}))  # fmt: skip
+    overrides["datalists#val_list"] = os.path.join(run_dir, "test.list")
     masks: Dict[str, Dict[str, str]] = {}
     runs: Dict[str, Record] = {}
     for precision in precisions:

@@ -360,6 +360,25 @@ def read_metrics(eval_dir: str) -> Dict[str, Any]:
     }
 
 
+def run_settings(
+    configs: Sequence[str], dataset_dir: str, run_dir: str, num_labeled: int, seed: int, overrides: Dict[str, Any]
+) -> Dict[str, Any]:
+    """The bundle overrides that train one benchmark run: its split lists (``run_dir/train.list``, written by
+    :func:`split_lists`), ``run_dir/models``, the protocol's method arguments, no validation during training. Its
+    evaluation uses the same with ``datalists#val_list`` set to ``run_dir/test.list`` and its own ``output_dir``."""
+    return {
+        "dataset_dir": os.path.relpath(dataset_dir),
+        "datalists#train_list": os.path.join(run_dir, "train.list"),
+        "num_labeled": num_labeled,
+        "seed": seed,
+        "model_dir": os.path.join(run_dir, "models"),
+        **overrides,
+        **protocol_overrides(configs),
+        "datalists#val_list": None,
+        "output_dir": run_dir,
+    }
+
+
 def accuracy(
     dataset_dir: str,
     method: str = "dual_journal",
@@ -404,15 +423,7 @@ def accuracy(
     run_dir = os.path.relpath(os.path.join(runs_dir, name))  # records keep repository-relative paths
     lists = split_lists(dataset_dir, list_file, train_cases, run_dir, labeled_cases)
     configs = method_configs(method, protocol)
-    common = {
-        "dataset_dir": os.path.relpath(dataset_dir),
-        "datalists#train_list": lists["train"],
-        "num_labeled": num_labeled,
-        "seed": seed,
-        "model_dir": os.path.join(run_dir, "models"),
-        **overrides,
-    }
-    train_overrides = {**common, **protocol_overrides(configs), "datalists#val_list": None, "output_dir": run_dir}
+    train_overrides = run_settings(configs, dataset_dir, run_dir, num_labeled, seed, overrides)
     log_path = os.path.join(run_dir, "benchmark.log")
     info_path = os.path.join(run_dir, "train_info.json")
     train_command = bundle_command("training", configs, train_overrides)
