@@ -3,7 +3,8 @@
 Per seed, with the benchmark's accuracy runner (:func:`benchmarking.runs.accuracy`: same protocol, same split, the
 same 20 held-out test cases):
 
-1. ``base``: train at K = ``base_k`` (the first ``base_k`` training cases labeled);
+1. ``base``: train at K = ``base_k`` (the first ``base_k`` training cases labeled), i.e. the standard K = ``base_k``
+   run (its record in ``results_dir`` is reused when present, with its model in ``runs_dir``);
 2. rank the unlabeled pool (training cases ``base_k`` .. ``train_cases``) with the base model and
    ``configs/rank.json`` (most uncertain first);
 3. ``ranked``: retrain at K = ``base_k + add`` with the base cases plus the top ``add`` of the ranking;
@@ -105,6 +106,7 @@ def payoff(
     tag: str = "",
     rank_by: str = "auto",
     arms: Sequence[str] = ("ranked", "first", "random"),
+    draws: Optional[Sequence[int]] = None,
     **overrides: Any,
 ) -> List[str]:
     """Run the experiment of the module docstring for every seed; return the manifests' paths.
@@ -113,7 +115,8 @@ def payoff(
     ``tag``, which goes into every run's name and the manifest's, so that they never mix with the real runs.
     ``arms`` are the arms this process runs (:data:`ARM_GROUPS`; ``ranked`` includes the base run and the
     ranking): two processes, e.g. ``--arms '["ranked","first"]'`` and ``--arms random``, share one seed's work
-    and its manifest, each on its own core.
+    and its manifest, each on its own core. ``draws`` (indices below ``random_draws``) are the random draws this
+    process trains (all by default), so that two processes can share the draws, e.g. ``--draws "[0,1]"``.
     """
     seeds = [seeds] if isinstance(seeds, int) else list(seeds)
     arms = [arms] if isinstance(arms, str) else list(arms)
@@ -123,6 +126,9 @@ def payoff(
         raise ValueError(f"overrides {sorted(overrides)} change the protocol: name the experiment with --tag.")
     if random_draws < 1 or add < 1 or base_k < 1:
         raise ValueError(f"base_k, add and random_draws must be >= 1 (got {base_k}, {add}, {random_draws}).")
+    draws = list(range(random_draws)) if draws is None else [draws] if isinstance(draws, int) else list(draws)
+    if not draws or not set(draws) <= set(range(random_draws)):
+        raise ValueError(f"draws {draws}: choose among 0..{random_draws - 1}.")
     cases = read_case_list(list_file if os.path.isabs(list_file) else os.path.join(dataset_dir, list_file))
     pool = cases[base_k:train_cases]
     if len(pool) < add:
@@ -152,19 +158,20 @@ def payoff(
             return path
 
         update()
+        standard_where = results_dir if not tag else arm_dir  # where the standard runs' records are
         if "ranked" in arms:
-            base = _load(run_arm("base", None, base_k, tag, arm_dir))
+            base = _load(run_arm("base", None, base_k, tag, standard_where))
             ranking = rank_pool(base, dataset_dir, pool, method, protocol, rank_by, overrides)
             update(ranking=ranking)
             top = [row["scan"] for row in ranking["rows"][:add]]
             run_arm("ranked", labeled_base + top, base_k + add, _variant(tag, f"rank_top{add}"), arm_dir)
         if "first" in arms:
-            first_where = results_dir if not tag else arm_dir  # the standard K = base_k + add record
-            run_arm("first", None, base_k + add, tag, first_where)
+            run_arm("first", None, base_k + add, tag, standard_where)
         if "random" in arms:
-            draws = [random_draw(pool, add, seed, d) for d in range(random_draws)]
-            update(random_draws=draws)
-            for draw, chosen in enumerate(draws):
+            chosen_by_draw = [random_draw(pool, add, seed, d) for d in range(random_draws)]
+            update(random_draws=chosen_by_draw)
+            for draw in draws:
+                chosen = chosen_by_draw[draw]
                 variant = _variant(tag, f"random{add}_draw{draw}")
                 run_arm(f"random_draw{draw}", labeled_base + chosen, base_k + add, variant, arm_dir)
         manifests.append(os.path.relpath(manifest_path))

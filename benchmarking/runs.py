@@ -205,14 +205,22 @@ def write_json(record: Dict[str, Any], output_dir: str, name: str) -> str:
     return path
 
 
+#: the benchmark trains on the first 60 cases of LA's ``train.list`` and tests on the rest (``docs/RESULTS.md``).
+BENCHMARK_TRAIN_CASES = 60
+
+
 def split_lists(
     dataset_dir: str,
     list_file: str,
     train_cases: int,
     run_dir: str,
     labeled_cases: Optional[Sequence[str]] = None,
+    test_cases: Optional[int] = None,
 ) -> Dict[str, str]:
     """Write the benchmark split: the first ``train_cases`` of the list train (first K labeled), the rest test.
+
+    ``test_cases`` (a validation split) tests on the next ``test_cases`` cases only, which must stay within the
+    first :data:`BENCHMARK_TRAIN_CASES`: the benchmark's test cases are never used to choose a setting.
 
     ``labeled_cases`` (training cases) are moved to the front of the written train list, in the given order, the
     other training cases following in list order, so that they are the first K (labeled) of a run with K =
@@ -223,6 +231,15 @@ def split_lists(
     if len(cases) <= train_cases:
         raise ValueError(f"{list_file}: {len(cases)} cases, need more than train_cases={train_cases}.")
     train = cases[:train_cases]
+    test = cases[train_cases:]
+    if test_cases is not None:
+        if test_cases < 1 or train_cases + test_cases > BENCHMARK_TRAIN_CASES:
+            raise ValueError(
+                f"{list_file}: a validation split tests on cases {train_cases}..{train_cases + test_cases - 1}; it "
+                f"must hold at least one case and stay within the first {BENCHMARK_TRAIN_CASES} (the rest are the "
+                "benchmark's test cases, never used to choose a setting)."
+            )
+        test = cases[train_cases : train_cases + test_cases]
     if labeled_cases is not None:
         outside = [case for case in labeled_cases if case not in train]
         if outside or len(set(labeled_cases)) != len(labeled_cases):
@@ -233,7 +250,7 @@ def split_lists(
         train = list(labeled_cases) + [case for case in train if case not in labeled_cases]
     os.makedirs(run_dir, exist_ok=True)
     paths = {"train": os.path.join(run_dir, "train.list"), "test": os.path.join(run_dir, "test.list")}
-    for name, subset in (("train", train), ("test", cases[train_cases:])):
+    for name, subset in (("train", train), ("test", test)):
         with open(paths[name], "w") as handle:
             handle.write("\n".join(subset) + "\n")
     return paths
@@ -372,8 +389,8 @@ def run_settings(
         "num_labeled": num_labeled,
         "seed": seed,
         "model_dir": os.path.join(run_dir, "models"),
-        **overrides,
         **protocol_overrides(configs),
+        **overrides,
         "datalists#val_list": None,
         "output_dir": run_dir,
     }
@@ -393,6 +410,7 @@ def accuracy(
     variant: str = "",
     notes: str = "",
     labeled_cases: Optional[Sequence[str]] = None,
+    test_cases: Optional[int] = None,
     **overrides: Any,
 ) -> str:
     """Train ``method`` on LA under ``protocol`` and score the final weights on the held-out cases.
@@ -405,6 +423,10 @@ def accuracy(
     ``notes`` (e.g. how the machine was shared during training) go into the record and the report.
     ``labeled_cases`` (``num_labeled`` training cases) replace the first ``num_labeled`` as the labeled set (the
     payoff experiment of ``scripts/rank_payoff.py``); such a run needs a ``variant`` and its record lists them.
+    ``test_cases`` makes a validation run for choosing settings: train on the first ``train_cases`` (e.g. 48), test
+    on the next ``test_cases`` (e.g. 12), never on the benchmark's test cases; its name starts with
+    ``la_<protocol>_val<train_cases>_`` and its record says ``"evaluation": "validation"`` (write it to its own
+    ``results_dir``, e.g. ``docs/results/validation``, reported in its own section).
     Writes ``<results_dir>/<name>.json``; returns its path.
     """
     if overrides and not variant:
@@ -419,9 +441,10 @@ def accuracy(
             raise ValueError(
                 f"labeled_cases {labeled_cases}: need a --variant name and num_labeled={num_labeled} cases."
             )
-    name = f"la_{protocol}_{method}{'_' + variant if variant else ''}_k{num_labeled}_seed{seed}"
+    split = f"val{train_cases}_" if test_cases is not None else ""
+    name = f"la_{protocol}_{split}{method}{'_' + variant if variant else ''}_k{num_labeled}_seed{seed}"
     run_dir = os.path.relpath(os.path.join(runs_dir, name))  # records keep repository-relative paths
-    lists = split_lists(dataset_dir, list_file, train_cases, run_dir, labeled_cases)
+    lists = split_lists(dataset_dir, list_file, train_cases, run_dir, labeled_cases, test_cases)
     configs = method_configs(method, protocol)
     train_overrides = run_settings(configs, dataset_dir, run_dir, num_labeled, seed, overrides)
     log_path = os.path.join(run_dir, "benchmark.log")
@@ -446,6 +469,7 @@ def accuracy(
         "protocol": protocol,
         "num_labeled": num_labeled,
         "split": f"train: first {train_cases} of {list_file} ({num_labeled} labeled); test: the remaining cases",
+        "evaluation": "test",
         "test_cases": open(lists["test"]).read().split(),
         "command": display_command(train_command),
         "commit": train_info["commit"],
@@ -456,6 +480,11 @@ def accuracy(
         "notes": notes or train_info.get("notes", ""),
         **read_metrics(eval_dir),
     }
+    if test_cases is not None:
+        record["evaluation"] = "validation"
+        record["split"] = (
+            f"train: first {train_cases} of {list_file} ({num_labeled} labeled); validation: the next {test_cases}"
+        )
     if labeled_cases is not None:
         record["labeled_cases"] = labeled_cases
         record["split"] = (
