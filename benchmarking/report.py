@@ -251,3 +251,100 @@ def write_figure(groups, keys: Sequence[GroupKey], compared: Dict[GroupKey, Dict
     plt.close(fig)
     os.replace(tmp, path)
     return path
+
+
+def validation_sections(records: Sequence[Tuple[str, Record]]) -> List[str]:
+    """Markdown lines of the validation runs (``accuracy`` records with ``"evaluation": "validation"``): per protocol,
+    K, method and split, each variant against the method's default (no variant) run, paired by seed and validation
+    case. These runs choose settings; the benchmark's test cases play no part in them."""
+    groups: Dict[Tuple[str, int, str, str], Dict[str, Dict[int, Tuple[str, Record]]]] = {}
+    for name, record in records:
+        key = (record["protocol"], record["num_labeled"], record["method"], record["split"])
+        groups.setdefault(key, {}).setdefault(record.get("variant", ""), {})[record["seed"]] = (name, record)
+    if not groups:
+        return []
+    lines = [
+        "## Choosing settings on a validation split",
+        "",
+        "Settings are chosen here, never on the test cases of the tables above: these runs train on the first 48",
+        "training cases (the first K labeled) and are scored on cases 48-59 of `train.list`, the last 12 of the",
+        "benchmark's 60 training cases (`python scripts/benchmark.py accuracy ... --train_cases 48 --test_cases 12",
+        "--results_dir docs/results/validation`). Each variant is compared with the method's default run, paired",
+        "by seed and validation case (95 % bootstrap interval over cases within seeds).",
+        "",
+    ]
+    for (protocol, k, method, split), variants in sorted(groups.items()):
+        lines += [
+            f"### {method}, K = {k}, `{protocol}` protocol ({split})",
+            "",
+            "| variant | overrides | seeds | Dice | Δ Dice vs default [95 % CI] | wins | verdict |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        default = variants.get("")
+        for variant, by_seed in sorted(variants.items()):
+            overrides = by_seed[min(by_seed)][1].get("overrides") or {}
+            cells = ", ".join(f"`{key} {value}`" for key, value in overrides.items()) or "– (default)"
+            result = None
+            if variant and default:
+                shared = sorted(set(by_seed) & set(default))
+                if shared:
+                    result = bootstrap_interval(
+                        paired_differences(per_case({s: by_seed[s] for s in shared}),
+                                           per_case({s: default[s] for s in shared}))  # fmt: skip
+                    )
+            wins = f"{result['wins']}/{result['cases']}" if result else "–"
+            lines.append(
+                f"| {variant or 'default'} | {cells} | {', '.join(map(str, sorted(by_seed)))} "
+                f"| {_seed_cell(by_seed, 'dice', 100)} | {format_interval(result, 100) if result else '–'} "
+                f"| {wins} | {verdict(result) if result else '–'} |"
+            )
+        lines += ["", "Records:", ""]
+        for variant, by_seed in sorted(variants.items()):
+            for seed, (name, r) in sorted(by_seed.items()):
+                lines += [f"- `validation/{name}`: commit {r['commit']}, {r['hardware']}, seed {seed}; command:",
+                          f"  `{r['command']}`"]  # fmt: skip
+                if r.get("notes"):
+                    lines.append(f"  Note: {r['notes']}")
+        lines.append("")
+    return lines
+
+
+def probe_sections(records: Sequence[Tuple[str, Record]]) -> List[str]:
+    """Markdown lines of the term probes (``term_probe`` records of ``scripts/probe_terms.py``): per record, each
+    term's weight at the probed iteration, its value, the norm of its weighted gradient relative to the supervised
+    one (``sup`` + ``cr``) and the cosine between them; then the pseudo-labels' Dice on unlabeled training crops."""
+    if not records:
+        return []
+    lines = [
+        "## What the unlabeled terms do: gradient probes",
+        "",
+        "`scripts/probe_terms.py` on a trained model's final checkpoint, on a few batches of 2 labeled + 2",
+        "unlabeled training crops: per loss term, its weight at the probed iteration (ramps applied), its value,",
+        "the norm of its weighted gradient relative to the supervised gradient (‖g‖ / ‖g_sup‖) and the cosine",
+        "between the two; then, on the unlabeled crops, the foreground Dice of the predictions each method learns",
+        "from (their labels are read for this diagnostic only). A term with a small relative norm barely moves",
+        "the weights; a cosine near 0 means it pushes in a direction the labeled data do not.",
+        "",
+    ]
+    for name, r in records:
+        lines += [
+            f"### {r['method']}, K = {r.get('num_labeled', '–')}, iteration {r['iteration']} (`{name}`)",
+            "",
+            "| term | weight | value | ‖g‖ / ‖g_sup‖ | cosine with g_sup |",
+            "|---|---|---|---|---|",
+        ]
+        for term, row in r["terms"].items():
+            lines.append(f"| {term} | {row['weight']:.3g} | {row['value']:.4f} | {row['norm']:.3f} "
+                         f"| {row['cosine']:.3f} |")  # fmt: skip
+        dice = {key[len("dice_"):]: value for key, value in r["unlabeled_pseudo_labels"].items()
+                if key.startswith("dice_")}  # fmt: skip
+        lines += [
+            "",
+            "Pseudo-label Dice on the unlabeled crops: "
+            + ", ".join(f"{source} {value:.3f}" for source, value in dice.items())
+            + f" (foreground truth {r['unlabeled_pseudo_labels']['fg_truth']:.3f} of the voxels).",
+            "",
+            f"Commit {r['commit']}, {r['hardware']}; command: `{r['command']}`",
+            "",
+        ]
+    return lines

@@ -16,14 +16,14 @@ import shlex
 import subprocess
 import sys
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from ignite.engine import Events
 from monai.bundle import ConfigParser
 from monai.inferers import SlidingWindowInferer
 
-from benchmarking.report import accuracy_sections
+from benchmarking.report import accuracy_sections, probe_sections, validation_sections
 from bundle.config_check import method_parameters
 from bundle.inference import strides_to_overlap
 from bundle.network_optimization import optimize_for_inference
@@ -645,14 +645,20 @@ def inference_memory(
     return write_json(record, results_dir, f"memory_{device}_{shape_name}")
 
 
-def report(results_dir: str = "docs/results", output: str = "docs/RESULTS.md", figure_dir: str = "docs/figures") -> str:
-    """Generate ``docs/RESULTS.md`` and its figures (``figure_dir``) from every JSON record in ``results_dir`` (never
-    edit them by hand)."""
+def read_records(results_dir: str) -> List[Tuple[str, Dict[str, Any]]]:
+    """``(file name, record)`` of every JSON file directly in ``results_dir`` (none when it does not exist)."""
     records = []
     for name in sorted(os.listdir(results_dir)) if os.path.isdir(results_dir) else []:
         if name.endswith(".json"):
             with open(os.path.join(results_dir, name)) as handle:
                 records.append((name, json.load(handle)))
+    return records
+
+
+def report(results_dir: str = "docs/results", output: str = "docs/RESULTS.md", figure_dir: str = "docs/figures") -> str:
+    """Generate ``docs/RESULTS.md`` and its figures (``figure_dir``) from every JSON record in ``results_dir`` (never
+    edit them by hand)."""
+    records = read_records(results_dir)
     lines = [
         "# Results",
         "",
@@ -669,7 +675,9 @@ def report(results_dir: str = "docs/results", output: str = "docs/RESULTS.md", f
         "or `below` only when the interval excludes 0.",
         "",
     ]
-    accuracy_records = [(n, r) for n, r in records if r.get("kind") == "accuracy"]
+    accuracy_records = [
+        (n, r) for n, r in records if r.get("kind") == "accuracy" and r.get("evaluation") != "validation"
+    ]
     targets = [target for _, r in records if r.get("kind") == "targets" for target in r["targets"]]
     lines += accuracy_sections(accuracy_records, figure_dir, os.path.dirname(output) or ".", targets)
     from benchmarking.rank_payoff import payoff_sections  # it imports this module's runner
@@ -679,6 +687,9 @@ def report(results_dir: str = "docs/results", output: str = "docs/RESULTS.md", f
 
     agreements = [(n, r) for n, r in records if r.get("kind") == "precision_agreement"]
     lines += precision_sections(accuracy_records, agreements)
+    lines += probe_sections([(n, r) for n, r in records if r.get("kind") == "term_probe"])
+    validation = read_records(os.path.join(results_dir, "validation"))
+    lines += validation_sections([(n, r) for n, r in validation if r.get("evaluation") == "validation"])
     speed_records = [(n, r) for n, r in records if r.get("kind") == "speed"]
     if speed_records:
         figures = "; ".join(

@@ -5,14 +5,16 @@ A few batches decide what deserves a full training run. Run from the bundle root
 
     python scripts/probe_terms.py --dataset_dir /path/to/LA \
         --checkpoint runs/benchmark/la_cpu_dual_journal_k8_seed1337/checkpoints/checkpoint_iteration=250.pt \
-        --iteration 250 --output runs/probe_dual_journal_250.json
+        --iteration 250 --output docs/results/term_probe_dual_journal_k8_seed1337_it250.json
+
+``--output`` writes a record (kind ``term_probe``: the numbers, the command, commit and machine) that
+``python scripts/benchmark.py report`` turns into a table of ``docs/RESULTS.md`` when it lies in ``docs/results``.
 
 The unlabeled cases' labels are read for the diagnostics only (pseudo-label Dice and foreground fractions); they
 never reach a loss. The cases come from the benchmark's training part (the first ``train_cases`` of the list), never
 from its test part.
 """
 
-import json
 import os
 import sys
 from typing import Any, Dict, List
@@ -22,7 +24,15 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarking.runs import method_configs, parse_bundle, protocol_overrides  # noqa: E402
+from benchmarking.runs import (  # noqa: E402
+    display_command,
+    git_commit,
+    hardware,
+    method_configs,
+    parse_bundle,
+    protocol_overrides,
+    write_json,
+)
 from bundle.data import la_items, read_case_list  # noqa: E402
 from bundle.losses.reliability import entropy_uncertain, union_pseudo_label  # noqa: E402
 from bundle.transforms import training_transforms  # noqa: E402
@@ -103,6 +113,11 @@ def probe(
     unlabeled = crops(la_items(dataset_dir, cases[num_labeled:]), patch, resample, 2 * batches, seed + 1)
     params = list(model.trainable_parameters())
     weights = model.term_weights(iteration)
+    if "sup" not in weights:
+        raise SystemExit(
+            f"Cannot probe {method}: its loss has no separate supervised term ('sup'; terms {sorted(weights)}), "
+            "which the probe measures every term against (e.g. BCP mixes labeled and unlabeled voxels in each term)."
+        )
     sums: Dict[str, Dict[str, float]] = {}
     labels: Dict[str, float] = {}
     for b in range(batches):
@@ -123,13 +138,13 @@ def probe(
             stats = pseudo_label_stats(model, x_u, y_u)
         for key, value in stats.items():
             labels[key] = labels.get(key, 0.0) + value / batches
-    result = {"method": method, "checkpoint": checkpoint, "iteration": iteration, "batches": batches,
-              "terms": sums, "unlabeled_pseudo_labels": labels}  # fmt: skip
+    result = {"kind": "term_probe", "method": method, "num_labeled": num_labeled,
+              "checkpoint": os.path.relpath(checkpoint) if checkpoint else "", "iteration": iteration,
+              "batches": batches, "terms": sums, "unlabeled_pseudo_labels": labels,
+              "command": display_command([sys.executable] + sys.argv), "commit": git_commit(),
+              "hardware": hardware()}  # fmt: skip
     if output:
-        os.makedirs(os.path.dirname(output) or ".", exist_ok=True)
-        with open(output + ".tmp", "w") as handle:
-            json.dump(result, handle, indent=4)
-        os.replace(output + ".tmp", output)
+        write_json(result, os.path.dirname(output) or ".", os.path.splitext(os.path.basename(output))[0])
     return result
 
 

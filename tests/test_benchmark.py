@@ -225,3 +225,52 @@ def test_speed_probes_run_on_a_tiny_network():
     assert result["seconds_per_volume"] > 0 and result["peak_rss_gib"] > 0
     with pytest.raises(RuntimeError, match="time_inference probe failed (?s:.*)strides \\[8\\] differ in length"):
         run_isolated("time_inference", config_files=configs, overrides=tiny, volume_shape=[20, 18, 16], strides=[8])
+
+
+def test_a_validation_split_stays_within_the_first_60_cases(tmp_path):
+    cases = [f"case{i:02d}" for i in range(80)]
+    (tmp_path / "train.list").write_text("\n".join(cases) + "\n")
+    paths = split_lists(str(tmp_path), "train.list", 48, str(tmp_path / "val"), test_cases=12)
+    assert open(paths["train"]).read().split() == cases[:48]
+    assert open(paths["test"]).read().split() == cases[48:60]  # never one of the benchmark's test cases 60..79
+    for train_cases, test_cases in ((48, 13), (60, 1), (48, 0)):
+        with pytest.raises(ValueError, match="must hold at least one case and stay within the first 60"):
+            split_lists(str(tmp_path), "train.list", train_cases, str(tmp_path / "bad"), test_cases=test_cases)
+
+
+def test_ablation_overrides_win_over_the_protocols_method_arguments():
+    from benchmarking.runs import method_configs, run_settings
+
+    configs = method_configs("dual_journal", "cpu")
+    assert run_settings(configs, "d", "r", 8, 1, {})["method#rampup_iters"] == 250  # the protocol's ramp
+    assert run_settings(configs, "d", "r", 8, 1, {"method#rampup_iters": 0})["method#rampup_iters"] == 0
+
+
+def test_report_compares_validation_variants_with_the_default_in_their_own_section(tmp_path):
+    results = tmp_path / "results"
+    for variant, dice in (("", 0.80), ("unramped", 0.78)):
+        record = _accuracy_record("dual_journal", dice, 1, variant)
+        record.update(evaluation="validation", split="train: first 48 (8 labeled); validation: the next 12",
+                      overrides={"method#rampup_iters": 0} if variant else {})  # fmt: skip
+        record["per_case"] = record["per_case"][:12]
+        write_json(record, str(results / "validation"), f"la_cpu_val48_dual_journal_{variant}_k8_seed1")
+    write_json(_accuracy_record("supervised", 0.70, 1), str(results), "la_cpu_supervised_k8_seed1")
+    text = open(report(str(results), str(tmp_path / "RESULTS.md"), None)).read()
+    section = text[text.index("## Choosing settings on a validation split") :]
+    assert "### dual_journal, K = 8, `cpu` protocol (train: first 48 (8 labeled); validation: the next 12)" in section
+    assert _row(section, "unramped")[1:] == ["`method#rampup_iters 0`", "1", "78.00 ± 0.00", "-2.00 [-2.00, -2.00]",
+                                             "0/12", "below"]  # fmt: skip
+    assert _row(section, "default")[4:] == ["–", "–", "–"]
+    assert "dual_journal [unramped]" not in text[: text.index("## Choosing")]  # never mixed into the test tables
+
+
+def test_report_tabulates_term_probes(tmp_path):
+    probe = {"kind": "term_probe", "method": "mean_teacher", "num_labeled": 8, "iteration": 1000,
+             "terms": {"sup": {"weight": 1.0, "value": 0.08, "norm": 1.0, "cosine": 1.0},
+                       "cons": {"weight": 0.1, "value": 0.015, "norm": 0.066, "cosine": 0.136}},
+             "unlabeled_pseudo_labels": {"fg_truth": 0.2, "dice_student": 0.704, "dice_teacher": 0.783},
+             "command": "python scripts/probe_terms.py", "commit": "abc1234", "hardware": "test cpu"}  # fmt: skip
+    write_json(probe, str(tmp_path / "results"), "term_probe_mean_teacher")
+    text = open(report(str(tmp_path / "results"), str(tmp_path / "RESULTS.md"), None)).read()
+    assert _row(text, "cons") == ["cons", "0.1", "0.0150", "0.066", "0.136"]
+    assert "Pseudo-label Dice on the unlabeled crops: student 0.704, teacher 0.783 (foreground truth 0.200" in text

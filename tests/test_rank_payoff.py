@@ -124,3 +124,33 @@ def test_arms_split_between_processes_share_one_manifest(tmp_path, monkeypatch):
     assert manifest["ranking"] == ranking and len(manifest["random_draws"]) == 2
     with pytest.raises(ValueError, match="choose among"):
         rank_payoff.payoff(**common, arms="everything")
+    with pytest.raises(ValueError, match="draws \\[2\\]: choose among 0..1"):
+        rank_payoff.payoff(**common, arms="random", draws=[2])
+
+
+def test_draws_are_shared_between_processes_and_the_standard_base_run_is_reused(tmp_path, monkeypatch):
+    import benchmarking.rank_payoff as rank_payoff
+
+    cases = [f"case{i:02d}" for i in range(14)]
+    (tmp_path / "train.list").write_text("\n".join(cases) + "\n")
+    trained = []
+
+    def fake_accuracy(num_labeled, seed, results_dir, variant, labeled_cases, **_):
+        trained.append(variant)
+        record = {"kind": "accuracy", "config": {"model_dir": "m"}}
+        return write_json(record, results_dir, f"la_cpu_dual_journal_{variant}_k{num_labeled}_seed{seed}")
+
+    monkeypatch.setattr(rank_payoff, "accuracy", fake_accuracy)
+    monkeypatch.setattr(rank_payoff, "rank_pool", lambda *args: {"rows": [{"scan": c} for c in cases[4:10]]})
+    results = tmp_path / "results"
+    write_json({"kind": "accuracy", "config": {"model_dir": "m"}}, str(results), "la_cpu_dual_journal_k4_seed1337")
+    common = dict(dataset_dir=str(tmp_path), train_cases=10, random_draws=3, results_dir=str(results),
+                  runs_dir=str(tmp_path / "runs"))  # fmt: skip
+    [manifest_path] = rank_payoff.payoff(**common, arms="random", draws=[2])
+    rank_payoff.payoff(**common, arms="random", draws=[0, 1])
+    assert trained == ["random4_draw2", "random4_draw0", "random4_draw1"]
+    rank_payoff.payoff(**common, arms="ranked")
+    assert trained[3:] == ["rank_top4"]  # the standard K = 4 run is the base: not trained again
+    manifest = json.load(open(manifest_path))
+    assert manifest["arms"]["base"] == os.path.relpath(results / "la_cpu_dual_journal_k4_seed1337.json")
+    assert sorted(manifest["arms"]) == ["base", "random_draw0", "random_draw1", "random_draw2", "ranked"]
