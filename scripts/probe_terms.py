@@ -107,6 +107,7 @@ def probe(
     if checkpoint:
         model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["method"])
     model.train()
+    torch.manual_seed(seed)  # dropout and the teachers' input noise: the same draws in every run
     cases = read_case_list(os.path.join(dataset_dir, "train.list"))[:train_cases]
     patch, resample = list(parser["patch_size"]), float(parser["resample_factor"])
     labeled = crops(la_items(dataset_dir, cases[:num_labeled]), patch, resample, 2 * batches, seed)
