@@ -88,6 +88,13 @@ def verdict(result: Dict[str, Any]) -> str:
     return "above" if result["low"] > 0 else "below"
 
 
+def record_lines(name: str, record: Record) -> List[str]:
+    """The lines that name an accuracy record: commit, hardware, seed, the command to rerun it and its notes."""
+    lines = [f"- `{name}`: commit {record['commit']}, {record['hardware']}, seed {record['seed']}; command:",
+             f"  `{record['command']}`"]  # fmt: skip
+    return lines + ([f"  Note: {record['notes']}"] if record.get("notes") else [])
+
+
 def accuracy_sections(
     records: Sequence[Tuple[str, Record]],
     figure_dir: Optional[str],
@@ -144,10 +151,7 @@ def accuracy_sections(
         lines += ["Records (commit, hardware, seed, command to rerun):", ""]
         for key in sorted(key for key in groups if key[0] == protocol):
             for seed, (name, r) in sorted(groups[key].items()):
-                lines += [f"- `{name}`: commit {r['commit']}, {r['hardware']}, seed {seed}; command:",
-                          f"  `{r['command']}`"]  # fmt: skip
-                if r.get("notes"):
-                    lines.append(f"  Note: {r['notes']}")
+                lines += record_lines(name, r)
         lines.append("")
     return lines
 
@@ -301,10 +305,7 @@ def validation_sections(records: Sequence[Tuple[str, Record]]) -> List[str]:
         lines += ["", "Records:", ""]
         for variant, by_seed in sorted(variants.items()):
             for seed, (name, r) in sorted(by_seed.items()):
-                lines += [f"- `validation/{name}`: commit {r['commit']}, {r['hardware']}, seed {seed}; command:",
-                          f"  `{r['command']}`"]  # fmt: skip
-                if r.get("notes"):
-                    lines.append(f"  Note: {r['notes']}")
+                lines += record_lines(f"validation/{name}", r)
         lines.append("")
     return lines
 
