@@ -162,7 +162,8 @@ def target_lines(targets: Sequence[Record], protocol: str, k: int, compared: Dic
 
     A target (``docs/results/targets.json``, kind ``targets``, list ``targets``) names ``protocol``, ``k``,
     ``methods``, ``min_delta`` (Dice points over the method's reference), ``interval_above_zero`` (the 95 % interval
-    must exclude 0 from above) and ``source`` (who set it). A method without runs is reported as not measured."""
+    must exclude 0 from above), ``source`` (who set it) and optionally ``why``: where the report shows what explains
+    a miss, printed after a missed target. A method without runs is reported as not measured."""
     lines = []
     by_method = {key[2]: result for key, result in compared.items() if not key[3]}
     for target in targets:
@@ -178,8 +179,9 @@ def target_lines(targets: Sequence[Record], protocol: str, k: int, compared: Dic
             met = result["mean"] * 100 >= target["min_delta"] and (
                 result["low"] > 0 or not target["interval_above_zero"]
             )
+            why = f" Why: {target['why']}" if not met and target.get("why") else ""
             lines.append(f"- Target ({target['source']}): {goal}: **{'met' if met else 'missed'}** "
-                         f"({format_interval(result, 100)} vs `{result['reference']}`).")  # fmt: skip
+                         f"({format_interval(result, 100)} vs `{result['reference']}`).{why}")  # fmt: skip
     return lines + [""] if lines else []
 
 

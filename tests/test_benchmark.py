@@ -161,7 +161,7 @@ def test_report_gives_the_share_of_the_gap_to_the_fully_labeled_run(tmp_path):
         {"protocol": "cpu", "k": 8, "methods": ["dual_journal"], "min_delta": 3.0, "interval_above_zero": True,
          "source": "issue A"},
         {"protocol": "cpu", "k": 8, "methods": ["dual_journal", "mean_teacher"], "min_delta": 6.0,
-         "interval_above_zero": False, "source": "issue B"},
+         "interval_above_zero": False, "source": "issue B", "why": "see the probes."},
         {"protocol": "cpu", "k": 4, "methods": ["dual_journal"], "min_delta": 0.0, "interval_above_zero": False,
          "source": "issue C"},
     ]  # fmt: skip
@@ -169,7 +169,9 @@ def test_report_gives_the_share_of_the_gap_to_the_fully_labeled_run(tmp_path):
     text = open(report(str(results), str(tmp_path / "RESULTS.md"), None)).read()
     assert ("- Target (issue A): `dual_journal` at least +3.00 Dice above its reference with the interval above 0: "
             "**met** (+5.00 [+5.00, +5.00] vs `supervised`).") in text  # fmt: skip
-    assert "- Target (issue B): `dual_journal` at least +6.00 Dice above its reference: **missed** (+5.00" in text
+    assert ("- Target (issue B): `dual_journal` at least +6.00 Dice above its reference: **missed** (+5.00 [+5.00, "
+            "+5.00] vs `supervised`). Why: see the probes.") in text  # fmt: skip
+    assert "**met** (+5.00 [+5.00, +5.00] vs `supervised`). Why" not in text  # only a miss is explained
     assert "- Target (issue B): `mean_teacher` at least +6.00 Dice above its reference: **not measured**." in text
     assert "issue C" not in text  # no K = 4 runs: no K = 4 section
     # reference at K = 8: 81.00; bound 91.00; dual_journal +5.00 -> 50 % of the 10-point gap
