@@ -289,6 +289,10 @@ def payoff_sections(manifests: Sequence[Tuple[str, Record]]) -> List[str]:
             if (arm, reference) == ("ranked", "random"):
                 outcome = {"above": "beat", "below": "do worse than", "not separable": "are not separable from"}
                 answer = f"uncertainty-chosen scans {outcome[verdict(result)]} random ones (Δ Dice {interval})."
+        planned = sum(len(m.get("random_draws", [])) for m in group)
+        measured = sum(arm.startswith("random_draw") for scores in by_seed.values() for arm in scores)
+        if measured < planned:
+            answer += f" The random arm has {measured} of its {planned} planned draws so far."
         lines += ["", f"**Answer:** {answer}", "", "Chosen cases and records:", ""]
         for manifest in sorted(group, key=lambda m: m["seed"]):
             ranking = manifest.get("ranking", {})
@@ -297,7 +301,8 @@ def payoff_sections(manifests: Sequence[Tuple[str, Record]]) -> List[str]:
             lines.append(f"- seed {manifest['seed']}: top-ranked {top or '–'}; ranking command: "
                          f"`{ranking.get('command', '–')}`")  # fmt: skip
             for draw, chosen in enumerate(manifest.get("random_draws", [])):
-                lines.append(f"  - random draw {draw}: {', '.join(chosen)}")
+                missing = "" if f"random_draw{draw}" in manifest.get("arms", {}) else " (not trained yet)"
+                lines.append(f"  - random draw {draw}: {', '.join(chosen)}{missing}")
             for arm, path in sorted(manifest.get("arms", {}).items()):
                 commit = _load(path)["commit"] if os.path.isfile(path) else "not found"
                 lines.append(f"  - {arm}: `{path}` (commit {commit})")

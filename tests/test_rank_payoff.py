@@ -93,7 +93,15 @@ def test_report_pairs_each_arm_by_seed_and_case(tmp_path, monkeypatch):
     assert "| + top-ranked − base (K₀ labeled) | +12.00 [+12.00, +12.00] | 20/20 | above |" in text
     assert "- seed 1: top-ranked w (disagreement 0.5000), x (disagreement 0.4000)" in text
     assert "  - ranked: `results/rank_payoff/ranked1.json` (commit abc1234)" in text
+    assert "planned draws so far" not in text and "(not trained yet)" not in text
     assert payoff_sections([]) == []
+    # one draw of seed 2 not trained yet: the answer and the list say so, the random arm averages the others
+    manifest = json.load(open(results / "rank_payoff_cpu_dual_journal_seed2.json"))
+    del manifest["arms"]["random_draw2"]
+    first_seed = json.load(open(results / "rank_payoff_cpu_dual_journal_seed1.json"))
+    text = "\n".join(payoff_sections([("a", first_seed), ("b", manifest)]))
+    assert "The random arm has 5 of its 6 planned draws so far." in text
+    assert "  - random draw 2: a (not trained yet)" in text
 
 
 def test_arms_split_between_processes_share_one_manifest(tmp_path, monkeypatch):
