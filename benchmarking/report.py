@@ -272,11 +272,12 @@ def validation_sections(records: Sequence[Tuple[str, Record]]) -> List[str]:
     lines = [
         "## Choosing settings on a validation split",
         "",
-        "Settings are chosen here, never on the test cases of the tables above: these runs train on the first 48",
-        "training cases (the first K labeled) and are scored on cases 48-59 of `train.list`, the last 12 of the",
-        "benchmark's 60 training cases (`python scripts/benchmark.py accuracy ... --train_cases 48 --test_cases 12",
-        "--results_dir docs/results/validation`). Each variant is compared with the method's default run, paired",
-        "by seed and validation case (95 % bootstrap interval over cases within seeds).",
+        "Settings are chosen here, never on the test cases of the tables above: these runs train on the first",
+        "training cases of `train.list` (the first K labeled) and are scored on the next ones, all within the",
+        "benchmark's 60 training cases; each table names its split (e.g. `python scripts/benchmark.py accuracy ...",
+        "--train_cases 48 --test_cases 12 --results_dir docs/results/validation` scores cases 48-59). Each variant",
+        "is compared with the method's default run, paired by seed and validation case (95 % bootstrap interval over",
+        "cases within seeds).",
         "",
     ]
     for (protocol, k, method, split), variants in sorted(groups.items()):
