@@ -3,6 +3,9 @@
 * :func:`agreement` (``python scripts/benchmark.py agreement --record docs/results/<accuracy record>.json``) scores
   one accuracy run's final model on its test cases once per precision (``--validate#precision``), keeping the
   predicted masks, and records the per-case Dice between the masks of the two precisions.
+* :func:`default_precision` (``python scripts/benchmark.py default_precision --seed 0``) trains the README's first
+  command (``configs/train.json`` on the embedded default data) once per precision with the same seed and scores
+  each final model in fp32 on the data's validation cases.
 * :func:`precision_sections` is the section of ``docs/RESULTS.md``: training in bf16 (the protocol's default)
   against the same runs trained with ``--variant fp32`` (same method, K and seeds; paired per case), and the mask
   agreement records.
@@ -21,6 +24,7 @@ from benchmarking.report import group_records, per_case
 from benchmarking.runs import (
     CONFIG_DIR,
     bundle_command,
+    display_command,
     git_commit,
     hardware,
     method_configs,
@@ -109,6 +113,60 @@ def agreement(record: str, precisions: Sequence[str] = ("fp32", "bf16"), results
         "per_case": rows,
     }
     return write_json(result, results_dir, f"precision_agreement_{name}")
+
+
+def default_precision(
+    seed: int = 0,
+    precisions: Sequence[str] = ("fp32", "bf16"),
+    results_dir: str = "docs/results",
+    runs_dir: str = "runs/benchmark",
+    notes: str = "",
+) -> str:
+    """Train the README's first command (``configs/train.json``, embedded default data) with ``--seed seed`` once
+    per training precision (``--train#trainer#precision``) and score each final ``model.pt`` in fp32 on the data's
+    validation cases (``configs/evaluate.json``), so that only the training precision differs. A finished training
+    (its ``train_info.json``) is reused. Writes ``<results_dir>/precision_default_seed<seed>.json`` (kind
+    ``precision_default``: per precision the per-case Dice, training seconds and command); returns its path."""
+    if len(precisions) < 2 or len(set(precisions)) != len(precisions):
+        raise ValueError(f"precisions {list(precisions)}: need two or more distinct precisions.")
+    configs = [f"{CONFIG_DIR}/train.json"]
+    runs: Dict[str, Record] = {}
+    for precision in precisions:
+        run_dir = os.path.relpath(os.path.join(runs_dir, f"default_{precision}_seed{seed}"))
+        settings = {"seed": seed, "train#trainer#precision": precision, "output_dir": run_dir,
+                    "model_dir": os.path.join(run_dir, "models")}  # fmt: skip
+        train_command = bundle_command("training", configs, settings)
+        info_path = os.path.join(run_dir, "train_info.json")
+        if not os.path.isfile(info_path):
+            os.makedirs(run_dir, exist_ok=True)
+            commit = git_commit()  # taken before training, as HEAD may move during the run
+            seconds = run_logged(train_command, os.path.join(run_dir, "benchmark.log"))
+            write_json({"train_seconds": seconds, "hardware": hardware(), "commit": commit}, run_dir, "train_info")
+        with open(info_path) as handle:
+            info = json.load(handle)
+        eval_dir = os.path.join(run_dir, "eval")
+        eval_settings = {**settings, "output_dir": eval_dir, "validate#precision": "fp32"}
+        run_logged(bundle_command("run", configs + [f"{CONFIG_DIR}/evaluate.json"], eval_settings),
+                   os.path.join(run_dir, "benchmark.log"))  # fmt: skip
+        metrics = read_metrics(eval_dir)
+        runs[precision] = {
+            "command": display_command(train_command),
+            "commit": info["commit"],
+            "hardware": info["hardware"],
+            "train_seconds": info["train_seconds"],
+            "summary": metrics["summary"],
+            "dice": {row["case"]: row["dice"] for row in metrics["per_case"]},
+        }
+    record = {
+        "kind": "precision_default",
+        "seed": seed,
+        "precisions": list(precisions),
+        "evaluation": "the embedded data's validation cases, final weights, scored in fp32",
+        "command": f"python scripts/benchmark.py default_precision --seed {seed}",
+        "notes": notes,
+        "runs": runs,
+    }
+    return write_json(record, results_dir, f"precision_default_seed{seed}")
 
 
 def precision_sections(accuracy: Sequence[Tuple[str, Record]], agreements: Sequence[Tuple[str, Record]]) -> List[str]:

@@ -6,6 +6,7 @@ Run from the bundle root, e.g.::
     python scripts/benchmark.py speed --patch "[64,64,32]"
     python scripts/benchmark.py memory --volume "[512,512,300]"
     python scripts/benchmark.py agreement --record docs/results/la_cpu_dual_journal_k8_seed1337.json
+    python scripts/benchmark.py default_precision --seed 0
     python scripts/benchmark.py report
 """
 
@@ -16,10 +17,17 @@ import fire
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarking.precision import agreement  # noqa: E402
+from benchmarking.precision import agreement, default_precision  # noqa: E402
 from benchmarking.runs import accuracy, inference_memory, report, speed  # noqa: E402
 
 if __name__ == "__main__":
     fire.Fire(
-        {"accuracy": accuracy, "speed": speed, "memory": inference_memory, "report": report, "agreement": agreement}
+        {
+            "accuracy": accuracy,
+            "speed": speed,
+            "memory": inference_memory,
+            "report": report,
+            "agreement": agreement,
+            "default_precision": default_precision,
+        }
     )
