@@ -169,13 +169,17 @@ def default_precision(
     return write_json(record, results_dir, f"precision_default_seed{seed}")
 
 
-def precision_sections(accuracy: Sequence[Tuple[str, Record]], agreements: Sequence[Tuple[str, Record]]) -> List[str]:
-    """Markdown lines: bf16-trained runs against their ``fp32`` variant (paired per seed and case), and the mask
-    agreement records. Empty when there is neither."""
+def precision_sections(
+    accuracy: Sequence[Tuple[str, Record]],
+    agreements: Sequence[Tuple[str, Record]],
+    defaults: Sequence[Tuple[str, Record]] = (),
+) -> List[str]:
+    """Markdown lines: bf16-trained runs against their ``fp32`` variant (paired per seed and case), the embedded
+    default's pairs (:func:`default_precision` records) and the mask agreement records. Empty when there is none."""
     groups = group_records(accuracy)
     pairs = [(key, (key[0], key[1], key[2], "")) for key in groups if key[3] == "fp32"]
     pairs = [(fp32, default) for fp32, default in pairs if default in groups]
-    if not pairs and not agreements:
+    if not pairs and not agreements and not defaults:
         return []
     lines = [
         "## Precision: bf16 against fp32",
@@ -206,6 +210,7 @@ def precision_sections(accuracy: Sequence[Tuple[str, Record]], agreements: Seque
             lines.append(f"| {fp32_key[0]} | {fp32_key[1]} | {fp32_key[2]} | {', '.join(map(str, seeds))} "
                          f"| {cells[0]} | {cells[1]} | {format_interval(result, 100)} | {verdict} |")  # fmt: skip
         lines.append("")
+    lines += default_lines(defaults)
     if agreements:
         lines += ["| record | model | precisions | min mask Dice (case) | mean mask Dice | Dice vs label "
                   "| seconds for the 20 cases |", "|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -225,4 +230,44 @@ def precision_sections(accuracy: Sequence[Tuple[str, Record]], agreements: Seque
             lines.append(f"- `{name}`: commit {r['commit']} (model trained at {r['model_commit']}), {r['hardware']};"
                          f" command: `{r['command']}`")  # fmt: skip
         lines.append("")
+    return lines
+
+
+def default_lines(defaults: Sequence[Tuple[str, Record]]) -> List[str]:
+    """Markdown lines for :func:`default_precision` records: per pair of precisions (the record's first against each
+    other), the seeds' mean validation Dice and the difference paired per seed and case. Empty without records."""
+    if not defaults:
+        return []
+    reference = defaults[0][1]["precisions"][0]
+    others = defaults[0][1]["precisions"][1:]
+    lines = [
+        "The README's first command (`configs/train.json`, embedded default data) trained once per precision with",
+        "the same seed (`python scripts/benchmark.py default_precision --seed S`), each final model scored in fp32",
+        "on the data's validation cases; Δ Dice is paired per seed and validation case:",
+        "",
+        "| training | seeds | precisions | Dice | Δ Dice [95 % CI] | verdict | mean train seconds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for other in others:
+        runs = {r["seed"]: r["runs"] for _, r in defaults if other in r["runs"] and reference in r["runs"]}
+        seeds = sorted(runs)
+        scores = {p: {s: runs[s][p]["dice"] for s in seeds} for p in (other, reference)}
+        result = bootstrap_interval(paired_differences(scores[other], scores[reference]))
+        cells = []
+        for p in (other, reference):
+            summary = seed_summary([100 * float(np.mean(list(scores[p][s].values()))) for s in seeds])
+            cells.append(f"{summary['mean']:.2f} ± {summary['sd']:.2f}")
+        seconds = ", ".join(
+            f"{p} {np.mean([runs[s][p]['train_seconds'] for s in seeds]):.0f}" for p in (other, reference)
+        )
+        verdict = "equal within the interval" if result["low"] <= 0 <= result["high"] else "differ"
+        lines.append(f"| embedded default | {', '.join(map(str, seeds))} | {other} − {reference} "
+                     f"| {other} {cells[0]}, {reference} {cells[1]} | {format_interval(result, 100)} | {verdict} "
+                     f"| {seconds} |")  # fmt: skip
+    lines.append("")
+    for name, r in defaults:
+        first = r["runs"][r["precisions"][0]]
+        lines.append(f"- `{name}`: commit {first['commit']}, {first['hardware']}; command: `{r['command']}`"
+                     + (f"; {r['notes']}" if r.get("notes") else ""))  # fmt: skip
+    lines.append("")
     return lines

@@ -686,7 +686,8 @@ def report(results_dir: str = "docs/results", output: str = "docs/RESULTS.md", f
     from benchmarking.precision import precision_sections  # it imports this module's runner
 
     agreements = [(n, r) for n, r in records if r.get("kind") == "precision_agreement"]
-    lines += precision_sections(accuracy_records, agreements)
+    defaults = [(n, r) for n, r in records if r.get("kind") == "precision_default"]
+    lines += precision_sections(accuracy_records, agreements, defaults)
     lines += probe_sections([(n, r) for n, r in records if r.get("kind") == "term_probe"])
     validation = read_records(os.path.join(results_dir, "validation"))
     lines += validation_sections([(n, r) for n, r in validation if r.get("evaluation") == "validation"])

@@ -76,3 +76,34 @@ def test_agreement_rows_name_the_worst_case():
     row = next(line for line in lines if line.startswith("| `precision_agreement_r.json`"))
     assert "| bf16 vs fp32 | 0.9960 (b) | 0.9975 | fp32 87.50, bf16 87.40 | fp32 300, bf16 120 |" in row
     assert precision_sections([_accuracy("supervised", "", 1, [0.5])], []) == []
+
+
+def _default(seed, fp32, bf16, notes=""):
+    run = {"commit": "abc1234", "hardware": "test CPU", "command": "python -m monai.bundle run training ..."}
+    return (
+        f"precision_default_seed{seed}.json",
+        {
+            "kind": "precision_default",
+            "seed": seed,
+            "precisions": ["fp32", "bf16"],
+            "command": f"python scripts/benchmark.py default_precision --seed {seed}",
+            "notes": notes,
+            "runs": {
+                "fp32": {**run, "train_seconds": 100.0, "dice": dict(zip("ab", fp32))},
+                "bf16": {**run, "train_seconds": 50.0 + 2 * seed, "dice": dict(zip("ab", bf16))},
+            },
+        },
+    )
+
+
+def test_embedded_default_pairs_bf16_with_fp32_per_seed_and_case():
+    defaults = [_default(0, [0.90, 0.80], [0.92, 0.80]), _default(1, [0.90, 0.90], [0.90, 0.86], "shared machine")]
+    lines = precision_sections([], [], defaults)
+    row = next(line for line in lines if line.startswith("| embedded default |"))
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    assert cells[1:4] == ["0, 1", "bf16 − fp32", "bf16 87.00 ± 1.41, fp32 87.50 ± 3.54"]  # seed means 86/88, 85/90
+    # seed 0: +2, 0 -> +1; seed 1: 0, -4 -> -2; mean over seeds -0.5
+    assert cells[4].startswith("-0.50 [")
+    assert cells[5] == "equal within the interval"
+    assert cells[6] == "bf16 51, fp32 100"  # train seconds averaged over the seeds (50 and 52)
+    assert any("precision_default_seed1.json" in line and "shared machine" in line for line in lines)
