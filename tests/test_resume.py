@@ -18,7 +18,14 @@ from bundle.checks import check_resume_file
 from bundle.handlers import ResumeLoader, SaveStateDictOnCompletion
 from bundle.synthetic import ensure_synthetic_dataset
 from tests.conftest import REPO_ROOT
-from tests.test_training import make_workflow, run_workflow, tiny_dataset, tiny_overrides  # noqa: F401
+from tests.test_training import (  # noqa: F401
+    flatten_state,
+    make_workflow,
+    run_workflow,
+    same_value,
+    tiny_dataset,
+    tiny_overrides,
+)
 
 #: labeled items and batch sizes per preset: the labeled pass is 2 iterations long (BCP halves its batches, and
 #: BatchNorm needs 2 samples), so an odd k is mid-pass; the unlabeled pass is 6 (dual) or 2 (BCP) iterations.
@@ -67,23 +74,11 @@ def _final_state(out):
 
 def _assert_identical(resumed, reference):
     for name in ("method", "optimizer", "lr_scheduler"):
-        flat_a, flat_b = _flatten(resumed[name]), _flatten(reference[name])
+        flat_a, flat_b = flatten_state(resumed[name]), flatten_state(reference[name])
         assert flat_a.keys() == flat_b.keys()
-        different = [k for k in flat_a if not _same(flat_a[k], flat_b[k])]
+        different = [k for k in flat_a if not same_value(flat_a[k], flat_b[k])]
         assert different == [], f"{name}: {different[:5]} differ"
     assert resumed["trainer"]["iteration"] == reference["trainer"]["iteration"]
-
-
-def _same(a, b):
-    return torch.equal(a, b) if torch.is_tensor(a) and torch.is_tensor(b) else a == b
-
-
-def _flatten(state, prefix=""):
-    if isinstance(state, dict):
-        return {k: v for key, value in state.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
-    if isinstance(state, (list, tuple)) and not all(isinstance(v, (int, float)) for v in state):
-        return {k: v for i, value in enumerate(state) for k, v in _flatten(value, f"{prefix}{i}.").items()}
-    return {prefix: state}
 
 
 def _full_run(dataset, full, preset):

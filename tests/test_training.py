@@ -8,6 +8,7 @@ import pytest
 import torch
 from ignite.engine import Events
 from monai.bundle import ConfigWorkflow
+from monai.engines.utils import IterationEvents
 
 from bundle.synthetic import ensure_synthetic_dataset
 from tests.conftest import REPO_ROOT
@@ -181,6 +182,48 @@ def test_cpu_allocator_cache_is_opt_in(tiny_dataset, tmp_path, monkeypatch, cach
     workflow.initialize()
     workflow.parser.get_parsed_content("train#trainer")
     assert calls == ([True] if cache else [])
+
+
+@pytest.mark.parametrize("preset", ["dual_journal", "mean_teacher"])
+def test_gradients_freed_after_each_step_give_identical_weights(preset, tiny_dataset, tmp_path):
+    """The trainer frees gradients before each forward (``optim_set_to_none``, default ``True``) instead of zeroing
+    them in place: the same weights, BatchNorm statistics and optimizer state (EMA teacher too), and no gradient
+    held during the forward."""
+    states, held = {}, {}
+    for free in (True, False):
+        overrides = tiny_overrides(tiny_dataset, tmp_path / str(free), max_iterations=3)
+        if not free:
+            overrides["train#trainer#optim_set_to_none"] = False
+        workflow = make_workflow(["train.json", f"methods/{preset}.json"], overrides)
+        workflow.initialize()
+        trainer = workflow.parser.get_parsed_content("train#trainer")
+        assert trainer.optim_set_to_none is free
+        trainer.add_event_handler(
+            IterationEvents.FORWARD_COMPLETED,
+            lambda engine: held.setdefault(free, []).append(
+                sum(p.grad is not None for p in engine.method.trainable_parameters())
+            ),
+        )
+        workflow.run()
+        workflow.finalize()
+        states[free] = torch.load(tmp_path / str(free) / "checkpoints" / "checkpoint_final.pt", weights_only=True)
+    assert held[True] == [0, 0, 0] and held[False][1] > 0
+    for name in ("method", "optimizer"):
+        flat_a, flat_b = flatten_state(states[True][name]), flatten_state(states[False][name])
+        assert flat_a.keys() == flat_b.keys()
+        assert [k for k in flat_a if not same_value(flat_a[k], flat_b[k])] == []
+
+
+def flatten_state(state, prefix=""):
+    if isinstance(state, dict):
+        return {k: v for key, value in state.items() for k, v in flatten_state(value, f"{prefix}{key}.").items()}
+    if isinstance(state, (list, tuple)) and not all(isinstance(v, (int, float)) for v in state):
+        return {k: v for i, value in enumerate(state) for k, v in flatten_state(value, f"{prefix}{i}.").items()}
+    return {prefix: state}
+
+
+def same_value(a, b):
+    return torch.equal(a, b) if torch.is_tensor(a) and torch.is_tensor(b) else a == b
 
 
 def test_console_shows_each_term_and_training_curves_are_written(tiny_dataset, tmp_path, capfd):
