@@ -740,6 +740,9 @@ def report(results_dir: str = "docs/results", output: str = "docs/RESULTS.md", f
             note = f" ({r['reference_note']})" if r.get("reference_note") else ""
             lines.append(f"- `{name}`: commit {r['commit']}, {r['hardware']}; command: `{r['command']}`{note}")
         lines.append("")
+    from benchmarking.conv_profile import conv_profile_sections  # it imports this module's runner
+
+    lines += conv_profile_sections([(n, r) for n, r in records if r.get("kind") == "conv_profile"])
     memory_records = [(n, r) for n, r in records if r.get("kind") == "memory"]
     if memory_records:
         lines += [
