@@ -557,8 +557,8 @@ def speed(
     is measured on the same machine state. ``reference_json``: the output of
     ``../shared/tools/reference_bench/bench_reference.py`` timed on this machine just before (the authors' code in
     the same run), used as the reference instead of the stored figures for the CPU model. Writes
-    ``speed_<device>_<cpu model>_<method>.json`` with the CPU model, its bf16/AMX flags, the precision of every row
-    and the authors' figures (``reference``, null with a ``reference_note`` when there are none)."""
+    ``speed_<device>_<cpu model>_<method>_<commit>.json`` with the CPU model, its bf16/AMX flags, the precision of
+    every row and the authors' figures (``reference``, null with a ``reference_note`` when there are none)."""
     same_run = same_run_reference(reference_json) if reference_json else None  # a bad file fails before timing
     configs = [f"{CONFIG_DIR}/train.json", f"{CONFIG_DIR}/methods/{method}.json"]
     device = "gpu" if torch.cuda.is_available() else "cpu"
@@ -601,7 +601,8 @@ def speed(
         record["reference_note"] = f"the authors' code has no figure for {cpu['model']} ({device}); time it with "
         record["reference_note"] += "../shared/tools/reference_bench on this machine to compare"
     slug = re.sub(r"[^a-z0-9]+", "_", cpu["model"].lower()).strip("_")
-    return write_json(record, results_dir, f"speed_{device}_{slug}_{method}")
+    # one record per commit: a later run (these VMs drift) never overwrites an earlier commit's measurement
+    return write_json(record, results_dir, f"speed_{device}_{slug}_{method}_{record['commit'][:7]}")
 
 
 def inference_memory(
