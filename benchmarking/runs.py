@@ -181,11 +181,11 @@ def time_inference(
     return result
 
 
-def run_isolated(kind: str, **kwargs: Any) -> Dict[str, Any]:
-    """Run one probe in a fresh Python process so its peak memory is its own."""
-    command = [sys.executable, "-c", "import json,sys; from benchmarking import runs as b; "
+def run_isolated(kind: str, module: str = "benchmarking.runs", **kwargs: Any) -> Dict[str, Any]:
+    """Run one probe, the function ``kind`` of ``module``, in a fresh Python process so its peak memory is its own."""
+    command = [sys.executable, "-c", "import importlib,json,sys; b=importlib.import_module(sys.argv[2]); "
                "a=json.loads(sys.argv[1]); print('RESULT'+json.dumps(getattr(b, a.pop('kind'))(**a)))",
-               json.dumps({"kind": kind, **kwargs})]  # fmt: skip
+               json.dumps({"kind": kind, **kwargs}), module]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode:
         raise RuntimeError(f"{kind} probe failed (exit {result.returncode}):\n{result.stderr[-3000:]}")
