@@ -178,7 +178,9 @@ def precision_sections(
     default's pairs (:func:`default_precision` records) and the mask agreement records. Empty when there is none."""
     groups = group_records(accuracy)
     pairs = [(key, (key[0], key[1], key[2], "")) for key in groups if key[3] == "fp32"]
-    pairs = [(fp32, default) for fp32, default in pairs if default in groups]
+    pairs = [
+        (fp32, default) for fp32, default in pairs if default in groups and set(groups[fp32]) & set(groups[default])
+    ]
     if not pairs and not agreements and not defaults:
         return []
     lines = [
