@@ -78,9 +78,14 @@ def _seed_cell(by_seed: Dict[int, Tuple[str, Record]], metric: str, scale: float
 
 
 def failure_cell(by_seed: Dict[int, Tuple[str, Record]]) -> str:
-    """``total/scored (per seed, ...)``: the test cases with Dice below :data:`FAILURE_DICE` summed over the seeds,
-    out of the seeds' scored cases, then per seed in seed order (no breakdown for one seed)."""
-    scores = per_case(by_seed)
+    """:func:`failure_count` of one row's records."""
+    return failure_count(per_case(by_seed))
+
+
+def failure_count(scores: Dict[int, Dict[str, float]]) -> str:
+    """``total/scored (per seed, ...)`` of ``{seed: {case: dice}}``: the test cases with Dice below
+    :data:`FAILURE_DICE` summed over the seeds, out of the seeds' scored cases, then per seed in seed order (no
+    breakdown for one seed)."""
     failed = failed_cases(scores, FAILURE_DICE)
     counts = [len(failed[seed]) for seed in sorted(failed)]
     cell = f"{sum(counts)}/{sum(len(values) for values in scores.values())}"

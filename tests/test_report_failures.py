@@ -138,3 +138,17 @@ def test_a_variant_row_is_paired_with_the_references_runs_of_the_same_variant(tm
     # the precision section pairs an fp32 row with its method's default runs only on common seeds (none for dycon)
     assert "| cpu | 8 | supervised_vnet | 1, 2, 3 | 70.00 ± 0.00 | 60.00 ± 0.00 | +10.00 [+10.00, +10.00]" in text
     assert "| cpu | 8 | dycon |" not in text
+
+
+def test_precision_rows_count_each_precisions_failures():
+    from benchmarking.precision import precision_sections
+
+    def record(variant, seed, dice):
+        per_case = [{"case": f"c{i}", "dice": value} for i, value in enumerate(dice)]
+        return f"{variant}{seed}.json", {"kind": "accuracy", "protocol": "cpu", "num_labeled": 8, "method": "dycon",
+                                         "variant": variant, "seed": seed, "per_case": per_case}  # fmt: skip
+
+    records = [record("", 1, [0.4, 0.9, 0.8]), record("fp32", 1, [0.45, 0.3, 0.8]),
+               record("", 2, [0.6, 0.9, 0.8]), record("fp32", 2, [0.7, 0.9, 0.49])]  # fmt: skip
+    row = next(line for line in precision_sections(records, []) if line.startswith("| cpu | 8 | dycon |"))
+    assert row.endswith("| bf16 1/6 (1, 0); fp32 3/6 (2, 1) |")
