@@ -258,11 +258,12 @@ def target_lines(targets: Sequence[Record], protocol: str, k: int, compared: Dic
     """Whether each target set for this protocol and K is met, from the paired comparisons of its methods.
 
     A target (``docs/results/targets.json``, kind ``targets``, list ``targets``) names ``protocol``, ``k``,
-    ``methods``, ``min_delta`` (Dice points over the method's reference), ``interval_above_zero`` (the 95 % interval
-    must exclude 0 from above), ``source`` (who set it) and optionally ``why``: where the report shows what explains
-    a miss, printed after a missed target. A method without runs is reported as not measured."""
+    ``methods`` (rows as the table labels them: ``ducisc`` for the default runs, ``ducisc [fp32]`` for a variant),
+    ``min_delta`` (Dice points over the row's reference), ``interval_above_zero`` (the 95 % interval must exclude 0
+    from above), ``source`` (who set it) and optionally ``why``: where the report shows what explains a miss, printed
+    after a missed target. A row without runs is reported as not measured."""
     lines = []
-    by_method = {key[2]: result for key, result in compared.items() if not key[3]}
+    by_method = {_label(key[2], key[3]): result for key, result in compared.items()}
     for target in targets:
         if target["protocol"] != protocol or target["k"] != k:
             continue

@@ -118,6 +118,9 @@ def test_a_variant_row_is_paired_with_the_references_runs_of_the_same_variant(tm
     _write(results, _record("ducisc", 1, {c: v + 0.50 for c, v in flat.items()}, k=4))  # no K = 4 reference
     bound = _record("supervised_vnet", 1, {c: v + 0.90 for c, v in flat.items()}, k=60)
     _write(results, bound)
+    targets = [{"protocol": "cpu", "k": 8, "methods": ["ducisc", "ducisc [fp32]"], "min_delta": 1.0,
+                "interval_above_zero": True, "source": "issue 31"}]  # fmt: skip
+    write_json({"kind": "targets", "targets": targets}, str(results), "targets")
     text = open(report(str(results), str(tmp_path / "RESULTS.md"), str(tmp_path / "figures"))).read()
     # DuCiSC and DyCON are single-V-Net methods: their reference is supervised_vnet, in their own precision variant
     assert _row(text, "ducisc [fp32]")[:4] == ["ducisc [fp32]", "1", "66.00", "0/20"]
@@ -128,6 +131,13 @@ def test_a_variant_row_is_paired_with_the_references_runs_of_the_same_variant(tm
     # a variant the reference was not run in is paired with the reference's default runs
     assert _row(text, "mean_teacher [unramped]")[7:9] == ["supervised_vnet", "+2.00 [+2.00, +2.00]"]
     assert _row(text, "dual_journal [fp32]")[7:9] == ["supervised", "+1.00 [+1.00, +1.00]"]  # no fp32 supervised
+    # a target names the row as the table does: the fp32 runs answer it where the default runs do not exist
+    goal = "at least +1.00 Dice above its reference with the interval above 0"
+    assert f"- Target (issue 31): `ducisc` {goal}: **not measured**." in text
+    assert (
+        f"- Target (issue 31): `ducisc [fp32]` {goal}: **met** (+6.00 [+6.00, +6.00] vs `supervised_vnet [fp32]`)."
+        in text
+    )
     k4 = text[text.index("### K = 4 labeled") : text.index("### K = 8 labeled")]
     assert _row(k4, "ducisc")[7:9] == ["supervised_vnet (not run)", "–"]
     # the fully labeled bound is a default run: only rows paired with the default reference get a share of its gap
