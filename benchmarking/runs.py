@@ -564,11 +564,12 @@ def reference_machine(vendor: str, flags: Sequence[str]) -> Optional[str]:
 
 def speed_reference(record: Dict[str, Any]) -> Tuple[str, Optional[Dict[str, Any]]]:
     """The kind of CPU a speed record ran on (:func:`cpu_kind` of its ``cpu`` fields) and the authors' figures it is
-    compared with: those timed in the same run (its ``reference``) or :data:`AUTHORS_REFERENCE`'s for that kind
-    (none for a GPU record, or one that did not record its CPU flags)."""
+    compared with: those timed in the same run (a ``reference`` read by :func:`same_run_reference`, which names the
+    ``cpu_model``) or :data:`AUTHORS_REFERENCE`'s for that kind (none for a GPU record, or one that did not record
+    its CPU flags)."""
     cpu = record.get("cpu")
     kind = cpu_kind(cpu.get("vendor") or cpu["model"], cpu["flags"]) if cpu else "CPU flags not recorded"
-    if record.get("reference"):
+    if "cpu_model" in (record.get("reference") or {}):
         return f"{kind}, timed in this run", record["reference"]
     figures = AUTHORS_REFERENCE.get(kind) if record["device"] == "cpu" else None
     return (kind if figures else f"{kind}: no figure"), figures

@@ -117,7 +117,7 @@ def test_report_summarises_seeds_and_compares_each_row_with_its_reference(tmp_pa
               "rows": [{**speed["rows"][0], "precision": "bf16", "seconds_per_iteration": 1.465}]}  # fmt: skip
     write_json(avx512, str(results), "speed_cpu_c_amd_avx512_dual_journal")
     same_run = {**avx512, "reference": {"measured": "today", "seconds": {"train_64x64x32": 2.0},
-                                        "peak_gib": {"train_64x64x32": 4.0}}}  # fmt: skip
+                                        "peak_gib": {"train_64x64x32": 4.0}, "cpu_model": "AMD EPYC"}}  # fmt: skip
     write_json(same_run, str(results), "speed_cpu_d_amd_avx512_same_run_dual_journal")
     xeon = {**speed, "hardware": "Xeon", "cpu": {"model": "Intel(R) Xeon(R)", "flags": ["avx512_bf16", "amx_bf16"]},
             "rows": [{**speed["rows"][0], "precision": "bf16", "seconds_per_iteration": 1.15}]}  # fmt: skip
@@ -339,3 +339,31 @@ def test_report_tabulates_term_probes(tmp_path):
     text = open(report(str(tmp_path / "results"), str(tmp_path / "RESULTS.md"), None)).read()
     assert _row(text, "cons") == ["cons", "0.1", "0.0150", "0.066", "0.136"]
     assert "Pseudo-label Dice on the unlabeled crops: student 0.704, teacher 0.783 (foreground truth 0.200" in text
+
+
+def test_a_speed_record_carries_the_authors_row_of_its_kind_of_cpu(tmp_path, monkeypatch):
+    """``speed`` with its probes faked (no timing): the record names the kind of CPU read from a hand-made
+    ``/proc/cpuinfo`` and the authors' figures of that kind, or a note where the kind was never timed."""
+    import benchmarking.runs as runs
+
+    monkeypatch.setattr(runs.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(runs, "git_commit", lambda: "abc1234")
+    fake = {"time_training": {"seconds_per_iteration": 4.4, "peak_rss_gib": 1.2, "precision": "fp32"},
+            "time_inference": {"seconds_per_volume": 12.2, "peak_rss_gib": 1.6, "precision": "fp32"}}  # fmt: skip
+    monkeypatch.setattr(runs, "run_isolated", lambda kind, **kwargs: dict(fake[kind]))
+    describe = runs.cpu_description
+    for name, vendor_id, flags, kind, seconds in (
+        ("avx2", "AuthenticAMD", AVX2_EPYC, "AMD, AVX2, no AVX-512", 8.8),
+        ("xeon", "GenuineIntel", AVX512_XEON, "Intel, AVX-512, no BF16", None),
+    ):
+        cpuinfo = _cpuinfo(tmp_path, name, vendor_id, "AMD EPYC" if name == "avx2" else "Intel(R) Xeon(R)", flags)
+        monkeypatch.setattr(runs, "cpu_description", lambda path=cpuinfo: describe(path))
+        path = runs.speed(patches=[[64, 64, 32]], with_baselines=False, results_dir=str(tmp_path / f"results_{name}"))
+        with open(path) as handle:
+            record = json.load(handle)
+        assert record["cpu"]["kind"] == record["reference_machine"] == kind
+        if seconds is None:
+            assert record["reference"] is None and f"no figure for {kind}" in record["reference_note"]
+        else:
+            assert record["reference"]["seconds"]["train_64x64x32"] == seconds and "reference_note" not in record
+        assert speed_reference(record) == (kind if seconds else f"{kind}: no figure", record["reference"])
