@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 
-from benchmarking.report import group_records, per_case
+from benchmarking.report import failure_count, group_records, per_case
 from benchmarking.runs import (
     CONFIG_DIR,
     bundle_command,
@@ -178,7 +178,9 @@ def precision_sections(
     default's pairs (:func:`default_precision` records) and the mask agreement records. Empty when there is none."""
     groups = group_records(accuracy)
     pairs = [(key, (key[0], key[1], key[2], "")) for key in groups if key[3] == "fp32"]
-    pairs = [(fp32, default) for fp32, default in pairs if default in groups]
+    pairs = [
+        (fp32, default) for fp32, default in pairs if default in groups and set(groups[fp32]) & set(groups[default])
+    ]
     if not pairs and not agreements and not defaults:
         return []
     lines = [
@@ -194,8 +196,9 @@ def precision_sections(
     ]
     if pairs:
         lines += [
-            "| protocol | K | method | seeds | bf16 Dice | fp32 Dice | Δ Dice (bf16 − fp32) [95 % CI] | verdict |",
-            "|---|---|---|---|---|---|---|---|",
+            "| protocol | K | method | seeds | bf16 Dice | fp32 Dice | Δ Dice (bf16 − fp32) [95 % CI] | verdict "
+            "| failures: Dice < 50 (per seed) |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for fp32_key, default_key in sorted(pairs):
             seeds = sorted(set(groups[fp32_key]) & set(groups[default_key]))
@@ -207,8 +210,10 @@ def precision_sections(
                 summary = seed_summary([100 * float(np.mean(list(scores[s].values()))) for s in seeds])
                 cells.append(f"{summary['mean']:.2f} ± {summary['sd']:.2f}")
             verdict = "equal within the interval" if result["low"] <= 0 <= result["high"] else "differ"
+            failures = f"bf16 {failure_count(bf16_scores)}; fp32 {failure_count(fp32_scores)}"
             lines.append(f"| {fp32_key[0]} | {fp32_key[1]} | {fp32_key[2]} | {', '.join(map(str, seeds))} "
-                         f"| {cells[0]} | {cells[1]} | {format_interval(result, 100)} | {verdict} |")  # fmt: skip
+                         f"| {cells[0]} | {cells[1]} | {format_interval(result, 100)} | {verdict} "
+                         f"| {failures} |")  # fmt: skip
         lines.append("")
     lines += default_lines(defaults)
     if agreements:
@@ -245,8 +250,9 @@ def default_lines(defaults: Sequence[Tuple[str, Record]]) -> List[str]:
         "the same seed (`python scripts/benchmark.py default_precision --seed S`), each final model scored in fp32",
         "on the data's validation cases; Δ Dice is paired per seed and validation case:",
         "",
-        "| training | seeds | precisions | Dice | Δ Dice [95 % CI] | verdict | mean train seconds |",
-        "|---|---|---|---|---|---|---|",
+        "| training | seeds | precisions | Dice | Δ Dice [95 % CI] | verdict | mean train seconds "
+        "| failures: Dice < 50 (per seed) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for other in others:
         runs = {r["seed"]: r["runs"] for _, r in defaults if other in r["runs"] and reference in r["runs"]}
@@ -263,7 +269,8 @@ def default_lines(defaults: Sequence[Tuple[str, Record]]) -> List[str]:
         verdict = "equal within the interval" if result["low"] <= 0 <= result["high"] else "differ"
         lines.append(f"| embedded default | {', '.join(map(str, seeds))} | {other} − {reference} "
                      f"| {other} {cells[0]}, {reference} {cells[1]} | {format_interval(result, 100)} | {verdict} "
-                     f"| {seconds} |")  # fmt: skip
+                     f"| {seconds} | {other} {failure_count(scores[other])}; {reference} "
+                     f"{failure_count(scores[reference])} |")  # fmt: skip
     lines.append("")
     for name, r in defaults:
         first = r["runs"][r["precisions"][0]]

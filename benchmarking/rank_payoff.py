@@ -31,7 +31,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from benchmarking.report import DUAL_NETWORK_METHODS, verdict
+from benchmarking.report import DUAL_NETWORK_METHODS, failure_count, verdict
 from benchmarking.runs import (
     CONFIG_DIR,
     accuracy,
@@ -261,10 +261,11 @@ def payoff_sections(manifests: Sequence[Tuple[str, Record]]) -> List[str]:
             "(`configs/rank.json`: most uncertain first), the next cases of the list (the standard run), or cases",
             "drawn at random from the same unlabeled pool (`random`: the per-case mean over the draws). Same seeds,",
             "protocol and held-out test cases; Δ Dice is the per-case difference paired by seed and test case with a",
-            "95 % bootstrap interval over test cases within seeds (`benchmarking/statistics.py`).",
+            "95 % bootstrap interval over test cases within seeds (`benchmarking/statistics.py`). Failures: test",
+            "cases with Dice < 50, summed over seeds (and over the draws for `random`).",
             "",
-            "| arm | seeds | Dice (mean ± sd over seeds) |",
-            "|---|---|---|",
+            "| arm | seeds | Dice (mean ± sd over seeds) | failures: Dice < 50 (per seed) |",
+            "|---|---|---|---|",
         ]
         draws = sorted({arm for scores in by_seed.values() for arm in scores if arm.startswith("random_draw")})
         labels = {**ARMS, **{arm: f"+ random, draw {arm[len('random_draw'):]}" for arm in draws}}
@@ -273,7 +274,10 @@ def payoff_sections(manifests: Sequence[Tuple[str, Record]]) -> List[str]:
             if seeds:
                 summary = seed_summary([float(np.mean(list(by_seed[s][arm].values()))) * 100 for s in seeds])
                 cell = f"{summary['mean']:.2f} ± {summary['sd']:.2f}"
-                lines.append(f"| {labels[arm]} | {', '.join(map(str, seeds))} | {cell} |")
+                pooled = draws if arm == "random" else [arm]  # the random arm's failures are its draws'
+                scored = {s: {f"{a}/{case}": dice for a in pooled for case, dice in by_seed[s].get(a, {}).items()}
+                          for s in seeds}  # fmt: skip
+                lines.append(f"| {labels[arm]} | {', '.join(map(str, seeds))} | {cell} | {failure_count(scored)} |")
         lines += ["", "| comparison | Δ Dice [95 % CI] | wins | verdict |", "|---|---|---|---|"]
         answer = "not measured yet: the top-ranked or the random arm has no record."
         for arm, reference in COMPARISONS:

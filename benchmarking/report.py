@@ -13,8 +13,10 @@ from benchmarking.statistics import (
     bootstrap_interval,
     case_means,
     excludes_zero,
+    failed_cases,
     format_interval,
     paired_differences,
+    paired_differences_without_failures,
     seed_summary,
 )
 
@@ -36,6 +38,9 @@ PAPER_LA_DICE = {
     ("ducisc", 16): 92.11,
     ("dycon", 8): 91.58,
 }
+
+#: a test case segmented with Dice below this (50 %) counts as a failure.
+FAILURE_DICE = 0.5
 
 Record = Dict[str, Any]
 GroupKey = Tuple[str, int, str, str]  # protocol, K, method, variant
@@ -67,18 +72,107 @@ def _label(method: str, variant: str) -> str:
 
 
 def _seed_cell(by_seed: Dict[int, Tuple[str, Record]], metric: str, scale: float) -> str:
+    """``mean ± sd`` over the seeds (the mean alone for one seed: its sd is not defined)."""
     summary = seed_summary([r["summary"][metric]["mean"] * scale for _, r in by_seed.values()])
-    return f"{summary['mean']:.2f} ± {summary['sd']:.2f}"
+    return f"{summary['mean']:.2f}" + (f" ± {summary['sd']:.2f}" if summary["n"] > 1 else "")
+
+
+def failure_cell(by_seed: Dict[int, Tuple[str, Record]]) -> str:
+    """:func:`failure_count` of one row's records."""
+    return failure_count(per_case(by_seed))
+
+
+def failure_count(scores: Dict[int, Dict[str, float]]) -> str:
+    """``total/scored (per seed, ...)`` of ``{seed: {case: dice}}``: the test cases with Dice below
+    :data:`FAILURE_DICE` summed over the seeds, out of the seeds' scored cases, then per seed in seed order (no
+    breakdown for one seed)."""
+    failed = failed_cases(scores, FAILURE_DICE)
+    counts = [len(failed[seed]) for seed in sorted(failed)]
+    cell = f"{sum(counts)}/{sum(len(values) for values in scores.values())}"
+    return cell + (f" ({', '.join(map(str, counts))})" if len(counts) > 1 else "")
+
+
+def reference_key(groups, key: GroupKey) -> Optional[GroupKey]:
+    """The group the row ``key`` is paired with (None for a reference itself): its reference method
+    (:func:`reference_of`) at the same protocol and K, in the row's own variant where the reference was run in it (an
+    ``fp32`` row with the reference's ``fp32`` runs), else the reference's default runs. The returned group may be
+    missing from ``groups`` (the reference was not run)."""
+    protocol, k, method, variant = key
+    reference = reference_of(method)
+    if reference is None:
+        return None
+    same_variant = (protocol, k, reference, variant)
+    return same_variant if variant and same_variant in groups else (protocol, k, reference, "")
 
 
 def comparison(groups, key: GroupKey) -> Optional[Dict[str, Any]]:
-    """The paired Dice comparison of group ``key`` with its reference group (same protocol and K), or None."""
-    protocol, k, method, _ = key
-    reference = reference_of(method)
-    if reference is None or (protocol, k, reference, "") not in groups:
+    """The paired Dice comparison of group ``key`` with its reference group (:func:`reference_key`), or None when
+    there is no reference run with a seed in common. Besides the interval over every paired case, ``failures`` holds
+    the same interval on the (seed, case) pairs where neither run fails (Dice >= :data:`FAILURE_DICE`; None when
+    every pair has a failure) with ``pairs`` of ``of`` kept."""
+    reference = reference_key(groups, key)
+    if reference is None or reference not in groups:
         return None
-    differences = paired_differences(per_case(groups[key]), per_case(groups[(protocol, k, reference, "")]))
-    return {"reference": reference, "differences": differences, **bootstrap_interval(differences)}
+    method_scores, reference_scores = per_case(groups[key]), per_case(groups[reference])
+    if not set(method_scores) & set(reference_scores):
+        return None
+    return {"reference": _label(reference[2], reference[3]), "reference_key": reference,
+            **paired_result(method_scores, reference_scores)}  # fmt: skip
+
+
+def paired_result(method: Dict[int, Dict[str, float]], reference: Dict[int, Dict[str, float]]) -> Dict[str, Any]:
+    """Dice of ``method`` against ``reference`` (``{seed: {case: dice}}``, at least one seed in common): the
+    ``differences`` and their :func:`bootstrap_interval`, and ``failures``: the same interval on the (seed, case)
+    pairs where neither run fails (Dice >= :data:`FAILURE_DICE`) with ``pairs`` kept ``of`` all, None when every
+    pair has a failure."""
+    differences = paired_differences(method, reference)
+    result = {"differences": differences, **bootstrap_interval(differences), "failures": None}
+    try:
+        kept = paired_differences_without_failures(method, reference, FAILURE_DICE)
+    except ValueError:
+        return result
+    pairs = sum(len(values) for values in differences.values())
+    result["failures"] = {**bootstrap_interval(kept), "pairs": sum(len(v) for v in kept.values()), "of": pairs}
+    return result
+
+
+def reference_cell(groups, key: GroupKey, result: Optional[Dict[str, Any]]) -> str:
+    """The reference column: the run a row is paired with, or why it is not paired (``–`` for a reference)."""
+    if result is not None:
+        return result["reference"]
+    reference = reference_key(groups, key)
+    if reference is None:
+        return "–"
+    label = _label(reference[2], reference[3])
+    return f"{label} (no common seed)" if reference in groups else f"{label} (not run)"
+
+
+def without_failures_cell(result: Optional[Dict[str, Any]]) -> str:
+    """``Δ [CI] (kept/paired)`` of :func:`comparison`'s ``failures``, ``–`` where there is none."""
+    if result is None:
+        return "–"
+    kept = result["failures"]
+    if kept is None:
+        return f"– (0/{sum(len(v) for v in result['differences'].values())})"
+    return f"{format_interval(kept, 100)} ({kept['pairs']}/{kept['of']})"
+
+
+def failure_lines(rows_by_label: Sequence[Tuple[str, Dict[int, Tuple[str, Record]]]]) -> List[str]:
+    """One line naming, for each ``(row label, {seed: record})`` with failures, each failed test case and on how many
+    of the row's seeds it fails."""
+    rows = []
+    for label, by_seed in rows_by_label:
+        counts: Dict[str, int] = {}
+        for cases in failed_cases(per_case(by_seed), FAILURE_DICE).values():
+            for case in cases:
+                counts[case] = counts.get(case, 0) + 1
+        if counts:
+            cases = ", ".join(f"{case} ({n}/{len(by_seed)})" for case, n in sorted(counts.items()))
+            rows.append(f"`{label}` {cases}")
+    if not rows:
+        return []
+    return [f"Failed cases (Dice < {100 * FAILURE_DICE:.0f}; on how many of the row's seeds): " + "; ".join(rows) + ".",
+            ""]  # fmt: skip
 
 
 def verdict(result: Dict[str, Any]) -> str:
@@ -119,9 +213,10 @@ def accuracy_sections(
             lines += [
                 f"### K = {k} labeled",
                 "",
-                "| method | seeds | Dice | Jaccard | HD95 | ASD | reference | Δ Dice vs reference [95 % CI] | wins "
-                "| verdict | train time | paper Dice |",
-                "|---|---|---|---|---|---|---|---|---|---|---|---|",
+                "| method | seeds | Dice | failures: Dice < 50 (per seed) | Jaccard | HD95 | ASD | reference "
+                "| Δ Dice vs reference [95 % CI] | wins | verdict | Δ Dice where neither fails [95 % CI] (pairs) "
+                "| train time | paper Dice |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
             ]
             compared = {}
             for key in keys:
@@ -134,15 +229,17 @@ def accuracy_sections(
                 paper = PAPER_LA_DICE.get((key[2], k)) if not key[3] else None
                 lines.append(
                     f"| {_label(key[2], key[3])} | {', '.join(str(s) for s in sorted(by_seed))} "
-                    f"| {_seed_cell(by_seed, 'dice', 100)} | {_seed_cell(by_seed, 'jaccard', 100)} "
+                    f"| {_seed_cell(by_seed, 'dice', 100)} | {failure_cell(by_seed)} "
+                    f"| {_seed_cell(by_seed, 'jaccard', 100)} "
                     f"| {_seed_cell(by_seed, 'hd95', 1)} | {_seed_cell(by_seed, 'asd', 1)} "
-                    f"| {result['reference'] if result else '–'} "
+                    f"| {reference_cell(groups, key, result)} "
                     f"| {format_interval(result, 100) if result else '–'} "
                     f"| {wins} "
-                    f"| {verdict(result) if result else '–'} | {minutes:.0f} min "
+                    f"| {verdict(result) if result else '–'} | {without_failures_cell(result)} | {minutes:.0f} min "
                     f"| {'–' if paper is None else f'{paper:.2f}'} |"
                 )
             lines.append("")
+            lines += failure_lines([(_label(key[2], key[3]), groups[key]) for key in keys])
             lines += target_lines(targets, protocol, k, compared)
             lines += gap_lines(groups, protocol, k, compared)
             if figure_dir and compared:
@@ -161,11 +258,12 @@ def target_lines(targets: Sequence[Record], protocol: str, k: int, compared: Dic
     """Whether each target set for this protocol and K is met, from the paired comparisons of its methods.
 
     A target (``docs/results/targets.json``, kind ``targets``, list ``targets``) names ``protocol``, ``k``,
-    ``methods``, ``min_delta`` (Dice points over the method's reference), ``interval_above_zero`` (the 95 % interval
-    must exclude 0 from above), ``source`` (who set it) and optionally ``why``: where the report shows what explains
-    a miss, printed after a missed target. A method without runs is reported as not measured."""
+    ``methods`` (rows as the table labels them: ``ducisc`` for the default runs, ``ducisc [fp32]`` for a variant),
+    ``min_delta`` (Dice points over the row's reference), ``interval_above_zero`` (the 95 % interval must exclude 0
+    from above), ``source`` (who set it) and optionally ``why``: where the report shows what explains a miss, printed
+    after a missed target. A row without runs is reported as not measured."""
     lines = []
-    by_method = {key[2]: result for key, result in compared.items() if not key[3]}
+    by_method = {_label(key[2], key[3]): result for key, result in compared.items()}
     for target in targets:
         if target["protocol"] != protocol or target["k"] != k:
             continue
@@ -196,23 +294,26 @@ def _mean_dice(by_seed: Dict[int, Tuple[str, Record]]) -> float:
 
 
 def gap_lines(groups, protocol: str, k: int, compared: Dict[GroupKey, Dict[str, Any]]) -> List[str]:
-    """For the compared rows of one K: the fully labeled run of their reference (the upper bound of what unlabeled
-    data can buy under the protocol) and the share of the gap between the K-labeled reference and it that each row
-    closes (Δ Dice / (upper bound − reference), means over seeds)."""
+    """For the compared rows of one K, per reference run they are paired with: the fully labeled run of that
+    reference in the same variant (the upper bound of what unlabeled data can buy under the protocol) and the share of
+    the gap between the K-labeled reference and it that each row closes (Δ Dice / (upper bound − reference), means
+    over seeds)."""
     lines = []
-    for reference in sorted({result["reference"] for result in compared.values()}):
-        bounds = [key for key in groups if key[0] == protocol and key[2] == reference and not key[3] and key[1] > k
-                  and all(fully_labeled(r) for _, r in groups[key].values())]  # fmt: skip
+    for reference_key_ in sorted({result["reference_key"] for result in compared.values()}):
+        _, _, reference, variant = reference_key_
+        bounds = [key for key in groups if key[0] == protocol and key[2] == reference and key[3] == variant
+                  and key[1] > k and all(fully_labeled(r) for _, r in groups[key].values())]  # fmt: skip
         if not bounds:
             continue
         bound_key = max(bounds, key=lambda key: key[1])
-        bound, base = _mean_dice(groups[bound_key]), _mean_dice(groups[(protocol, k, reference, "")])
+        bound, base = _mean_dice(groups[bound_key]), _mean_dice(groups[reference_key_])
         shares = [f"{_label(key[2], key[3])} {100 * result['mean'] * 100 / (bound - base):.0f} %"
-                  for key, result in sorted(compared.items()) if result["reference"] == reference]  # fmt: skip
+                  for key, result in sorted(compared.items()) if result["reference_key"] == reference_key_]  # fmt: skip
         seeds = ", ".join(str(s) for s in sorted(groups[bound_key]))
+        label = _label(reference, variant)
         lines += [
-            f"Upper bound: `{reference}` with all {bound_key[1]} training cases labeled reaches {bound:.2f} Dice",
-            f"(seeds {seeds}), {bound - base:+.2f} over `{reference}` at K = {k}; share of that gap closed by the",
+            f"Upper bound: `{label}` with all {bound_key[1]} training cases labeled reaches {bound:.2f} Dice",
+            f"(seeds {seeds}), {bound - base:+.2f} over `{label}` at K = {k}; share of that gap closed by the",
             f"unlabeled data (Δ Dice / gap): {'; '.join(shares)}.",
             "",
         ]
@@ -284,28 +385,27 @@ def validation_sections(records: Sequence[Tuple[str, Record]]) -> List[str]:
         lines += [
             f"### {method}, K = {k}, `{protocol}` protocol ({split})",
             "",
-            "| variant | overrides | seeds | Dice | Δ Dice vs default [95 % CI] | wins | verdict |",
-            "|---|---|---|---|---|---|---|",
+            "| variant | overrides | seeds | Dice | failures: Dice < 50 (per seed) | Δ Dice vs default [95 % CI] "
+            "| wins | verdict | Δ Dice where neither fails [95 % CI] (pairs) |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         default = variants.get("")
         for variant, by_seed in sorted(variants.items()):
             overrides = by_seed[min(by_seed)][1].get("overrides") or {}
             cells = ", ".join(f"`{key} {value}`" for key, value in overrides.items()) or "– (default)"
             result = None
-            if variant and default:
-                shared = sorted(set(by_seed) & set(default))
-                if shared:
-                    result = bootstrap_interval(
-                        paired_differences(per_case({s: by_seed[s] for s in shared}),
-                                           per_case({s: default[s] for s in shared}))  # fmt: skip
-                    )
+            if variant and default and set(by_seed) & set(default):
+                result = paired_result(per_case(by_seed), per_case(default))
             wins = f"{result['wins']}/{result['cases']}" if result else "–"
             lines.append(
                 f"| {variant or 'default'} | {cells} | {', '.join(map(str, sorted(by_seed)))} "
-                f"| {_seed_cell(by_seed, 'dice', 100)} | {format_interval(result, 100) if result else '–'} "
-                f"| {wins} | {verdict(result) if result else '–'} |"
+                f"| {_seed_cell(by_seed, 'dice', 100)} | {failure_cell(by_seed)} "
+                f"| {format_interval(result, 100) if result else '–'} "
+                f"| {wins} | {verdict(result) if result else '–'} | {without_failures_cell(result)} |"
             )
-        lines += ["", "Records:", ""]
+        lines.append("")
+        lines += failure_lines([(variant or "default", by_seed) for variant, by_seed in sorted(variants.items())])
+        lines += ["Records:", ""]
         for variant, by_seed in sorted(variants.items()):
             for seed, (name, r) in sorted(by_seed.items()):
                 lines += record_lines(f"validation/{name}", r)

@@ -33,26 +33,66 @@ from bundle.trainer import SSLTrainer
 CONFIG_DIR = "configs"
 
 
-def cpu_model() -> str:
-    """The ``model name`` of the first processor in ``/proc/cpuinfo`` (``platform.processor()`` elsewhere)."""
+def cpuinfo_value(key: str, cpuinfo_path: str = "/proc/cpuinfo") -> Optional[str]:
+    """The value of ``key`` (e.g. ``model name``, ``vendor_id``) for the first processor in ``cpuinfo_path``; None
+    where it is absent or the file cannot be read (e.g. not Linux)."""
     try:
-        with open("/proc/cpuinfo") as handle:
-            names = [line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")]
-        if names:
-            return names[0]
+        with open(cpuinfo_path) as handle:
+            for line in handle:
+                name, _, value = line.partition(":")
+                if name.strip() == key:
+                    return value.strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def cpu_model(cpuinfo_path: str = "/proc/cpuinfo") -> str:
+    """The ``model name`` of the first processor in ``cpuinfo_path`` (``platform.processor()`` elsewhere)."""
+    return cpuinfo_value("model name", cpuinfo_path) or platform.processor() or platform.machine()
+
+
+def cpu_vendor(text: str) -> str:
+    """``AMD`` or ``Intel`` from a ``vendor_id`` (``AuthenticAMD``, ``GenuineIntel``) or a model name (``AMD EPYC``,
+    ``Intel(R) Xeon(R)``, ``Xeon``); other text is returned as it is."""
+    if "AMD" in text:
+        return "AMD"
+    if "Intel" in text or "Xeon" in text:
+        return "Intel"
+    return text
 
 
 #: CPU flags that decide the speed of bf16 and fp32 convolutions, recorded with every speed probe.
 SPEED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "bf16")
 
 
-def cpu_description() -> Dict[str, Any]:
-    """The CPU model, its :data:`SPEED_FLAGS` and whether it computes in bf16 natively."""
-    flags = cpu_flags()
-    return {"model": cpu_model(), "flags": [f for f in SPEED_FLAGS if f in flags], "native_bf16": cpu_has_native_bf16()}
+def cpu_kind(vendor: str, flags: Sequence[str]) -> str:
+    """What a CPU offers for convolutions, the key of :data:`AUTHORS_REFERENCE`: its vendor (:func:`cpu_vendor` of a
+    ``vendor_id`` or model name) and the widest of AVX-512 BF16 with AMX, AVX-512 BF16, AVX-512 without BF16, AVX2
+    found in its ``/proc/cpuinfo`` ``flags``. The model name is not enough: AMD EPYC machines come with and without
+    AVX-512, and the authors' code runs about 3x slower on those without."""
+    offered = set(flags)
+    if {"avx512_bf16", "amx_bf16"} <= offered:
+        level = "AVX-512 BF16 + AMX"
+    elif "avx512_bf16" in offered:
+        level = "AVX-512 BF16"
+    elif "avx512f" in offered:
+        level = "AVX-512, no BF16"
+    elif "avx2" in offered:
+        level = "AVX2, no AVX-512"
+    else:
+        level = "no AVX2"
+    return f"{cpu_vendor(vendor) or 'unknown vendor'}, {level}"
+
+
+def cpu_description(cpuinfo_path: str = "/proc/cpuinfo") -> Dict[str, Any]:
+    """The CPU model, vendor, its :data:`SPEED_FLAGS`, whether it computes in bf16 natively and its
+    :func:`cpu_kind`."""
+    flags = cpu_flags(cpuinfo_path)
+    model = cpu_model(cpuinfo_path)
+    vendor = cpu_vendor(cpuinfo_value("vendor_id", cpuinfo_path) or model)
+    return {"model": model, "vendor": vendor, "flags": [f for f in SPEED_FLAGS if f in flags],
+            "native_bf16": cpu_has_native_bf16(cpuinfo_path), "kind": cpu_kind(vendor, flags)}  # fmt: skip
 
 
 def hardware() -> str:
@@ -493,30 +533,46 @@ def accuracy(
     return write_json(record, results_dir, name)
 
 
-#: The authors' released code timed per CPU model (2 threads, batch 2+2; measured by the project): median
-#: seconds and peak RSS (GiB) per probe. Compare a figure of ours only with those of the same CPU model.
+#: The authors' released code timed per kind of CPU (:func:`cpu_kind`: vendor and AVX-512 / BF16 / AMX flags; 2
+#: threads, batch 2+2; measured by the project, ``../shared/specs/reference_speed.md``): median seconds and peak RSS
+#: (GiB) per probe. Compare a figure of ours only with those of the same kind of CPU.
 AUTHORS_REFERENCE: Dict[str, Dict[str, Any]] = {
-    "AMD EPYC": {
+    "AMD, AVX2, no AVX-512": {
         "measured": "2026-11-22",
         "seconds": {"train_64x64x32": 8.8, "train_112x112x80": 92.3, "infer_175x132x88": 122.0},
-        "peak_gib": {"train_64x64x32": 2.4, "train_112x112x80": 12.8},
+        "peak_gib": {"train_64x64x32": 2.4, "train_112x112x80": 12.8, "infer_175x132x88": 3.2},
     },
-    "Intel Xeon with AVX-512 BF16 + AMX": {
+    "AMD, AVX-512 BF16": {
+        "measured": "2026-12-02, mean of the two same-run timings of the speed records at 08292f1 and 17c3f82",
+        "seconds": {"train_64x64x32": 2.93, "train_112x112x80": 39.2, "infer_175x132x88": 53.8},
+        "peak_gib": {"train_64x64x32": 2.4, "train_112x112x80": 12.5, "infer_175x132x88": 3.1},
+    },
+    "Intel, AVX-512 BF16 + AMX": {
         "measured": "2026-12-01",
         "seconds": {"train_64x64x32": 4.6, "train_112x112x80": 55.4, "infer_175x132x88": 64.5},
-        "peak_gib": {"train_64x64x32": 2.5, "train_112x112x80": 13.0},
+        "peak_gib": {"train_64x64x32": 2.5, "train_112x112x80": 13.0, "infer_175x132x88": 3.2},
     },
 }
 
 
-def reference_machine(model: str, flags: Sequence[str]) -> Optional[str]:
-    """The :data:`AUTHORS_REFERENCE` key of the CPU model ``model`` with ``flags``, or ``None`` when the authors'
-    code was not timed on that model."""
-    if model.startswith("AMD EPYC"):
-        return "AMD EPYC"
-    if "Xeon" in model and {"avx512_bf16", "amx_bf16"} <= set(flags):
-        return "Intel Xeon with AVX-512 BF16 + AMX"
-    return None
+def reference_machine(vendor: str, flags: Sequence[str]) -> Optional[str]:
+    """The :data:`AUTHORS_REFERENCE` key of a CPU of ``vendor`` (a ``vendor_id`` or model name) with ``flags``, or
+    ``None`` when the authors' code was not timed on that kind of CPU."""
+    kind = cpu_kind(vendor, flags)
+    return kind if kind in AUTHORS_REFERENCE else None
+
+
+def speed_reference(record: Dict[str, Any]) -> Tuple[str, Optional[Dict[str, Any]]]:
+    """The kind of CPU a speed record ran on (:func:`cpu_kind` of its ``cpu`` fields) and the authors' figures it is
+    compared with: those timed in the same run (a ``reference`` read by :func:`same_run_reference`, which names the
+    ``cpu_model``) or :data:`AUTHORS_REFERENCE`'s for that kind (none for a GPU record, or one that did not record
+    its CPU flags)."""
+    cpu = record.get("cpu")
+    kind = cpu_kind(cpu.get("vendor") or cpu["model"], cpu["flags"]) if cpu else "CPU flags not recorded"
+    if "cpu_model" in (record.get("reference") or {}):
+        return f"{kind}, timed in this run", record["reference"]
+    figures = AUTHORS_REFERENCE.get(kind) if record["device"] == "cpu" else None
+    return (kind if figures else f"{kind}: no figure"), figures
 
 
 def same_run_reference(path: str) -> Dict[str, Any]:
@@ -587,18 +643,18 @@ def speed(
         rows.append({"probe": "infer_" + "x".join(map(str, volume)), "strides": list(strides), "variant": variant,
                      **result})  # fmt: skip
     cpu = cpu_description()
-    machine = reference_machine(cpu["model"], cpu["flags"]) if device == "cpu" else None
+    machine = cpu["kind"] if device == "cpu" else None
     command = f"python scripts/benchmark.py speed --method {method}"
     reference = AUTHORS_REFERENCE.get(machine) if machine else None
     if same_run:
         reference = same_run
-        machine = f"{reference['cpu_model']}, timed in this run"
+        machine = f"{cpu['kind']}, timed in this run"
         command += f" --reference_json {os.path.relpath(reference_json)}"
     record = {"kind": "speed", "method": method, "device": device, "command": command, "commit": git_commit(),
               "hardware": hardware(), "cpu": cpu, "reference_machine": machine, "reference": reference,
               "rows": rows}  # fmt: skip
-    if machine is None:
-        record["reference_note"] = f"the authors' code has no figure for {cpu['model']} ({device}); time it with "
+    if reference is None:
+        record["reference_note"] = f"the authors' code has no figure for {machine or device}; time it with "
         record["reference_note"] += "../shared/tools/reference_bench on this machine to compare"
     slug = re.sub(r"[^a-z0-9]+", "_", cpu["model"].lower()).strip("_")
     # one record per commit: a later run (these VMs drift) never overwrites an earlier commit's measurement
@@ -668,12 +724,18 @@ def report(results_dir: str = "docs/results", output: str = "docs/RESULTS.md", f
         "labeled, the rest unlabeled) and is tested on its last 20 cases, with the weights of the last iteration (no",
         "checkpoint selection). Dice and Jaccard in %, HD95 and ASD in voxels of the original LA grid (medpy",
         "semantics). Each row is one method over its seeds: the mean over the 20 test cases per seed, then mean ± sd",
-        "over seeds. Every semi-supervised row is compared with its supervised-only reference (the dual-network",
-        "methods with `supervised`, the two subnets on labeled data; every single-V-Net method with `supervised_vnet`)",
-        "trained with the same seeds: Δ Dice is the per-case difference (same seed, same test case) averaged over",
-        "cases and seeds, with a 95 % percentile bootstrap interval that resamples the test cases within each seed",
-        "(10 000 resamples); wins count the cases whose seed-averaged difference is positive; the verdict is `above`",
-        "or `below` only when the interval excludes 0.",
+        "over seeds (the mean alone for one seed). Every semi-supervised row is compared with its supervised-only",
+        "reference (the dual-network methods with `supervised`, the two subnets on labeled data; every single-V-Net",
+        "method, DuCiSC and DyCON included, with `supervised_vnet`) trained with the same seeds; a variant row (e.g.",
+        "`[fp32]`, trained in fp32) with the reference's runs of the same variant where they exist, else with its",
+        "default runs; the reference column names the runs paired with. Δ Dice is the per-case difference (same",
+        "seed, same test case) averaged over cases and seeds, with a 95 % percentile bootstrap interval that",
+        "resamples the test cases within each seed (10 000 resamples); wins count the cases whose seed-averaged",
+        "difference is positive; the verdict is `above` or `below` only when the interval excludes 0. A failure is a",
+        "test case segmented with Dice < 50: each row counts them over its seeds (failed of scored, then per seed in",
+        'the order of the seeds column), and "Δ Dice where neither fails" is the same paired difference and interval',
+        "on the (seed, case) pairs where neither the row nor its reference fails (pairs kept of all), so a gain made",
+        "of rescued failures is told apart from one spread over the cases.",
         "",
     ]
     accuracy_records = [
@@ -695,18 +757,19 @@ def report(results_dir: str = "docs/results", output: str = "docs/RESULTS.md", f
     speed_records = [(n, r) for n, r in records if r.get("kind") == "speed"]
     if speed_records:
         figures = "; ".join(
-            f"{machine} ({ref['measured']}): " + ", ".join(f"{p} {t} s" for p, t in ref["seconds"].items())
-            for machine, ref in AUTHORS_REFERENCE.items()
+            f"{kind} ({ref['measured']}): " + ", ".join(f"{p} {t} s" for p, t in ref["seconds"].items())
+            for kind, ref in AUTHORS_REFERENCE.items()
         )
         lines += [
             "## Speed",
             "",
             "One training iteration (batch 2 labeled + 2 unlabeled, random data, loading excluded) and one LA-sized",
             "volume through the sliding window; each probe in its own process. Each record is compared with the",
-            "authors' released code timed on the same CPU model (`AUTHORS_REFERENCE` in `benchmarking/runs.py`;",
-            "these CPU VMs drift by ±25 %, so ratios against a baseline timed in one run are more reliable); `–` where",
-            "it was not",
-            f"timed on that model. Authors' figures: {figures}. A record whose CPU reads `timed in this run` is",
+            "authors' released code timed on the same kind of CPU: its vendor and what its `/proc/cpuinfo` flags",
+            "offer (AVX2, AVX-512, AVX-512 BF16, AMX), not its model name (`AUTHORS_REFERENCE` in",
+            "`benchmarking/runs.py`; these CPU VMs drift by ±25 %, so ratios against a baseline timed in one run are",
+            "more reliable); `–` where it was not",
+            f"timed on that kind. Authors' figures: {figures}. A record whose CPU reads `timed in this run` is",
             "compared with the authors' code timed on the same machine just before it",
             "(`../shared/tools/reference_bench/bench_reference.py`, passed as `--reference_json`), the other",
             "benchmark jobs paused for both.",
@@ -722,23 +785,20 @@ def report(results_dir: str = "docs/results", output: str = "docs/RESULTS.md", f
             "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for name, r in speed_records:
-            machine = r.get("reference_machine", reference_machine(r["hardware"], []))  # older records: no flags
-            reference = r.get("reference") or (
-                AUTHORS_REFERENCE.get(machine) if machine and r["device"] == "cpu" else None
-            )
+            machine, reference = speed_reference(r)
             for row in r["rows"]:
                 seconds = row.get("seconds_per_iteration", row.get("seconds_per_volume"))
                 theirs = reference["seconds"].get(row["probe"]) if reference else None
                 their_gb = reference["peak_gib"].get(row["probe"]) if reference else None
                 ratio = "–" if theirs is None else f"{seconds / theirs:.2f}"
                 memory_ratio = "–" if their_gb is None else f"{row['peak_rss_gib'] / their_gb:.2f}"
-                lines.append(f"| `{name}` | {r['device']}: {machine or 'no figure'} | {row['probe']} "
+                lines.append(f"| `{name}` | {r['device']}: {machine} | {row['probe']} "
                              f"| {row.get('variant', '–')} | {row.get('precision', 'fp32')} | {seconds:.2f} "
                              f"| {row['peak_rss_gib']:.2f} | {theirs if theirs is not None else '–'} | {ratio} "
                              f"| {their_gb if their_gb is not None else '–'} | {memory_ratio} |")  # fmt: skip
         lines.append("")
         for name, r in speed_records:
-            note = f" ({r['reference_note']})" if r.get("reference_note") else ""
+            note = "".join(f" ({r[key]})" for key in ("reference_note", "cpu_note") if r.get(key))
             lines.append(f"- `{name}`: commit {r['commit']}, {r['hardware']}; command: `{r['command']}`{note}")
         lines.append("")
     from benchmarking.conv_profile import conv_profile_sections  # it imports this module's runner

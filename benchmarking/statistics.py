@@ -43,6 +43,33 @@ def paired_differences(method: Scores, reference: Scores) -> Dict[int, Dict[str,
     return differences
 
 
+def failed_cases(scores: Scores, threshold: float) -> Dict[int, List[str]]:
+    """``{seed: [case, ...]}``: per seed, the cases whose score is below ``threshold`` (a failed segmentation)."""
+    return {
+        seed: sorted(case for case, value in values.items() if value < threshold) for seed, values in scores.items()
+    }
+
+
+def paired_differences_without_failures(
+    method: Scores, reference: Scores, threshold: float
+) -> Dict[int, Dict[str, float]]:
+    """:func:`paired_differences` restricted to the (seed, case) pairs on which neither run fails (both scores
+    ``>= threshold``); a seed left with no such case is dropped.
+
+    Raises ``ValueError`` when no seed is shared or every shared pair has a failure.
+    """
+    differences = paired_differences(method, reference)
+    kept = {
+        seed: {case: value for case, value in values.items()
+               if method[seed][case] >= threshold and reference[seed][case] >= threshold}
+        for seed, values in differences.items()
+    }  # fmt: skip
+    kept = {seed: values for seed, values in kept.items() if values}
+    if not kept:
+        raise ValueError(f"every paired case fails (score < {threshold}) in the method or its reference.")
+    return kept
+
+
 def bootstrap_interval(
     differences: Mapping[int, Mapping[str, float]],
     confidence: float = 0.95,

@@ -7,14 +7,17 @@ import numpy as np
 import pytest
 
 from benchmarking.runs import (
+    AUTHORS_REFERENCE,
     SPEED_FLAGS,
     accuracy,
     bundle_command,
     cpu_description,
+    cpu_kind,
     reference_machine,
     report,
     run_isolated,
     same_run_reference,
+    speed_reference,
     split_lists,
     write_json,
 )
@@ -107,13 +110,21 @@ def test_report_summarises_seeds_and_compares_each_row_with_its_reference(tmp_pa
     speed = {"kind": "speed", "device": "cpu", "command": "speed cmd", "commit": "abc1234", "hardware": "AMD EPYC, x",
              "rows": [{"probe": "train_64x64x32", "variant": "activation checkpointing", "seconds_per_iteration": 4.4,
                        "peak_rss_gib": 2.0}]}  # fmt: skip
-    write_json(speed, str(results), "speed_cpu_dual_journal")  # a record from before the CPU fields: fp32, AMD
+    write_json(speed, str(results), "speed_cpu_a_dual_journal")  # from before the CPU fields: no figure to compare
+    avx2 = {**speed, "cpu": {"model": "AMD EPYC", "vendor": "AMD", "flags": ["avx2"]}}
+    write_json(avx2, str(results), "speed_cpu_b_amd_avx2_dual_journal")
+    avx512 = {**speed, "cpu": {"model": "AMD EPYC 9B14", "flags": ["avx2", "avx512f", "avx512_bf16"]},
+              "rows": [{**speed["rows"][0], "precision": "bf16", "seconds_per_iteration": 1.465}]}  # fmt: skip
+    write_json(avx512, str(results), "speed_cpu_c_amd_avx512_dual_journal")
+    same_run = {**avx512, "reference": {"measured": "today", "seconds": {"train_64x64x32": 2.0},
+                                        "peak_gib": {"train_64x64x32": 4.0}, "cpu_model": "AMD EPYC"}}  # fmt: skip
+    write_json(same_run, str(results), "speed_cpu_d_amd_avx512_same_run_dual_journal")
     xeon = {**speed, "hardware": "Xeon", "cpu": {"model": "Intel(R) Xeon(R)", "flags": ["avx512_bf16", "amx_bf16"]},
-            "reference_machine": "Intel Xeon with AVX-512 BF16 + AMX",
             "rows": [{**speed["rows"][0], "precision": "bf16", "seconds_per_iteration": 1.15}]}  # fmt: skip
-    write_json(xeon, str(results), "speed_cpu_xeon_dual_journal")
-    other = {**xeon, "hardware": "Other", "reference_machine": None, "reference_note": "no figure for Other"}
-    write_json(other, str(results), "speed_cpu_other_dual_journal")
+    write_json(xeon, str(results), "speed_cpu_e_xeon_dual_journal")
+    other = {**xeon, "hardware": "Other", "cpu": {"model": "Intel(R) Xeon(R)", "flags": ["avx2", "avx512f"]},
+             "reference_note": "no figure for Other"}  # fmt: skip
+    write_json(other, str(results), "speed_cpu_f_other_dual_journal")
     memory = {"kind": "memory", "device": "cpu", "volume": [512, 512, 300], "patch": [128, 128, 96],
               "strides": [128, 128, 96], "peak_rss_gib": 3.5, "seconds": 200.0, "command": "memory cmd",
               "commit": "abc1234", "hardware": "test cpu"}  # fmt: skip
@@ -121,29 +132,38 @@ def test_report_summarises_seeds_and_compares_each_row_with_its_reference(tmp_pa
     output = tmp_path / "docs" / "RESULTS.md"
     text = open(report(str(results), str(output), str(tmp_path / "docs" / "figures"))).read()
     # mean ± sample sd over the two seeds; the paired difference is exactly +5 points on every case and seed
-    assert _row(text, "dual_journal") == ["dual_journal", "1, 2", "86.00 ± 1.41", "76.00 ± 1.41", "7.25 ± 0.00",
-                                          "1.50 ± 0.00", "supervised", "+5.00 [+5.00, +5.00]", "20/20", "above",
-                                          "30 min", "89.95"]  # fmt: skip
-    assert _row(text, "mean_teacher")[6:10] == ["supervised_vnet", "-1.00 [-1.00, -1.00]", "0/20", "below"]
-    assert _row(text, "supervised")[6:10] == ["–", "–", "–", "–"]
-    assert _row(text, "supervised_vnet")[11] == "51.76"  # the paper's V-Net row sits on the V-Net reference
-    # the ablation has one seed: paired on the common seed 1 only, and no paper number
-    assert _row(text, "dual_journal [no_pgl]")[6:12] == ["supervised", "+0.00 [+0.00, +0.00]", "0/20",
-                                                         "not separable", "30 min", "–"]  # fmt: skip
+    assert _row(text, "dual_journal") == ["dual_journal", "1, 2", "86.00 ± 1.41", "0/40 (0, 0)", "76.00 ± 1.41",
+                                          "7.25 ± 0.00", "1.50 ± 0.00", "supervised", "+5.00 [+5.00, +5.00]", "20/20",
+                                          "above", "+5.00 [+5.00, +5.00] (40/40)", "30 min", "89.95"]  # fmt: skip
+    assert _row(text, "mean_teacher")[7:11] == ["supervised_vnet", "-1.00 [-1.00, -1.00]", "0/20", "below"]
+    assert _row(text, "supervised")[7:12] == ["–", "–", "–", "–", "–"]
+    assert _row(text, "supervised_vnet")[13] == "51.76"  # the paper's V-Net row sits on the V-Net reference
+    # the ablation has one seed (no sd): paired with the reference's default runs on the common seed 1 only
+    assert _row(text, "dual_journal [no_pgl]")[2:4] == ["80.00", "0/20"]
+    assert _row(text, "dual_journal [no_pgl]")[7:14] == ["supervised", "+0.00 [+0.00, +0.00]", "0/20",
+                                                         "not separable", "+0.00 [+0.00, +0.00] (20/20)", "30 min",
+                                                         "–"]  # fmt: skip
     assert "![Dice per method and paired differences](figures/la_cpu_k8.png)" in text
     assert (tmp_path / "docs" / "figures" / "la_cpu_k8.png").stat().st_size > 10000
     speed_rows = [[cell.strip() for cell in line.split("|")[2:-1]] for line in text.splitlines() if "train_64" in line
                   and line.startswith("| `speed")]  # fmt: skip
     assert speed_rows == [
-        ["cpu: AMD EPYC", "train_64x64x32", "activation checkpointing", "fp32", "4.40", "2.00", "8.8", "0.50", "2.4",
-         "0.83"],
-        ["cpu: no figure", "train_64x64x32", "activation checkpointing", "bf16", "1.15", "2.00", "–", "–", "–", "–"],
-        ["cpu: Intel Xeon with AVX-512 BF16 + AMX", "train_64x64x32", "activation checkpointing", "bf16", "1.15",
-         "2.00", "4.6", "0.25", "2.5", "0.80"],
+        ["cpu: CPU flags not recorded: no figure", "train_64x64x32", "activation checkpointing", "fp32", "4.40",
+         "2.00", "–", "–", "–", "–"],
+        ["cpu: AMD, AVX2, no AVX-512", "train_64x64x32", "activation checkpointing", "fp32", "4.40", "2.00", "8.8",
+         "0.50", "2.4", "0.83"],
+        ["cpu: AMD, AVX-512 BF16", "train_64x64x32", "activation checkpointing", "bf16", "1.47", "2.00", "2.93",
+         "0.50", "2.4", "0.83"],
+        ["cpu: AMD, AVX-512 BF16, timed in this run", "train_64x64x32", "activation checkpointing", "bf16", "1.47",
+         "2.00", "2.0", "0.73", "4.0", "0.50"],
+        ["cpu: Intel, AVX-512 BF16 + AMX", "train_64x64x32", "activation checkpointing", "bf16", "1.15", "2.00",
+         "4.6", "0.25", "2.5", "0.80"],
+        ["cpu: Intel, AVX-512, no BF16: no figure", "train_64x64x32", "activation checkpointing", "bf16", "1.15",
+         "2.00", "–", "–", "–", "–"],
     ]  # fmt: skip
     assert "(no figure for Other)" in text
     assert "| 512×512×300 | 128×128×96 / 128×128×96 | 3.50 | 200 |" in text
-    assert text.count("commit abc1234") == 13
+    assert text.count("commit abc1234") == 16
 
 
 def test_report_gives_the_share_of_the_gap_to_the_fully_labeled_run(tmp_path):
@@ -187,15 +207,58 @@ def test_accuracy_overrides_need_a_variant_name(tmp_path):
     assert list(tmp_path.iterdir()) == []  # refused before any split or run folder is written
 
 
-def test_reference_machine_is_chosen_by_cpu_model_and_flags():
-    assert reference_machine("AMD EPYC 9B14", ["avx512_bf16"]) == "AMD EPYC"
-    assert reference_machine("Intel(R) Xeon(R) Platinum 8481C", ["avx512_bf16", "amx_bf16"]) == (
-        "Intel Xeon with AVX-512 BF16 + AMX"
-    )
-    assert reference_machine("Intel(R) Xeon(R) CPU @ 2.20GHz", ["avx2", "avx512f"]) is None  # no AMX: not timed
-    assert reference_machine("Apple M2", []) is None
-    description = cpu_description()
-    assert set(description) == {"model", "flags", "native_bf16"} and set(description["flags"]) <= set(SPEED_FLAGS)
+#: ``/proc/cpuinfo`` flag lines of the machine kinds met so far (an AVX2-only AMD EPYC VM as this project's, an
+#: AMD EPYC with AVX-512 BF16, a Xeon with AMX, a Xeon with AVX-512 but no BF16), shortened but in their real form.
+AVX2_EPYC = (
+    "fpu vme de pse tsc msr pae mce cx8 apic sep mtrr pge mca cmov pat pse36 clflush mmx fxsr sse sse2 ht "
+    "syscall nx mmxext fxsr_opt pdpe1gb rdtscp lm constant_tsc rep_good nopl pni pclmulqdq ssse3 fma cx16 "
+    "sse4_1 sse4_2 movbe popcnt aes xsave avx f16c rdrand hypervisor bmi1 avx2 smep bmi2 sha_ni vaes rdpid"
+)
+BF16_EPYC = AVX2_EPYC + " avx512f avx512dq avx512ifma avx512cd avx512bw avx512vl avx512_bf16 avx512vbmi avx512_vnni"
+AMX_XEON = (
+    "fpu vme de pse tsc sse sse2 ssse3 fma sse4_1 sse4_2 avx f16c avx2 avx512f avx512dq avx512cd avx512bw "
+    "avx512vl avx512_vnni avx512_bf16 avx512_fp16 amx_bf16 amx_tile amx_int8"
+)
+AVX512_XEON = "fpu vme sse sse2 ssse3 fma sse4_1 sse4_2 avx f16c avx2 avx512f avx512dq avx512cd avx512bw avx512vl"
+
+
+def _cpuinfo(tmp_path, name, vendor, model, flags):
+    path = tmp_path / name
+    path.write_text(f"processor\t: 0\nvendor_id\t: {vendor}\ncpu family\t: 25\nmodel name\t: {model}\n"
+                    f"flags\t\t: {flags}\nbogomips\t: 4890.85\n\nprocessor\t: 1\nvendor_id\t: {vendor}\n")  # fmt: skip
+    return str(path)
+
+
+def test_the_authors_figures_are_keyed_by_what_the_cpu_offers_not_its_model_name(tmp_path):
+    machines = {
+        "avx2_epyc": ("AuthenticAMD", "AMD EPYC", AVX2_EPYC, "AMD", "AMD, AVX2, no AVX-512", False),
+        "bf16_epyc": ("AuthenticAMD", "AMD EPYC", BF16_EPYC, "AMD", "AMD, AVX-512 BF16", True),
+        "amx_xeon": ("GenuineIntel", "Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz", AMX_XEON, "Intel",
+                     "Intel, AVX-512 BF16 + AMX", True),
+        "avx512_xeon": ("GenuineIntel", "Intel(R) Xeon(R) CPU @ 2.20GHz", AVX512_XEON, "Intel",
+                        "Intel, AVX-512, no BF16", False),
+    }  # fmt: skip
+    for name, (vendor_id, model, flags, vendor, kind, native_bf16) in machines.items():
+        description = cpu_description(_cpuinfo(tmp_path, name, vendor_id, model, flags))
+        assert description["kind"] == kind and description["vendor"] == vendor and description["model"] == model
+        assert description["native_bf16"] is native_bf16
+        assert set(description["flags"]) == {f for f in SPEED_FLAGS if f in flags.split()}
+        assert cpu_kind(vendor_id, flags.split()) == cpu_kind(model, flags.split()) == kind
+    # same model name, different rows: the AVX2-only EPYC gets 8.8 s at 64x64x32, the AVX-512 BF16 one 2.93 s
+    assert AUTHORS_REFERENCE[reference_machine("AMD EPYC", AVX2_EPYC.split())]["seconds"]["train_64x64x32"] == 8.8
+    assert AUTHORS_REFERENCE[reference_machine("AMD EPYC", BF16_EPYC.split())]["seconds"]["train_64x64x32"] == 2.93
+    assert reference_machine("Intel(R) Xeon(R) Platinum 8481C", AMX_XEON.split()) == "Intel, AVX-512 BF16 + AMX"
+    assert reference_machine("GenuineIntel", AVX512_XEON.split()) is None  # not timed on that kind
+    assert reference_machine("Apple M2", ["fp", "asimd", "bf16"]) is None
+    assert cpu_kind("Apple M2", ["fp", "asimd", "bf16"]) == "Apple M2, no AVX2"
+    # the stored records of the project's AVX-512 BF16 EPYC VMs keep their row
+    for name in ("speed_cpu_dual_journal.json", "speed_cpu_amd_epyc_dual_journal_17c3f82.json"):
+        with open(f"docs/results/{name}") as handle:
+            record = json.load(handle)
+        assert speed_reference(record)[0].startswith("AMD, AVX-512 BF16")
+    description = cpu_description()  # this machine
+    assert set(description) == {"model", "vendor", "flags", "native_bf16", "kind"}
+    assert set(description["flags"]) <= set(SPEED_FLAGS)
 
 
 def test_same_run_reference_reads_the_reference_bench_output(tmp_path):
@@ -260,9 +323,9 @@ def test_report_compares_validation_variants_with_the_default_in_their_own_secti
     text = open(report(str(results), str(tmp_path / "RESULTS.md"), None)).read()
     section = text[text.index("## Choosing settings on a validation split") :]
     assert "### dual_journal, K = 8, `cpu` protocol (train: first 48 (8 labeled); validation: the next 12)" in section
-    assert _row(section, "unramped")[1:] == ["`method#rampup_iters 0`", "1", "78.00 ± 0.00", "-2.00 [-2.00, -2.00]",
-                                             "0/12", "below"]  # fmt: skip
-    assert _row(section, "default")[4:] == ["–", "–", "–"]
+    assert _row(section, "unramped")[1:] == ["`method#rampup_iters 0`", "1", "78.00", "0/12", "-2.00 [-2.00, -2.00]",
+                                             "0/12", "below", "-2.00 [-2.00, -2.00] (12/12)"]  # fmt: skip
+    assert _row(section, "default")[4:] == ["0/12", "–", "–", "–", "–"]
     assert "dual_journal [unramped]" not in text[: text.index("## Choosing")]  # never mixed into the test tables
 
 
@@ -276,3 +339,31 @@ def test_report_tabulates_term_probes(tmp_path):
     text = open(report(str(tmp_path / "results"), str(tmp_path / "RESULTS.md"), None)).read()
     assert _row(text, "cons") == ["cons", "0.1", "0.0150", "0.066", "0.136"]
     assert "Pseudo-label Dice on the unlabeled crops: student 0.704, teacher 0.783 (foreground truth 0.200" in text
+
+
+def test_a_speed_record_carries_the_authors_row_of_its_kind_of_cpu(tmp_path, monkeypatch):
+    """``speed`` with its probes faked (no timing): the record names the kind of CPU read from a hand-made
+    ``/proc/cpuinfo`` and the authors' figures of that kind, or a note where the kind was never timed."""
+    import benchmarking.runs as runs
+
+    monkeypatch.setattr(runs.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(runs, "git_commit", lambda: "abc1234")
+    fake = {"time_training": {"seconds_per_iteration": 4.4, "peak_rss_gib": 1.2, "precision": "fp32"},
+            "time_inference": {"seconds_per_volume": 12.2, "peak_rss_gib": 1.6, "precision": "fp32"}}  # fmt: skip
+    monkeypatch.setattr(runs, "run_isolated", lambda kind, **kwargs: dict(fake[kind]))
+    describe = runs.cpu_description
+    for name, vendor_id, flags, kind, seconds in (
+        ("avx2", "AuthenticAMD", AVX2_EPYC, "AMD, AVX2, no AVX-512", 8.8),
+        ("xeon", "GenuineIntel", AVX512_XEON, "Intel, AVX-512, no BF16", None),
+    ):
+        cpuinfo = _cpuinfo(tmp_path, name, vendor_id, "AMD EPYC" if name == "avx2" else "Intel(R) Xeon(R)", flags)
+        monkeypatch.setattr(runs, "cpu_description", lambda path=cpuinfo: describe(path))
+        path = runs.speed(patches=[[64, 64, 32]], with_baselines=False, results_dir=str(tmp_path / f"results_{name}"))
+        with open(path) as handle:
+            record = json.load(handle)
+        assert record["cpu"]["kind"] == record["reference_machine"] == kind
+        if seconds is None:
+            assert record["reference"] is None and f"no figure for {kind}" in record["reference_note"]
+        else:
+            assert record["reference"]["seconds"]["train_64x64x32"] == seconds and "reference_note" not in record
+        assert speed_reference(record) == (kind if seconds else f"{kind}: no figure", record["reference"])

@@ -86,7 +86,8 @@ def test_report_pairs_each_arm_by_seed_and_case(tmp_path, monkeypatch):
     assert "## Which scans to label next: LA, `cpu` protocol, dual_journal, K = 4 → 8" in text
     assert "| base (K₀ labeled) | 1, 2 | 70.95 ± 0.00 |" in text
     assert "| + random, draw 0 | 1, 2 | 76.95 ± 0.00 |" in text
-    assert "| + top-ranked | 1, 2 | 82.95 ± 0.00 |" in text
+    assert "| + top-ranked | 1, 2 | 82.95 ± 0.00 | 0/40 (0, 0) |" in text
+    assert "| + random | 1, 2 | 78.95 ± 0.00 | 0/120 (0, 0) |" in text  # failures over the 3 draws of 2 seeds
     assert "| + top-ranked − + random | +4.00 [+4.00, +4.00] | 20/20 | above |" in text
     assert "**Answer:** uncertainty-chosen scans beat random ones (Δ Dice +4.00 [+4.00, +4.00])." in text
     assert "| + random − + next of the list | -2.00 [-2.00, -2.00] | 0/20 | below |" in text
