@@ -52,6 +52,11 @@ class SSLTrainer(SupervisedTrainer):
             fewer page faults, faster iterations, but a higher peak RSS from heap fragmentation (112x112x80, batch
             2+2, activation checkpointing: 29 s and 9.4 GiB with it, 40 s and 6.1 GiB without; docs/RESULTS.md).
             Off by default, so that training memory stays within half of the authors' code.
+        channels_last: keep the networks' weights and the input batches channels-last (``torch.channels_last_3d``,
+            NDHWC), on which oneDNN's fp32 3D convolutions run faster, their backward most (``auto``: on a CPU in
+            fp32, i.e. a CPU without native bf16; measured on an AVX2-only AMD EPYC: 12 % less CPU time per 32³
+            dual-network iteration, 1.8x faster backward of a 16-channel 32³ convolution). The numbers are the same
+            up to float rounding. ``True`` / ``False`` force it.
         kwargs: passed to ``SupervisedTrainer`` (``train_handlers``, ...); AMP is set by ``precision``.
             ``optim_set_to_none`` defaults to ``True`` (torch's own default, MONAI's is ``False``): gradients are
             freed before each forward instead of zeroed in place, which lowers the peak RSS of a 64x64x32
@@ -80,9 +85,11 @@ class SSLTrainer(SupervisedTrainer):
         lr_scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None,
         precision: str = "auto",
         cpu_allocator_cache: bool = False,
+        channels_last: bool | str = "auto",
         **kwargs: Any,
     ) -> None:
         self.precision = resolve_precision(precision, device)
+        self.channels_last = use_channels_last(channels_last, device, self.precision)
         kwargs["amp"] = self.precision == "fp16"  # the gradient scaler is for fp16 only
         kwargs.setdefault("optim_set_to_none", True)
         if cpu_allocator_cache and torch.device(device).type == "cpu":
@@ -90,6 +97,8 @@ class SSLTrainer(SupervisedTrainer):
         if self.precision == "bf16" and torch.device(device).type == "cpu":
             guard_small_depth_convolutions(method)
         plugin: SSLMethod = getattr(method, "module", method)  # unwrap DistributedDataParallel
+        if self.channels_last:
+            plugin.to(memory_format=torch.channels_last_3d)  # in place: the optimizer keeps the same parameters
         if plugin.uses_unlabeled and unlabeled_data_loader is None:
             raise ValueError(f"{type(plugin).__name__} trains on unlabeled data but no unlabeled loader was given.")
         super().__init__(
@@ -207,6 +216,9 @@ class SSLTrainer(SupervisedTrainer):
         if self.method.uses_unlabeled:
             unlabeled_batch = self.next_unlabeled_batch()
             unlabeled = unlabeled_batch[CommonKeys.IMAGE].to(engine.state.device, non_blocking=engine.non_blocking)
+        if self.channels_last:
+            image = image.contiguous(memory_format=torch.channels_last_3d)
+            unlabeled = None if unlabeled is None else unlabeled.contiguous(memory_format=torch.channels_last_3d)
         engine.state.output = {CommonKeys.IMAGE: image, CommonKeys.LABEL: label}
 
         engine.network.train()
@@ -229,6 +241,15 @@ class SSLTrainer(SupervisedTrainer):
         engine.state.output.update({f"loss_{name}": value.detach() for name, value in terms.items()})
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
+
+
+def use_channels_last(setting: bool | str, device: torch.device | str, precision: str) -> bool:
+    """Resolve the trainer's ``channels_last`` setting: ``auto`` is on for fp32 training on a CPU."""
+    if setting == "auto":
+        return torch.device(device).type == "cpu" and precision == "fp32"
+    if not isinstance(setting, bool):
+        raise ValueError(f"channels_last: expected true, false or 'auto', got {setting!r}.")
+    return setting
 
 
 def gradients_finite(module: torch.nn.Module) -> bool:
