@@ -24,14 +24,17 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 pytest.importorskip("monailabel")
 requests = pytest.importorskip("requests")
 
+from bundle.networks import SoftmaxOutput  # noqa: E402
 from bundle.synthetic import synthetic_volume  # noqa: E402
 from monailabel_app.main import MODEL, STRATEGY  # noqa: E402
-from monailabel_app.settings import AppSettings  # noqa: E402
-from monailabel_app.train import datastore_items, training_workflow, usable_items  # noqa: E402
+from monailabel_app.scoring import DISAGREEMENT, SCORE, image_scores, rank_images  # noqa: E402
+from monailabel_app.settings import AppConfigError, AppSettings  # noqa: E402
+from monailabel_app.train import datastore_items, training_length, training_workflow, usable_items  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
@@ -172,6 +175,35 @@ def test_datastore_images_reach_the_unlabeled_loader(tmp_path):
     batch = next(iter(loader))
     assert set(batch) == {"image"} and batch["image"].shape[1:] == (1, 32, 32, 32)
     assert data_files() == before, "training created files under data/ (the synthetic dataset)"
+
+
+def test_settings_and_training_length():
+    """Bad ``--conf`` values are named; MONAI Label's ``max_epochs`` sets the length unless ``max_iterations`` does."""
+    for conf, key in [({"method": "nope"}, "method"), ({"labels": "background"}, "labels")]:
+        with pytest.raises(AppConfigError, match=f"--conf {key}"):
+            AppSettings.from_conf(conf)
+    with pytest.raises(AppConfigError, match="--conf patch_size"):
+        AppSettings.from_conf({"patch_size": "32,32"})
+    assert training_length({"max_epochs": 3}, num_labeled=3) == 6  # 3 passes of ceil(3 / 2) batches
+    assert training_length({"max_epochs": 3, "max_iterations": 5}, num_labeled=3) == 5
+    assert training_length({"max_epochs": 4}, num_labeled=1) == 4
+
+
+def test_single_network_method_is_ranked_by_entropy(tmp_path):
+    """With a single-network method the score is the entropy; a broken scan is reported with its datastore path."""
+    studies = make_datastore(tmp_path)
+    conf = {**CONF, "method": "mean_teacher", "model_dir": str(tmp_path / "model"), "work_dir": str(tmp_path / "w")}
+    settings = AppSettings.from_conf(conf)
+    network = settings.inference_parser().get_parsed_content("network_def")
+    assert isinstance(network, SoftmaxOutput)
+    os.makedirs(settings.model_dir)
+    torch.save(network.state_dict(), settings.model_path)
+    images = {name: str(studies / f"{name}.nii.gz") for name in UNLABELED[:2] + [BROKEN]}
+    rows, failures = rank_images(settings, images, str(tmp_path / "scoring"))
+    assert sorted(rows) == UNLABELED[:2] and {row["ranked_by"] for row in rows.values()} == {"entropy"}
+    scores = image_scores(rows[UNLABELED[0]], timestamp=1.0)
+    assert scores[SCORE] == pytest.approx(rows[UNLABELED[0]]["entropy"]) and scores[DISAGREEMENT] is None
+    assert list(failures) == [BROKEN] and failures[BROKEN].startswith(images[BROKEN])
 
 
 def test_monailabel_server_end_to_end(tmp_path):
