@@ -59,13 +59,14 @@ def rank_images(settings: AppSettings, images: Mapping[str, str], output_dir: st
         try:
             ranking.run()
             report = ""
-        except SystemExit as exit_report:  # FolderRanking lists the scans that failed, after ranking the others
-            report = str(exit_report)
+        except (Exception, SystemExit) as err:  # the scans that failed are listed after the others are ranked
+            report = str(err)
         rows = {links[row["path"]]: {**row, "ranked_by": ranking.rank_by} for row in ranking.rows}
         for link, image_id in links.items():
             if image_id not in rows:
                 lines = [line.strip() for line in report.splitlines() if link in line]
-                failures[image_id] = (lines[0] if lines else f"{link}: not scored").replace(link, nifti[image_id])
+                why = lines[0] if lines else f"{link}: not scored ({' '.join(report.split())[:300] or 'no result'})"
+                failures[image_id] = why.replace(link, nifti[image_id])
         return rows, failures
     finally:
         shutil.rmtree(folder, ignore_errors=True)
