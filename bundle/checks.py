@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from monai.data import CacheDataset
 
+from bundle.booleans import BooleanSettingError, parse_bool
 from bundle.data import DatasetError, build_datalists
 from bundle.networks import SIZE_DIVISOR
 from bundle.transforms import LoadVolumed, check_volume_transforms
@@ -57,14 +58,18 @@ def stop(title: str, lines: Sequence[str]) -> None:
 
 
 def _type_problem(key: str, value: Any, expected: Any) -> Optional[str]:
+    if expected == BOOL:
+        try:
+            parse_bool(value, key)
+        except BooleanSettingError as err:
+            return str(err)
+        return None
     if expected == INTS:
         ok = isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
         name = "a list of integers, e.g. [96,96,96]"
     else:
-        ok = isinstance(value, expected) and (expected == BOOL or not isinstance(value, bool))
-        name = {INT: "an integer", FLOAT: "a number", BOOL: "true or false (True/False on the command line)"}.get(
-            expected, "a string"
-        )
+        ok = isinstance(value, expected) and not isinstance(value, bool)
+        name = {INT: "an integer", FLOAT: "a number"}.get(expected, "a string")
     return None if ok else f"{key}: expected {name}, got {value!r} ({type(value).__name__})"
 
 
