@@ -75,6 +75,8 @@ def _lookup(config: Any, path: str) -> Tuple[bool, Any]:
     """``(found, value)`` of ``path`` in ``config``; top-level keys may themselves contain ``#`` (overlays)."""
     if isinstance(config, dict) and path in config:
         return True, config[path]
+    if isinstance(config, list) and path.isdigit() and int(path) < len(config):
+        return True, config[int(path)]
     head, sep, rest = path.partition("#")
     if not sep:
         return False, None
@@ -88,6 +90,9 @@ def _lookup(config: Any, path: str) -> Tuple[bool, Any]:
 def _set(config: Any, path: str, value: Any) -> None:
     if isinstance(config, dict) and path in config:
         config[path] = value
+        return
+    if isinstance(config, list) and path.isdigit():
+        config[int(path)] = value
         return
     head, _, rest = path.partition("#")
     _set(config[int(head)] if isinstance(config, list) else config[head], rest, value)

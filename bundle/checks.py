@@ -14,6 +14,7 @@ import tempfile
 import zipfile
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import torch
 from monai.data import CacheDataset
 
 from bundle.booleans import BooleanSettingError, parse_bool
@@ -138,6 +139,39 @@ def check_weights_file(path: str, title: str = "Cannot evaluate:") -> None:
             pass
     except (zipfile.BadZipFile, OSError) as err:
         stop(title, [f"{path}: not a complete weights file, truncated or corrupt ({err})."])
+
+
+def batch_label_problems(label: Any, num_classes: int, files: Optional[Sequence[str]] = None) -> List[str]:
+    """One line per item of a labeled batch ``(B, 1, *S)`` whose label values lie outside ``[0, num_classes)``,
+    naming the item's label file (``files``, else the batch's metadata) and the values."""
+    values = torch.as_tensor(label)
+    outside = (values < 0) | (values >= num_classes)
+    if not bool(outside.any()):
+        return []
+    files = files if files is not None else getattr(label, "meta", {}).get("filename_or_obj", [])
+    files = [files] if isinstance(files, str) else list(files)
+    lines = []
+    for index in range(values.shape[0]):
+        bad = torch.unique(values[index][outside[index]])
+        if bad.numel():
+            name = files[index] if index < len(files) else f"item {index} of the batch"
+            lines.append(
+                f"{name}: label values {[float(v) for v in bad[:10]]} outside [0, {num_classes}) "
+                f"(out_channels={num_classes}) in a training patch"
+            )
+    return lines
+
+
+def check_batch_labels(label: Any, num_classes: int, files: Optional[Sequence[str]] = None) -> None:
+    """Stop naming each label file of a training batch with values outside ``[0, num_classes)``
+    (:func:`batch_label_problems`), where the loss would fail; the trainer checks every labeled batch."""
+    lines = batch_label_problems(label, num_classes, files)
+    if lines:
+        stop(
+            "Data check failed: labels outside the classes; nothing more was trained. Fix these files (check_data "
+            "true, the default, finds every such file before training):",
+            lines,
+        )
 
 
 def datalists_or_exit(**kwargs: Any) -> Dict[str, List[Dict[str, str]]]:

@@ -6,14 +6,18 @@
   folder holding the inputs, or one whose outputs the input pattern would pick up on the next run; inference,
   ranking and evaluation call it before reading anything.
 * :func:`load_json` reads a JSON file and names it, with the line and column of a syntax error.
+* :class:`CreatedFolderGuard` removes the folders a training run created when it fails before its first iteration.
 """
 
 from __future__ import annotations
 
+import atexit
 import fnmatch
 import glob
 import json
 import os
+import shutil
+import time
 from typing import Any, Iterable, List, Optional, Sequence
 
 
@@ -80,7 +84,8 @@ def check_outputs_apart(
     Args:
         inputs: every input file (scans, labels, list files).
         output_dir: the run's output folder (need not exist).
-        subfolders: its sub-folders the run writes into (``probabilities``, ``figures``, ...).
+        subfolders: its sub-folders the run writes into (``probabilities``, ``figures``, ...); an absolute path is
+            another folder the run writes into.
         input_pattern: the glob the inputs were listed with, if any.
         output_names: the file names the run writes (``case.nii.gz``, ...), for the pattern test.
         input_folders: folders that count as input folders besides those of ``inputs`` (the ``dataset_dir``).
@@ -146,3 +151,80 @@ def load_json(path: str, error: type = PathError) -> Any:
         raise error(f"{path}: not a text file ({err.reason} at byte {err.start}).") from err
     except OSError as err:
         raise error(f"{path}: cannot be read ({err.strerror or err}).") from err
+
+
+# ------------------------------------------------------------------------------------------- training folders
+#: guards whose run has not completed an iteration yet; removed from here by :func:`keep_created_folders`.
+_PENDING_GUARDS: List["CreatedFolderGuard"] = []
+
+
+class CreatedFolderGuard:
+    """Removes the folders a training run created if the process ends before the run completes an iteration.
+
+    Made before ``output_dir`` / ``model_dir`` are created (``configs/train.json``: before the writable check). It
+    records which of ``folders`` (and their parents) do not exist yet, and, for those that do, which sub-folders they
+    hold; at process exit (``atexit``: also on ``SystemExit`` and uncaught errors), unless
+    :func:`keep_created_folders` ran first (the trainer's first completed iteration), it removes every folder that
+    appeared since, with its content: a run that fails on its data, settings or first iteration leaves no empty
+    ``models/`` or ``runs/train/tensorboard/`` behind. A folder holding a file older than the guard is kept.
+
+    Args:
+        folders: the run's output folders.
+    """
+
+    def __init__(self, folders: Sequence[str]) -> None:
+        self.start = time.time()
+        self.created: List[str] = []
+        self.snapshots = {}
+        for folder in dict.fromkeys(os.path.abspath(f) for f in folders):
+            if os.path.isdir(folder):
+                self.snapshots[folder] = {root for root, _, _ in os.walk(folder)}
+                continue
+            top = folder
+            while not os.path.exists(os.path.dirname(top)) and os.path.dirname(top) != top:
+                top = os.path.dirname(top)
+            self.created.append(top)
+        _PENDING_GUARDS.append(self)
+        atexit.register(self.remove_new_folders)
+
+    def new_folders(self) -> List[str]:
+        """The top-most folders that appeared under the guarded folders since the guard was made."""
+        found = [f for f in self.created if os.path.isdir(f)]
+        for folder, before in self.snapshots.items():
+            for root, subfolders, _ in os.walk(folder):
+                new = [s for s in subfolders if os.path.join(root, s) not in before]
+                found += [os.path.join(root, s) for s in new]
+                subfolders[:] = [s for s in subfolders if s not in new]
+        return found
+
+    def remove_new_folders(self) -> List[str]:
+        """Remove :meth:`new_folders` unless the run completed an iteration; returns the removed folders."""
+        if self not in _PENDING_GUARDS:
+            return []
+        _PENDING_GUARDS.remove(self)
+        removed = []
+        for folder in self.new_folders():
+            files = [os.path.join(r, n) for r, _, names in os.walk(folder) for n in names]
+            if all(os.path.getmtime(f) >= self.start - 1.0 for f in files if os.path.isfile(f)):
+                shutil.rmtree(folder, ignore_errors=True)
+                removed.append(folder)
+        return removed
+
+
+def keep_created_folders(*_: Any) -> None:
+    """The run completed an iteration: keep every folder it created (see :class:`CreatedFolderGuard`)."""
+    for guard in list(_PENDING_GUARDS):
+        _PENDING_GUARDS.remove(guard)
+        atexit.unregister(guard.remove_new_folders)
+
+
+def keep_folders_after_first_iteration(engine: Any) -> None:
+    """Call :func:`keep_created_folders` when ``engine`` (the trainer) completes its first iteration (also the
+    first iteration of a resumed run)."""
+    from ignite.engine import Events
+
+    def first_iteration(engine: Any) -> None:
+        keep_created_folders()
+        engine.remove_event_handler(first_iteration, Events.ITERATION_COMPLETED)
+
+    engine.add_event_handler(Events.ITERATION_COMPLETED, first_iteration)

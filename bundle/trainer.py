@@ -18,9 +18,11 @@ from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys
 
+from bundle.checks import check_batch_labels
 from bundle.methods.base import SSLMethod
 from bundle.precision import autocast, guard_small_depth_convolutions, resolve_precision
 from bundle.resume import ResumableStream, capture_rng, restore_rng
+from bundle.transforms import LABEL_FILE_KEY
 from bundle.runtime import tune_cpu_allocator
 
 logger = logging.getLogger(__name__)
@@ -52,6 +54,9 @@ class SSLTrainer(SupervisedTrainer):
             fewer page faults, faster iterations, but a higher peak RSS from heap fragmentation (112x112x80, batch
             2+2, activation checkpointing: 29 s and 9.4 GiB with it, 40 s and 6.1 GiB without; docs/RESULTS.md).
             Off by default, so that training memory stays within half of the authors' code.
+        num_classes: when given, every labeled batch's label values must lie in ``[0, num_classes)``, else the run
+            stops naming the label files (:func:`bundle.checks.check_batch_labels`; with ``check_data`` off a bad
+            label would otherwise end in an ``IndexError`` of the cross-entropy, naming no file).
         kwargs: passed to ``SupervisedTrainer`` (``train_handlers``, ...); AMP is set by ``precision``.
             ``optim_set_to_none`` defaults to ``True`` (torch's own default, MONAI's is ``False``): gradients are
             freed before each forward instead of zeroed in place, which lowers the peak RSS of a 64x64x32
@@ -80,8 +85,10 @@ class SSLTrainer(SupervisedTrainer):
         lr_scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None,
         precision: str = "auto",
         cpu_allocator_cache: bool = False,
+        num_classes: Optional[int] = None,
         **kwargs: Any,
     ) -> None:
+        self.num_classes = num_classes
         self.precision = resolve_precision(precision, device)
         kwargs["amp"] = self.precision == "fp16"  # the gradient scaler is for fp16 only
         kwargs.setdefault("optim_set_to_none", True)
@@ -202,6 +209,8 @@ class SSLTrainer(SupervisedTrainer):
         sum, one optimizer step, the method's post-step hook. Fires the standard ``IterationEvents``."""
         iteration = engine.state.iteration - 1  # ignite counts from 1; methods and ramps from 0
         self._start_stage_if_due(iteration)
+        if self.num_classes is not None:
+            check_batch_labels(batchdata[CommonKeys.LABEL], self.num_classes, batchdata.get(LABEL_FILE_KEY))
         image, label = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
         unlabeled = None
         if self.method.uses_unlabeled:

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from monai.transforms import (
     Compose,
+    CopyItemsd,
     EnsureChannelFirstd,
     EnsureTyped,
     Flipd,
@@ -156,6 +157,10 @@ def preprocessing(
     return Compose(transforms)
 
 
+#: the key of a training item that keeps its label file's path (:func:`training_transforms`).
+LABEL_FILE_KEY = "label_file"
+
+
 def training_transforms(
     keys: Sequence[str],
     patch_size: Sequence[int],
@@ -172,11 +177,12 @@ def training_transforms(
     the paper); ``augment=True`` adds the field's ``RandomRotFlip`` of the UA-MT/BCP/SSL4MIS code, used by the
     single-V-Net methods: ``rot90`` by k in {0, 1, 2, 3} in the first two axes, then exactly one flip, along axis 0
     or axis 1 with equal probability (the same draw for image and label).
-    Output ``image`` (C, *patch_size), ``label`` (1, *patch_size) when labeled. ``num_classes`` and ``check``: see
-    :func:`preprocessing`.
+    Output ``image`` (C, *patch_size), ``label`` (1, *patch_size) and ``label_file`` (its path, so that a bad label
+    value found in a batch names its file) when labeled. ``num_classes`` and ``check``: see :func:`preprocessing`.
     """
     keys = list(keys)
-    transforms = list(preprocessing(keys, resample_factor, num_classes, check).transforms)
+    transforms = [CopyItemsd(keys="label", names=LABEL_FILE_KEY)] if "label" in keys else []
+    transforms += list(preprocessing(keys, resample_factor, num_classes, check).transforms)
     if augment:  # before the crop, as in the released code, so a non-square patch keeps its shape
         transforms += [
             # MONAI draws k in {1, ..., max_k} when it rotates: prob 3/4 makes k uniform in {0, 1, 2, 3}
