@@ -180,7 +180,7 @@ def read_dataset_json(path: str) -> Dict[str, Any]:
             paths = entry if isinstance(entry, dict) else {"image": entry}
             if not isinstance(paths.get("image"), str) or not isinstance(paths.get("label", ""), (str, type(None))):
                 raise DatasetError(
-                    f"{path}: '{key}' entry {index} must be a path or {{\"image\": path[, \"label\": path]}}, "
+                    f'{path}: \'{key}\' entry {index} must be a path or {{"image": path[, "label": path]}}, '
                     f"got {json.dumps(entry)[:120]}."
                 )
     return spec

@@ -60,7 +60,11 @@ def read_manifest(output_dir: str) -> Optional[Dict[str, Any]]:
         return None
     manifest = load_json(path, ManifestError)
     outputs = manifest.get("outputs") if isinstance(manifest, dict) else None
-    if manifest.get("format") != FORMAT or not isinstance(outputs, list) or not all(isinstance(o, str) for o in outputs):
+    if (
+        manifest.get("format") != FORMAT
+        or not isinstance(outputs, list)
+        or not all(isinstance(o, str) for o in outputs)
+    ):
         raise ManifestError(
             f"{path}: not a manifest written by this bundle's inference ('format': '{FORMAT}' and a list of "
             "'outputs' expected); move it away or choose another output_dir."

@@ -22,8 +22,8 @@ from bundle.checks import check_batch_labels
 from bundle.methods.base import SSLMethod
 from bundle.precision import autocast, guard_small_depth_convolutions, resolve_precision
 from bundle.resume import ResumableStream, capture_rng, restore_rng
-from bundle.transforms import LABEL_FILE_KEY
 from bundle.runtime import tune_cpu_allocator
+from bundle.transforms import LABEL_FILE_KEY
 
 logger = logging.getLogger(__name__)
 

@@ -212,7 +212,13 @@ def test_round_trip_affine_header_shape_and_maps(tmp_path):
     np.testing.assert_allclose(np.asarray(outputs["disagreement/case.nii.gz"].dataobj), abs(prob_a - prob_b), atol=1e-5)
     entropy = -(probabilities * np.log(probabilities)).sum(-1)
     np.testing.assert_allclose(np.asarray(outputs["entropy/case.nii.gz"].dataobj), entropy, atol=1e-5)
-    assert sorted(os.listdir(tmp_path / "out")) == ["case.nii.gz", "disagreement", "entropy", "manifest.json", "probabilities"]
+    assert sorted(os.listdir(tmp_path / "out")) == [
+        "case.nii.gz",
+        "disagreement",
+        "entropy",
+        "manifest.json",
+        "probabilities",
+    ]
 
 
 def test_bad_files_are_reported_skipped_and_exit_nonzero(tmp_path):

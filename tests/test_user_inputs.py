@@ -318,8 +318,10 @@ def test_manifest_records_the_model_and_a_foreign_manifest_stops_the_run(tmp_pat
     (tmp_path / "out" / MANIFEST_NAME).write_text('{"outputs": ["../scans/a.nii.gz"]}')
     with pytest.raises(SystemExit) as info:
         _run(scans, tmp_path / "out")
-    assert str(info.value.code).splitlines()[1].startswith(
-        f"  {tmp_path / 'out' / MANIFEST_NAME}: not a manifest written by this bundle's inference"
+    assert (
+        str(info.value.code)
+        .splitlines()[1]
+        .startswith(f"  {tmp_path / 'out' / MANIFEST_NAME}: not a manifest written by this bundle's inference")
     )
     assert (scans / "a.nii.gz").exists()
 
