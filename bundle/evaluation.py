@@ -191,10 +191,18 @@ def pair_files(pred_dir: str, label_dir: str) -> Tuple[List[Tuple[str, str, str]
 
 
 def _load_label_map(path: str) -> Tuple[np.ndarray, np.ndarray, Tuple[float, ...]]:
-    image = nib.load(path)
+    """A label map, its affine and voxel size; raises ``ValueError`` naming the file when it cannot be read or is
+    not 3D."""
+    try:
+        image = nib.load(path)
+        array = np.asarray(image.dataobj)
+    except Exception as err:  # nibabel raises several exception types for bad files (and EOFError, zlib.error)
+        raise ValueError(
+            f"{path}: not a readable label map ({type(err).__name__}: {' '.join(str(err).split())})."
+        ) from err
     if len(image.shape) != 3:
         raise ValueError(f"{path}: expected a 3D label map, got shape {image.shape}.")
-    return np.rint(np.asarray(image.dataobj)).astype(np.int16), image.affine, tuple(image.header.get_zooms()[:3])
+    return np.rint(array).astype(np.int16), image.affine, tuple(image.header.get_zooms()[:3])
 
 
 def evaluate_folders(

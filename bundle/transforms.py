@@ -7,16 +7,16 @@ grid with ``Invertd`` against it.
 
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 from monai.transforms import (
     Compose,
-    CopyItemsd,
     EnsureChannelFirstd,
     EnsureTyped,
     Flipd,
+    Lambdad,
     LoadImaged,
     MapTransform,
     NormalizeIntensityd,
@@ -161,6 +161,11 @@ def preprocessing(
 LABEL_FILE_KEY = "label_file"
 
 
+def source_file(volume: Any) -> str:
+    """The file a ``MetaTensor`` was read from (``""`` without metadata)."""
+    return str(getattr(volume, "meta", {}).get("filename_or_obj", ""))
+
+
 def training_transforms(
     keys: Sequence[str],
     patch_size: Sequence[int],
@@ -181,8 +186,7 @@ def training_transforms(
     value found in a batch names its file) when labeled. ``num_classes`` and ``check``: see :func:`preprocessing`.
     """
     keys = list(keys)
-    transforms = [CopyItemsd(keys="label", names=LABEL_FILE_KEY)] if "label" in keys else []
-    transforms += list(preprocessing(keys, resample_factor, num_classes, check).transforms)
+    transforms = list(preprocessing(keys, resample_factor, num_classes, check).transforms)
     if augment:  # before the crop, as in the released code, so a non-square patch keeps its shape
         transforms += [
             # MONAI draws k in {1, ..., max_k} when it rotates: prob 3/4 makes k uniform in {0, 1, 2, 3}
@@ -193,5 +197,7 @@ def training_transforms(
         SpatialPadd(keys=keys, spatial_size=list(patch_size), mode="constant"),
         RandSpatialCropd(keys=keys, roi_size=list(patch_size), random_size=False),
     ]
+    if "label" in keys:
+        transforms.append(Lambdad(keys="label", func=source_file, overwrite=LABEL_FILE_KEY))
     transforms.append(EnsureTyped(keys=keys, track_meta=False))
     return Compose(transforms)

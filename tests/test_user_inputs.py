@@ -444,3 +444,35 @@ def test_label_255_with_check_data_false_stops_naming_the_file_and_leaves_no_fol
         f"  {label_path}: label values [255.0] outside [0, 2) (out_channels=2) in a training patch"
     )
     assert sorted(os.listdir(tmp_path)) == ["data"]  # no runs/, no models/
+
+
+def test_unreadable_prediction_is_one_line_naming_it(tmp_path):
+    _write_nifti(tmp_path / "label.nii.gz", np.zeros((6, 6, 6), np.uint8), np.eye(4))
+    (tmp_path / "pred").mkdir()
+    (tmp_path / "labels").mkdir()
+    os.replace(tmp_path / "label.nii.gz", tmp_path / "labels" / "a.nii.gz")
+    (tmp_path / "pred" / "a.nii.gz").write_bytes(b"\x1f\x8b not really gzip")
+    with pytest.raises(ValueError) as info:
+        evaluate_folders(str(tmp_path / "pred"), str(tmp_path / "labels"), str(tmp_path / "eval"))
+    assert str(info.value).startswith(f"{tmp_path / 'pred' / 'a.nii.gz'}: not a readable label map (")
+    assert "\n" not in str(info.value)
+
+
+def test_evaluate_config_check_refuses_input_folders(tmp_path):
+    """``configs/evaluate.json``'s ``outputs_check``: output_dir, figures/ and predictions_dir against the validation
+    files."""
+    from bundle.paths import outputs_apart_or_exit
+
+    evaluate = json.loads((CONFIG_DIR / "evaluate.json").read_text())
+    assert evaluate["run"][:2] == ["$@weights_check", "$@outputs_check"]
+    item = {"image": str(tmp_path / "imagesTr" / "c.nii.gz"), "label": str(tmp_path / "labelsTr" / "c.nii.gz")}
+    kwargs = dict(title="Cannot evaluate:", inputs=list(item.values()))
+    outputs_apart_or_exit(output_dir=str(tmp_path / "eval"), subfolders=["figures"], **kwargs)
+    for output_dir, subfolders in (
+        (tmp_path / "labelsTr", ["figures"]),
+        (tmp_path / "eval", ["figures", str(tmp_path / "imagesTr")]),
+    ):
+        with pytest.raises(SystemExit) as info:
+            outputs_apart_or_exit(output_dir=str(output_dir), subfolders=subfolders, **kwargs)
+        assert str(info.value.code).splitlines()[0] == "Cannot evaluate:"
+        assert "is the folder holding the inputs" in str(info.value.code)
