@@ -14,8 +14,10 @@ import tempfile
 import zipfile
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import torch
 from monai.data import CacheDataset
 
+from bundle.booleans import BooleanSettingError, parse_bool
 from bundle.data import DatasetError, build_datalists
 from bundle.networks import SIZE_DIVISOR
 from bundle.transforms import LoadVolumed, check_volume_transforms
@@ -57,14 +59,18 @@ def stop(title: str, lines: Sequence[str]) -> None:
 
 
 def _type_problem(key: str, value: Any, expected: Any) -> Optional[str]:
+    if expected == BOOL:
+        try:
+            parse_bool(value, key)
+        except BooleanSettingError as err:
+            return str(err)
+        return None
     if expected == INTS:
         ok = isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
         name = "a list of integers, e.g. [96,96,96]"
     else:
-        ok = isinstance(value, expected) and (expected == BOOL or not isinstance(value, bool))
-        name = {INT: "an integer", FLOAT: "a number", BOOL: "true or false (True/False on the command line)"}.get(
-            expected, "a string"
-        )
+        ok = isinstance(value, expected) and not isinstance(value, bool)
+        name = {INT: "an integer", FLOAT: "a number"}.get(expected, "a string")
     return None if ok else f"{key}: expected {name}, got {value!r} ({type(value).__name__})"
 
 
@@ -133,6 +139,39 @@ def check_weights_file(path: str, title: str = "Cannot evaluate:") -> None:
             pass
     except (zipfile.BadZipFile, OSError) as err:
         stop(title, [f"{path}: not a complete weights file, truncated or corrupt ({err})."])
+
+
+def batch_label_problems(label: Any, num_classes: int, files: Optional[Sequence[str]] = None) -> List[str]:
+    """One line per item of a labeled batch ``(B, 1, *S)`` whose label values lie outside ``[0, num_classes)``,
+    naming the item's label file (``files``, else the batch's metadata) and the values."""
+    values = torch.as_tensor(label)
+    outside = (values < 0) | (values >= num_classes)
+    if not bool(outside.any()):
+        return []
+    files = files if files is not None else getattr(label, "meta", {}).get("filename_or_obj", [])
+    files = [files] if isinstance(files, str) else list(files)
+    lines = []
+    for index in range(values.shape[0]):
+        bad = torch.unique(values[index][outside[index]])
+        if bad.numel():
+            name = files[index] if index < len(files) else f"item {index} of the batch"
+            lines.append(
+                f"{name}: label values {[float(v) for v in bad[:10]]} outside [0, {num_classes}) "
+                f"(out_channels={num_classes}) in a training patch"
+            )
+    return lines
+
+
+def check_batch_labels(label: Any, num_classes: int, files: Optional[Sequence[str]] = None) -> None:
+    """Stop naming each label file of a training batch with values outside ``[0, num_classes)``
+    (:func:`batch_label_problems`), where the loss would fail; the trainer checks every labeled batch."""
+    lines = batch_label_problems(label, num_classes, files)
+    if lines:
+        stop(
+            "Data check failed: labels outside the classes; nothing more was trained. Fix these files (check_data "
+            "true, the default, finds every such file before training):",
+            lines,
+        )
 
 
 def datalists_or_exit(**kwargs: Any) -> Dict[str, List[Dict[str, str]]]:

@@ -81,8 +81,8 @@ def check_config_keys(config: Dict[str, Any]) -> None:
     raise ValueError(f"configuration keys with no effect: {details}. Method arguments are set as --method#<arg>.")
 
 
-def check_active_config() -> None:
-    """:func:`check_config_keys` on the configuration being run: an ``initialize`` entry of ``train.json``.
+def active_parser() -> ConfigParser:
+    """The ``ConfigParser`` of the configuration being run, for a component of that configuration.
 
     MONAI gives a config component no handle on its parser, so the parser is found as the ``self`` of a calling
     frame (``ConfigParser.get_parsed_content``)."""
@@ -90,7 +90,12 @@ def check_active_config() -> None:
     while frame is not None:
         owner = frame.f_locals.get("self")
         if isinstance(owner, ConfigParser):
-            check_config_keys(owner.get())
-            return
+            return owner
         frame = frame.f_back
-    raise RuntimeError("check_active_config runs as a component of a monai.bundle config (train.json 'initialize').")
+    raise RuntimeError("this check runs as a component of a monai.bundle config (an 'initialize' entry).")
+
+
+def check_active_config() -> None:
+    """:func:`check_config_keys` on the configuration being run (:func:`active_parser`): an ``initialize`` entry of
+    ``train.json``."""
+    check_config_keys(active_parser().get())

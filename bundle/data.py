@@ -27,6 +27,8 @@ from monai.data import ImageReader
 from monai.data.image_reader import _copy_compatible_dict, _stack_images
 from monai.utils import MetaKeys, SpaceKeys, ensure_tuple
 
+from bundle.paths import load_json
+
 LA_FILE_NAME = "mri_norm2.h5"
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -163,6 +165,27 @@ def _resolve_list(dataset_dir: str, list_file: str) -> str:
     return in_dataset if os.path.isfile(in_dataset) or not os.path.isfile(list_file) else list_file
 
 
+def read_dataset_json(path: str) -> Dict[str, Any]:
+    """The content of an MSD ``dataset.json``; a file that is not valid JSON (with the line and column), not an
+    object, or whose ``training`` / ``validation`` / ``unlabeled`` / ``test`` entry is not a list of paths or of
+    ``{"image": path[, "label": path]}`` raises :class:`DatasetError` naming the file."""
+    spec = load_json(path, DatasetError)
+    if not isinstance(spec, dict):
+        raise DatasetError(f"{path}: expected a JSON object with a 'training' list, got {type(spec).__name__}.")
+    for key in ("training", "validation", "unlabeled", "test"):
+        entries = spec.get(key, [])
+        if not isinstance(entries, list):
+            raise DatasetError(f"{path}: '{key}' must be a list, got {type(entries).__name__}.")
+        for index, entry in enumerate(entries):
+            paths = entry if isinstance(entry, dict) else {"image": entry}
+            if not isinstance(paths.get("image"), str) or not isinstance(paths.get("label", ""), (str, type(None))):
+                raise DatasetError(
+                    f'{path}: \'{key}\' entry {index} must be a path or {{"image": path[, "label": path]}}, '
+                    f"got {json.dumps(entry)[:120]}."
+                )
+    return spec
+
+
 def _msd_items(dataset_dir: str, entries: Sequence[Any]) -> List[Dict[str, str]]:
     items = []
     for entry in entries:
@@ -225,8 +248,7 @@ def build_datalists(
     validation: List[Dict[str, str]] = []
     msd_file = os.path.join(dataset_dir, "dataset.json")
     if os.path.isfile(msd_file):
-        with open(msd_file) as handle:
-            spec = json.load(handle)
+        spec = read_dataset_json(msd_file)
         items = _msd_items(dataset_dir, spec.get("training", []))
         items += _msd_items(dataset_dir, spec.get("unlabeled", []) + spec.get("test", []))
         validation = _msd_items(dataset_dir, spec.get("validation", []))

@@ -29,6 +29,7 @@ from monai.transforms import Compose, EnsureChannelFirstd
 from bundle.data import LA_FILE_NAME, NIFTI_SUFFIXES
 from bundle.inference import case_name
 from bundle.metrics import case_metrics
+from bundle.paths import check_outputs_apart
 from bundle.transforms import LoadVolumed
 
 logger = logging.getLogger(__name__)
@@ -165,6 +166,10 @@ class MetricsReport:
 
 
 # --------------------------------------------------------------------------------------------------- folders
+class UnpairedCasesError(ValueError):
+    """Predictions without a label or labels without a prediction, when the user did not allow a subset."""
+
+
 def _nifti_by_case(folder: str) -> Dict[str, str]:
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{folder}: not a folder.")
@@ -186,10 +191,18 @@ def pair_files(pred_dir: str, label_dir: str) -> Tuple[List[Tuple[str, str, str]
 
 
 def _load_label_map(path: str) -> Tuple[np.ndarray, np.ndarray, Tuple[float, ...]]:
-    image = nib.load(path)
+    """A label map, its affine and voxel size; raises ``ValueError`` naming the file when it cannot be read or is
+    not 3D."""
+    try:
+        image = nib.load(path)
+        array = np.asarray(image.dataobj)
+    except Exception as err:  # nibabel raises several exception types for bad files (and EOFError, zlib.error)
+        raise ValueError(
+            f"{path}: not a readable label map ({type(err).__name__}: {' '.join(str(err).split())})."
+        ) from err
     if len(image.shape) != 3:
         raise ValueError(f"{path}: expected a 3D label map, got shape {image.shape}.")
-    return np.rint(np.asarray(image.dataobj)).astype(np.int16), image.affine, tuple(image.header.get_zooms()[:3])
+    return np.rint(array).astype(np.int16), image.affine, tuple(image.header.get_zooms()[:3])
 
 
 def evaluate_folders(
@@ -199,12 +212,17 @@ def evaluate_folders(
     image_dir: Optional[str] = None,
     classes: Optional[Sequence[int]] = None,
     num_slices: int = 3,
+    allow_unpaired: bool = False,
 ) -> dict:
     """Compare the predictions in ``pred_dir`` with the labels of the same name in ``label_dir``.
 
     Writes ``output_dir/metrics.csv``, ``output_dir/summary.json`` and ``output_dir/figures/<case>.png``. HD95 and
-    ASD are in voxels, with ``_mm`` variants from the label header's voxel size. Files present on one side only are
-    listed in the summary (``unpaired_predictions``, ``unpaired_labels``) and logged as warnings.
+    ASD are in voxels, with ``_mm`` variants from the label header's voxel size. A file present on one side only is
+    an error (a summary over another set of cases than the user meant would look like a result), unless
+    ``allow_unpaired``: then the paired cases are scored and the others listed in the summary
+    (``unpaired_predictions``, ``unpaired_labels``) and logged as warnings. ``output_dir`` (and ``figures/``) must
+    not be one of the input folders (:func:`bundle.paths.check_outputs_apart`); both checks run before any file is
+    read.
 
     Args:
         pred_dir: folder of predicted label maps (``.nii`` / ``.nii.gz``).
@@ -213,23 +231,36 @@ def evaluate_folders(
         image_dir: optional folder of the input images (same names), drawn under the figure contours.
         classes: ``None`` for binary foreground metrics, or the class indices to score separately.
         num_slices: slices per figure; 0 for no figures.
+        allow_unpaired: score the paired cases only, when some file has no partner.
 
     Returns:
         the summary dict also written to ``summary.json``.
 
     Raises:
+        UnpairedCasesError: a file without a partner, and not ``allow_unpaired`` (one line per side, naming the
+            folder and the cases).
+        PathError: ``output_dir`` is an input folder.
         ValueError: if no file pairs up, or a pair differs in shape or voxel grid (affine).
     """
     pairs, unpaired_preds, unpaired_labels = pair_files(pred_dir, label_dir)
+    images = _nifti_by_case(image_dir) if image_dir else {}
+    inputs = [path for _, pred, label in pairs for path in (pred, label)] + list(images.values())
+    folders = [pred_dir, label_dir] + ([image_dir] if image_dir else [])
+    check_outputs_apart(inputs, output_dir, ["figures"], input_folders=folders)
     if not pairs:
         raise ValueError(f"no prediction in {pred_dir} has a label of the same name in {label_dir}.")
-    for kind, cases in (
-        ("predictions without a label", unpaired_preds),
-        ("labels without a prediction", unpaired_labels),
-    ):
-        if cases:
-            logger.warning(f"{len(cases)} {kind}: {', '.join(cases)}")
-    images = _nifti_by_case(image_dir) if image_dir else {}
+    unpaired = [
+        f"{folder}: {len(cases)} {kind}: {', '.join(cases)}"
+        for folder, kind, cases in (
+            (pred_dir, f"prediction(s) without a label in {label_dir}", unpaired_preds),
+            (label_dir, f"label(s) without a prediction in {pred_dir}", unpaired_labels),
+        )
+        if cases
+    ]
+    if unpaired and not allow_unpaired:
+        raise UnpairedCasesError("\n".join(unpaired))
+    for line in unpaired:
+        logger.warning(line)
     report = MetricsReport(output_dir, classes, num_slices)
     for case, pred_path, label_path in pairs:
         pred, pred_affine, _ = _load_label_map(pred_path)

@@ -34,7 +34,9 @@ from torch import nn
 
 from bundle.checks import stop
 from bundle.data import NIFTI_SUFFIXES, DatasetError, check_items
+from bundle.manifest import STAGING_PREFIX, ManifestError, RunManifest, read_manifest, remove_previous_outputs
 from bundle.network_optimization import optimize_for_inference
+from bundle.paths import PathError, check_outputs_apart, is_pattern, list_files
 from bundle.precision import AutocastInference
 
 logger = logging.getLogger(__name__)
@@ -130,15 +132,15 @@ class SubnetDisagreement(nn.Module):
 
 # ------------------------------------------------------------------------------------------------- inputs
 def image_datalist(dataset_dir: str) -> List[Dict[str, str]]:
-    """``[{"image": path}, ...]`` for every ``.nii`` / ``.nii.gz`` file of a folder (not recursive) or matching a
-    glob pattern, sorted by path.
+    """``[{"image": path}, ...]`` for every ``.nii`` / ``.nii.gz`` file of a folder (not recursive; its name is
+    literal, ``[`` ``]`` included) or matching a glob pattern (a path that is not a folder), sorted by path
+    (:func:`bundle.paths.list_files`).
 
     Raises:
         DatasetError: when nothing matches, or when two inputs would write the same output name
             (``a.nii`` and ``a.nii.gz``).
     """
-    pattern = os.path.join(dataset_dir, "*") if os.path.isdir(dataset_dir) else dataset_dir
-    paths = sorted(p for p in glob.glob(pattern) if p.endswith(NIFTI_SUFFIXES) and os.path.isfile(p))
+    paths = list_files(dataset_dir, NIFTI_SUFFIXES)
     if not paths:
         where = "folder" if os.path.isdir(dataset_dir) else "pattern (no such folder)"
         raise DatasetError(f"{dataset_dir}: no .nii / .nii.gz images found in this {where}.")
@@ -218,6 +220,12 @@ class FolderInference:
     interrupted run are removed at the start. After the last item, if any failed,
     :meth:`run` raises ``SystemExit`` with the list of failures (exit status 1 on the command line).
 
+    Inputs are never overwritten: before anything is read, an ``output_dir`` (or one of its sub-folders) that is a
+    folder holding inputs, under any spelling, or whose outputs the input pattern would match, stops the run
+    (:func:`bundle.paths.check_outputs_apart`). Each run writes ``output_dir/manifest.json`` (inputs, outputs,
+    settings, model, times; :mod:`bundle.manifest`) and first removes the outputs listed in the previous run's
+    manifest, and nothing else.
+
     Args:
         dataset: a MONAI ``Dataset`` of ``{"image": path}`` items whose ``transform`` is the preprocessing.
         network: maps ``(1, in_channels, *roi)`` to class probabilities ``(1, C, *roi)`` (the ensemble).
@@ -235,6 +243,9 @@ class FolderInference:
         precision: ``fp32`` | ``bf16`` | ``fp16`` | ``auto`` (:mod:`bundle.precision`; resolved on the device of
             ``network``'s parameters): the autocast of each window's forward (:class:`AutocastInference`); the
             probabilities are fp32 and stitched in fp32 whatever it is.
+        dataset_dir: the folder or glob the inputs were listed from; a folder counts as an input folder, and a
+            pattern must not match the outputs (see above).
+        settings: the run's settings, recorded in the manifest with the runner's own.
     """
 
     def __init__(
@@ -249,6 +260,8 @@ class FolderInference:
         save_uncertainty: bool = False,
         optimize_network: bool = True,
         precision: str = "fp32",
+        dataset_dir: Optional[str] = None,
+        settings: Optional[Dict] = None,
     ) -> None:
         self.dataset = dataset
         self.network = network
@@ -258,6 +271,14 @@ class FolderInference:
         self.ckpt_path = ckpt_path
         self.in_channels = in_channels
         self.optimize_network = optimize_network
+        self.dataset_dir = dataset_dir
+        self.settings = {
+            **(settings or {}),
+            "in_channels": in_channels,
+            "save_uncertainty": save_uncertainty,
+            "optimize_network": optimize_network,
+            "precision": precision,
+        }
         device = next(network.parameters(), torch.empty(0)).device
         self.predictor = AutocastInference(
             SubnetDisagreement(network) if save_uncertainty else network, precision, device
@@ -266,14 +287,20 @@ class FolderInference:
     def run(self) -> Dict[str, list]:
         """Segment all items. Returns ``{"written": [output paths], "failed": []}``; raises ``SystemExit`` listing
         ``file: reason`` for each failed item when any failed."""
+        inputs = [item["image"] for item in getattr(self.dataset, "data", [])]
+        self._check_output_dir(inputs)
         if self.ckpt_path is not None:
             self._load_weights()
         self.network.eval()
         if self.optimize_network:
             optimize_for_inference(self.network)
         os.makedirs(self.output_dir, exist_ok=True)
-        for stale in glob.glob(os.path.join(glob.escape(self.output_dir), ".partial-*")):
-            shutil.rmtree(stale, ignore_errors=True)  # staging folders of an interrupted run
+        for stale in glob.glob(os.path.join(glob.escape(self.output_dir), f"{STAGING_PREFIX}*")):
+            # staging folders (and manifest files) of an interrupted run
+            shutil.rmtree(stale, ignore_errors=True) if os.path.isdir(stale) else os.remove(stale)
+        remove_previous_outputs(self.output_dir, protected=inputs)
+        manifest = RunManifest(self.output_dir, inputs, self.settings, self.ckpt_path)
+        manifest.write()
         written: List[str] = []
         failed: List[Tuple[str, str]] = []
         total = len(self.dataset)
@@ -284,16 +311,50 @@ class FolderInference:
                 outputs = self._segment(index)
             except Exception as err:  # any failure of one file must not stop the others
                 failed.append((path, _reason(err)))
+                manifest.add_failure(*failed[-1])
                 logger.error(f"[{index + 1}/{total}] FAILED {path}: {failed[-1][1]}")
                 continue
             written += outputs
+            manifest.add_outputs(self._files(outputs))
             logger.info(f"[{index + 1}/{total}] {path} -> {outputs[0]} ({time.perf_counter() - start:.1f} s)")
+        manifest.add_outputs(self._finish_outputs())
+        manifest.finish()
         summary = f"{total - len(failed)} of {total} images segmented into {self.output_dir}"
         if failed:
             details = "\n".join(f"  {p}: {r}" for p, r in failed)
             raise SystemExit(f"{summary}; {len(failed)} failed:\n{details}")
         logger.info(summary)
         return {"written": written, "failed": failed}
+
+    def _output_subfolders(self) -> List[str]:
+        """The sub-folders of ``output_dir`` this runner writes into."""
+        return [folder for folder, _ in OUTPUTS.values() if folder]
+
+    def _files(self, outputs: List[str]) -> List[str]:
+        """The files among what :meth:`_save` returned (the output paths), for the manifest."""
+        return outputs
+
+    def _finish_outputs(self) -> List[str]:
+        """Write what is written once after the last item (nothing here); return the files written."""
+        return []
+
+    def _check_output_dir(self, inputs: List[str]) -> None:
+        """Stop, naming both paths, when ``output_dir`` would overwrite or mix with the inputs, or holds a manifest
+        that cannot be read, before anything is read (:func:`bundle.paths.check_outputs_apart`)."""
+        folder = self.dataset_dir if self.dataset_dir and os.path.isdir(self.dataset_dir) else None
+        pattern = self.dataset_dir if self.dataset_dir and is_pattern(self.dataset_dir) else None
+        try:
+            check_outputs_apart(
+                inputs,
+                self.output_dir,
+                self._output_subfolders(),
+                input_pattern=pattern,
+                output_names=[f"{case_name(p)}.nii.gz" for p in inputs],
+                input_folders=[folder] if folder else [],
+            )
+            read_manifest(self.output_dir)
+        except (PathError, ManifestError) as err:
+            stop("Cannot segment:", str(err).splitlines())
 
     def _load_weights(self) -> None:
         """Load ``ckpt_path`` strictly into ``network``; stop with one line naming the file when it is missing, not

@@ -263,13 +263,21 @@ class FolderRanking(FolderInference):
         """Score all scans, then write the ranking of those that succeeded (also when some failed). Returns
         ``{"written": [scan names], "failed": [...], "ranking": [ranked rows]}``; raises ``SystemExit`` like
         :meth:`FolderInference.run` when a scan failed, after writing the ranking."""
-        self.rows, self.previews = [], {}
-        try:
-            result = super().run()
-        except SystemExit:
-            self._write_outputs()
-            raise
-        return {**result, "ranking": self._write_outputs()}
+        self.rows, self.previews, self.ranking = [], {}, []
+        result = super().run()
+        return {**result, "ranking": self.ranking}
+
+    def _output_subfolders(self) -> List[str]:
+        return []
+
+    def _files(self, outputs: List[str]) -> List[str]:
+        return []  # scan names: the files are written at the end
+
+    def _finish_outputs(self) -> List[str]:
+        """Rank the scored scans and write ``ranking.csv`` and ``ranking.png``; return their paths."""
+        self.ranking = self._write_outputs()
+        names = [CSV_NAME] + ([FIGURE_NAME] if self.figure_scans > 0 and self.ranking else [])
+        return [os.path.join(self.output_dir, name) for name in names]
 
     def _save(self, data: dict) -> List[str]:
         """Score one postprocessed item (maps on the input grid) instead of writing it; keep its preview."""

@@ -7,7 +7,7 @@ grid with ``Invertd`` against it.
 
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -16,6 +16,7 @@ from monai.transforms import (
     EnsureChannelFirstd,
     EnsureTyped,
     Flipd,
+    Lambdad,
     LoadImaged,
     MapTransform,
     NormalizeIntensityd,
@@ -156,6 +157,15 @@ def preprocessing(
     return Compose(transforms)
 
 
+#: the key of a training item that keeps its label file's path (:func:`training_transforms`).
+LABEL_FILE_KEY = "label_file"
+
+
+def source_file(volume: Any) -> str:
+    """The file a ``MetaTensor`` was read from (``""`` without metadata)."""
+    return str(getattr(volume, "meta", {}).get("filename_or_obj", ""))
+
+
 def training_transforms(
     keys: Sequence[str],
     patch_size: Sequence[int],
@@ -172,8 +182,8 @@ def training_transforms(
     the paper); ``augment=True`` adds the field's ``RandomRotFlip`` of the UA-MT/BCP/SSL4MIS code, used by the
     single-V-Net methods: ``rot90`` by k in {0, 1, 2, 3} in the first two axes, then exactly one flip, along axis 0
     or axis 1 with equal probability (the same draw for image and label).
-    Output ``image`` (C, *patch_size), ``label`` (1, *patch_size) when labeled. ``num_classes`` and ``check``: see
-    :func:`preprocessing`.
+    Output ``image`` (C, *patch_size), ``label`` (1, *patch_size) and ``label_file`` (its path, so that a bad label
+    value found in a batch names its file) when labeled. ``num_classes`` and ``check``: see :func:`preprocessing`.
     """
     keys = list(keys)
     transforms = list(preprocessing(keys, resample_factor, num_classes, check).transforms)
@@ -187,5 +197,7 @@ def training_transforms(
         SpatialPadd(keys=keys, spatial_size=list(patch_size), mode="constant"),
         RandSpatialCropd(keys=keys, roi_size=list(patch_size), random_size=False),
     ]
+    if "label" in keys:
+        transforms.append(Lambdad(keys="label", func=source_file, overwrite=LABEL_FILE_KEY))
     transforms.append(EnsureTyped(keys=keys, track_meta=False))
     return Compose(transforms)

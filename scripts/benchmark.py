@@ -23,12 +23,13 @@ from benchmarking.conv_profile import conv_profile  # noqa: E402
 from benchmarking.gpu_check import gpu_check  # noqa: E402
 from benchmarking.precision import agreement, default_precision  # noqa: E402
 from benchmarking.runs import accuracy, inference_memory, report, speed  # noqa: E402
+from bundle.booleans import boolean_command  # noqa: E402
 
 if __name__ == "__main__":
     fire.Fire(
         {
-            "accuracy": accuracy,
-            "speed": speed,
+            "accuracy": boolean_command(accuracy),
+            "speed": boolean_command(speed),
             "memory": inference_memory,
             "report": report,
             "agreement": agreement,

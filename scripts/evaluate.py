@@ -1,11 +1,13 @@
 """Compare a folder of predicted masks with a folder of labels (files paired by name).
 
     python scripts/evaluate.py PRED_DIR LABEL_DIR --output_dir OUT [--image_dir IMAGES] [--classes "[1,2]"]
-        [--num_slices 3]
+        [--num_slices 3] [--allow_unpaired true]
 
 Writes ``OUT/metrics.csv`` (``case, dice, jaccard, hd95, asd, hd95_mm, asd_mm``), ``OUT/summary.json`` and
 ``OUT/figures/<case>.png``, and prints the summary (mean ± std). HD95/ASD follow medpy (the papers' numbers), in
-voxels and in mm. See :func:`bundle.evaluation.evaluate_folders`.
+voxels and in mm. A prediction without a label or a label without a prediction stops the command (exit status 1,
+the unpaired cases listed) unless ``--allow_unpaired true``; so does an ``OUT`` that is one of the input folders.
+See :func:`bundle.evaluation.evaluate_folders`.
 """
 
 from __future__ import annotations
@@ -13,23 +15,38 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Optional, Sequence
 
 import fire
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the bundle root, so that `bundle` imports
 
-from bundle.evaluation import evaluate_folders, format_summary  # noqa: E402
+from bundle.booleans import boolean_command  # noqa: E402
+from bundle.evaluation import UnpairedCasesError, evaluate_folders, format_summary  # noqa: E402
 
 
-def main(pred_dir: str, label_dir: str, output_dir: str, **options: Any) -> None:
-    """Evaluate ``pred_dir`` against ``label_dir``; ``options``: ``image_dir``, ``classes``, ``num_slices`` of
+def main(
+    pred_dir: str,
+    label_dir: str,
+    output_dir: str,
+    image_dir: Optional[str] = None,
+    classes: Optional[Sequence[int]] = None,
+    num_slices: int = 3,
+    allow_unpaired: bool = False,
+) -> None:
+    """Evaluate ``pred_dir`` against ``label_dir``; the options are those of
     :func:`bundle.evaluation.evaluate_folders`; see the module docstring."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    summary = evaluate_folders(pred_dir, label_dir, output_dir, **options)
+    try:
+        summary = evaluate_folders(pred_dir, label_dir, output_dir, image_dir, classes, num_slices, allow_unpaired)
+    except UnpairedCasesError as err:
+        title = "Cannot evaluate: some files have no partner (--allow_unpaired true scores the paired cases only):"
+        raise SystemExit("\n".join([title] + [f"  {line}" for line in str(err).splitlines()])) from None
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit("\n".join(["Cannot evaluate:"] + [f"  {line}" for line in str(err).splitlines()])) from None
     print(f"{summary['num_cases']} cases, {len(summary['empty_predictions'])} empty predictions -> {output_dir}")
     print(format_summary(summary["metrics"]))
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    fire.Fire(boolean_command(main))

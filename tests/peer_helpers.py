@@ -108,6 +108,6 @@ def segment_with_inference_overlay(overlay: str, trained: Dict, out_dir: Path, *
     )
     workflow.initialize()
     workflow.run()
-    outputs = sorted(os.listdir(out_dir))
+    outputs = sorted(name for name in os.listdir(out_dir) if name != "manifest.json")
     assert outputs and all(name.endswith(".nii.gz") for name in outputs)
     return np.asarray(nib.load(str(out_dir / outputs[0])).dataobj)

@@ -210,8 +210,8 @@ def test_check_data_command(tmp_path):
     [
         ({"max_iterations": "abc"}, "max_iterations: expected an integer, got 'abc' (str)"),
         (
-            {"train#preprocessing#augment": "false"},
-            "train#preprocessing#augment: expected true or false (True/False on the command line), got 'false' (str)",
+            {"train#preprocessing#augment": "maybe"},
+            "train#preprocessing#augment: expected a boolean (true/false, True/False, 1/0 or yes/no), got 'maybe'",
         ),
         (
             {"patch_size": [96, "a", 96]},
@@ -267,7 +267,7 @@ def test_inference_reports_non_finite_input_and_removes_stale_staging(tmp_path):
     lines = str(info.value.code).splitlines()
     assert lines[0] == f"1 of 2 images segmented into {tmp_path / 'out'}; 1 failed:"
     assert lines[1:] == [f"  {bad}: DatasetError: {bad}: 1 non-finite voxel(s) (NaN or Inf) in the image"]
-    assert sorted(os.listdir(tmp_path / "out")) == ["good.nii.gz"]
+    assert sorted(os.listdir(tmp_path / "out")) == ["good.nii.gz", "manifest.json"]
 
 
 @pytest.mark.parametrize("damage", ["truncated", "other network", "resume checkpoint"])

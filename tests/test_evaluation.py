@@ -66,7 +66,7 @@ def folders(tmp_path):
 def test_folders_metrics_csv_summary_and_figures(folders):
     root, blobs = folders
     summary = evaluate_folders(
-        str(root / "pred"), str(root / "label"), str(root / "out"), image_dir=str(root / "image")
+        str(root / "pred"), str(root / "label"), str(root / "out"), image_dir=str(root / "image"), allow_unpaired=True
     )
     rows = _read_csv(root / "out" / "metrics.csv")
     assert list(rows[0]) == ["case", "dice", "jaccard", "hd95", "asd", "hd95_mm", "asd_mm"]
@@ -127,7 +127,7 @@ def test_command_line_from_another_directory(folders, monkeypatch, capsys):
     root, _ = folders
     script = str(REPO_ROOT / "scripts" / "evaluate.py")
     monkeypatch.chdir(root)
-    monkeypatch.setattr(sys, "argv", [script, "pred", "label", "--output_dir", "cli"])
+    monkeypatch.setattr(sys, "argv", [script, "pred", "label", "--output_dir", "cli", "--allow_unpaired", "yes"])
     runpy.run_path(script, run_name="__main__")
     stdout = capsys.readouterr().out
     assert "2 cases, 1 empty predictions" in stdout

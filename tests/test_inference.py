@@ -212,7 +212,13 @@ def test_round_trip_affine_header_shape_and_maps(tmp_path):
     np.testing.assert_allclose(np.asarray(outputs["disagreement/case.nii.gz"].dataobj), abs(prob_a - prob_b), atol=1e-5)
     entropy = -(probabilities * np.log(probabilities)).sum(-1)
     np.testing.assert_allclose(np.asarray(outputs["entropy/case.nii.gz"].dataobj), entropy, atol=1e-5)
-    assert sorted(os.listdir(tmp_path / "out")) == ["case.nii.gz", "disagreement", "entropy", "probabilities"]
+    assert sorted(os.listdir(tmp_path / "out")) == [
+        "case.nii.gz",
+        "disagreement",
+        "entropy",
+        "manifest.json",
+        "probabilities",
+    ]
 
 
 def test_bad_files_are_reported_skipped_and_exit_nonzero(tmp_path):
@@ -233,7 +239,7 @@ def test_bad_files_are_reported_skipped_and_exit_nonzero(tmp_path):
     for name in ("garbage", "truncated", "flat", "rgb"):
         assert f"{folder / name}.nii.gz: " in message
     assert message.count("is not 3D with 1 channel(s)") == 2 and "could the file be damaged?" in message
-    assert sorted(os.listdir(tmp_path / "out")) == ["good.nii.gz"]
+    assert sorted(os.listdir(tmp_path / "out")) == ["good.nii.gz", "manifest.json"]
 
 
 def test_failed_write_leaves_no_partial_output(tmp_path):
@@ -257,7 +263,7 @@ def test_failed_write_leaves_no_partial_output(tmp_path):
     )
     with pytest.raises(SystemExit, match="0 of 1"):
         runner.run()
-    assert os.listdir(tmp_path / "out") == []
+    assert os.listdir(tmp_path / "out") == ["manifest.json"]
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):

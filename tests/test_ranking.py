@@ -168,7 +168,7 @@ def test_nifti_folder_is_ranked_scored_and_a_broken_scan_skipped(tmp_path):
         assert int(row["foreground_voxels"]) == voxels == 6 * 6 * 4
         assert float(row["foreground_ml"]) == pytest.approx(voxels * 1.5e-3)
     assert (tmp_path / "out" / "ranking.png").stat().st_size > 5000
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["ranking.csv", "ranking.png"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["manifest.json", "ranking.csv", "ranking.png"]
 
 
 def test_single_network_is_ranked_by_entropy_and_has_no_disagreement(tmp_path):
