@@ -105,14 +105,21 @@ def test_checkpointed_network_scripts_and_loads_plain_weights():
         assert torch.allclose(torch.jit.script(net)(x), plain.eval()(x), atol=1e-5)
 
 
-def test_train_json_enables_checkpointing_and_override_disables_it():
-    for value in (True, False):
+def test_la_preset_enables_checkpointing_and_train_json_default_and_override_do_not():
+    """Off in ``train.json`` (32^3 patches), on in the LA preset (112x112x80), and an override wins over both."""
+    cases = [
+        (["configs/train.json"], None, False),
+        (["configs/train.json", "configs/datasets/la.json"], None, True),
+        (["configs/train.json", "configs/datasets/la.json"], False, False),
+        (["configs/train.json"], True, True),
+    ]
+    for files, override, value in cases:
         parser = ConfigParser()
-        parser.read_config("configs/train.json")
-        if not value:
-            parser["activation_checkpointing"] = False
+        parser.read_config(files)
+        if override is not None:
+            parser["activation_checkpointing"] = override
         for key in ("method#network_a", "method#network_b"):
             net = parser.get_parsed_content(key)
             stages = (net.encoder.stem, net.encoder.stages[0], net.decoder.stages[2], net.decoder.stages[3])
-            assert all(stage.checkpoint_activations is value for stage in stages)
-            assert not net.encoder.stages[1].checkpoint_activations
+            assert all(stage.checkpoint_activations is value for stage in stages), (files, override)
+        assert not net.encoder.stages[1].checkpoint_activations
