@@ -27,12 +27,14 @@ from monai.data import ImageReader
 from monai.data.image_reader import _copy_compatible_dict, _stack_images
 from monai.utils import MetaKeys, SpaceKeys, ensure_tuple
 
+from bundle.errors import BundleError
+
 LA_FILE_NAME = "mri_norm2.h5"
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
-class DatasetError(ValueError):
-    """A problem with the user's data, found before training or inference starts."""
+class DatasetError(BundleError):
+    """A problem with the user's data, found before training or inference starts (one line per file)."""
 
 
 class H5Reader(ImageReader):

@@ -34,6 +34,7 @@ from torch import nn
 
 from bundle.checks import stop
 from bundle.data import NIFTI_SUFFIXES, DatasetError, check_items
+from bundle.errors import BundleError
 from bundle.network_optimization import optimize_for_inference
 from bundle.precision import AutocastInference
 
@@ -215,8 +216,8 @@ class FolderInference:
     :class:`~bundle.transforms.CheckVolumed`) is logged with its reason and skipped, and the others are still
     written. Outputs are written into a hidden staging folder (``.partial-*``) inside ``output_dir`` and moved into
     place with ``os.replace``, so a final name never holds a half-written file; staging folders left by an
-    interrupted run are removed at the start. After the last item, if any failed,
-    :meth:`run` raises ``SystemExit`` with the list of failures (exit status 1 on the command line).
+    interrupted run are removed at the start. After the last item, if any failed, :meth:`run` raises
+    :class:`~bundle.errors.BundleError` with the list of failures (exit status 1 on the command line).
 
     Args:
         dataset: a MONAI ``Dataset`` of ``{"image": path}`` items whose ``transform`` is the preprocessing.
@@ -264,8 +265,8 @@ class FolderInference:
         )
 
     def run(self) -> Dict[str, list]:
-        """Segment all items. Returns ``{"written": [output paths], "failed": []}``; raises ``SystemExit`` listing
-        ``file: reason`` for each failed item when any failed."""
+        """Segment all items. Returns ``{"written": [output paths], "failed": []}``; raises
+        :class:`~bundle.errors.BundleError` listing ``file: reason`` for each failed item when any failed."""
         if self.ckpt_path is not None:
             self._load_weights()
         self.network.eval()
@@ -290,8 +291,7 @@ class FolderInference:
             logger.info(f"[{index + 1}/{total}] {path} -> {outputs[0]} ({time.perf_counter() - start:.1f} s)")
         summary = f"{total - len(failed)} of {total} images segmented into {self.output_dir}"
         if failed:
-            details = "\n".join(f"  {p}: {r}" for p, r in failed)
-            raise SystemExit(f"{summary}; {len(failed)} failed:\n{details}")
+            raise BundleError(f"{summary}; {len(failed)} failed:", [f"{p}: {r}" for p, r in failed])
         logger.info(summary)
         return {"written": written, "failed": failed}
 

@@ -38,6 +38,7 @@ from monai.transforms.utils_morphological_ops import dilate
 
 from bundle.checks import stop
 from bundle.data import LA_FILE_NAME, DatasetError, read_case_list
+from bundle.errors import BundleError
 from bundle.inference import FolderInference, SubnetDisagreement, case_name, entropy_map, image_datalist
 from bundle.transforms import LoadVolumed
 
@@ -261,12 +262,13 @@ class FolderRanking(FolderInference):
 
     def run(self) -> Dict[str, list]:
         """Score all scans, then write the ranking of those that succeeded (also when some failed). Returns
-        ``{"written": [scan names], "failed": [...], "ranking": [ranked rows]}``; raises ``SystemExit`` like
-        :meth:`FolderInference.run` when a scan failed, after writing the ranking."""
+        ``{"written": [scan names], "failed": [...], "ranking": [ranked rows]}``; raises
+        :class:`~bundle.errors.BundleError` like :meth:`FolderInference.run` when a scan failed, after writing the
+        ranking."""
         self.rows, self.previews = [], {}
         try:
             result = super().run()
-        except SystemExit:
+        except BundleError:
             self._write_outputs()
             raise
         return {**result, "ranking": self._write_outputs()}

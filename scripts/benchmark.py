@@ -21,16 +21,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarking.conv_profile import conv_profile  # noqa: E402
 from benchmarking.precision import agreement, default_precision  # noqa: E402
 from benchmarking.runs import accuracy, inference_memory, report, speed  # noqa: E402
+from bundle.errors import cli  # noqa: E402
 
 if __name__ == "__main__":
-    fire.Fire(
-        {
-            "accuracy": accuracy,
-            "speed": speed,
-            "memory": inference_memory,
-            "report": report,
-            "agreement": agreement,
-            "default_precision": default_precision,
-            "conv_profile": conv_profile,
-        }
-    )
+    with cli():
+        fire.Fire(
+            {
+                "accuracy": accuracy,
+                "speed": speed,
+                "memory": inference_memory,
+                "report": report,
+                "agreement": agreement,
+                "default_precision": default_precision,
+                "conv_profile": conv_profile,
+            }
+        )

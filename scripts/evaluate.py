@@ -19,6 +19,7 @@ import fire
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the bundle root, so that `bundle` imports
 
+from bundle.errors import cli  # noqa: E402
 from bundle.evaluation import evaluate_folders, format_summary  # noqa: E402
 
 
@@ -32,4 +33,5 @@ def main(pred_dir: str, label_dir: str, output_dir: str, **options: Any) -> None
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    with cli():
+        fire.Fire(main)
