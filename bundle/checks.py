@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from monai.data import CacheDataset
 
-from bundle.data import DatasetError, build_datalists
+from bundle.data import DatasetError, build_datalists, item_files
 from bundle.errors import BundleError
 from bundle.networks import SIZE_DIVISOR
 from bundle.transforms import LoadVolumed, check_volume_transforms
@@ -152,7 +152,7 @@ def problem_lines(item: Dict[str, str], err: BaseException) -> List[str]:
         if isinstance(cause, DatasetError):
             return str(cause).splitlines()
         innermost, cause = cause, cause.__cause__
-    files = " / ".join(dict.fromkeys(v for k, v in item.items() if k in ("image", "label")))
+    files = " / ".join(item_files(item))
     return [f"{files}: {type(innermost).__name__}: {' '.join(str(innermost).split())}"]
 
 

@@ -20,7 +20,7 @@ import os
 import shutil
 import tempfile
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import nibabel as nib
 import numpy as np
@@ -33,7 +33,7 @@ from monai.utils import convert_data_type
 from torch import nn
 
 from bundle.checks import stop
-from bundle.data import NIFTI_SUFFIXES, DatasetError, check_items
+from bundle.data import NIFTI_SUFFIXES, DatasetError, case_name, check_items, group_channels, image_files
 from bundle.errors import BundleError
 from bundle.network_optimization import optimize_for_inference
 from bundle.precision import AutocastInference
@@ -130,44 +130,44 @@ class SubnetDisagreement(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------- inputs
-def image_datalist(dataset_dir: str) -> List[Dict[str, str]]:
-    """``[{"image": path}, ...]`` for every ``.nii`` / ``.nii.gz`` file of a folder (not recursive) or matching a
-    glob pattern, sorted by path.
+def image_datalist(dataset_dir: str, in_channels: int = 1) -> List[Dict[str, Any]]:
+    """``[{"image": path or [channel paths], "case": name}, ...]`` for the ``.nii`` / ``.nii.gz`` files of a folder
+    (not recursive) or matching a glob pattern, sorted by case. ``case`` names the outputs.
+
+    nnU-Net names (``imagesTs/``): with ``in_channels`` > 1 the files ``<CASE>_0000 .. <CASE>_<C-1>`` are one case,
+    stacked in channel order; with one channel, when every file ends in ``_0000``, that suffix is dropped from the
+    case name. Any other file is one case named by its file name.
 
     Raises:
-        DatasetError: when nothing matches, or when two inputs would write the same output name
-            (``a.nii`` and ``a.nii.gz``).
+        DatasetError: when nothing matches, when channel files are missing, or when two inputs would write the same
+            output name (``a.nii`` and ``a.nii.gz``).
     """
     pattern = os.path.join(dataset_dir, "*") if os.path.isdir(dataset_dir) else dataset_dir
     paths = sorted(p for p in glob.glob(pattern) if p.endswith(NIFTI_SUFFIXES) and os.path.isfile(p))
     if not paths:
         where = "folder" if os.path.isdir(dataset_dir) else "pattern (no such folder)"
         raise DatasetError(f"{dataset_dir}: no .nii / .nii.gz images found in this {where}.")
-    names: Dict[str, str] = {}
-    for path in paths:
-        name = case_name(path)
-        if name in names:
-            raise DatasetError(f"{path} and {names[name]} would both be written as '{name}.nii.gz'.")
-        names[name] = path
-    return [{"image": p} for p in paths]
+    if in_channels > 1:
+        cases = group_channels(paths, None, in_channels)
+    else:
+        stems = {path: case_name(path) for path in paths}
+        nnunet = all(stem.endswith("_0000") for stem in stems.values())
+        cases = {}
+        for path, stem in stems.items():
+            name = stem[: -len("_0000")] if nnunet else stem
+            if name in cases:
+                raise DatasetError(f"{path} and {cases[name]} would both be written as '{name}.nii.gz'.")
+            cases[name] = path
+    return [{"image": image, "case": case} for case, image in sorted(cases.items())]
 
 
-def image_datalist_or_exit(dataset_dir: str) -> List[Dict[str, str]]:
-    """:func:`image_datalist` for ``configs/inference.json``: stops with its one-line report (no images, no such
-    folder, two inputs with one output name) instead of a traceback ending in "Failed to instantiate component"."""
+def image_datalist_or_exit(dataset_dir: str, in_channels: int = 1) -> List[Dict[str, Any]]:
+    """:func:`image_datalist` for ``configs/inference.json``: raises its one-line report under the title "Cannot
+    segment:" (no images, no such folder, missing channels, two inputs with one output name)."""
     try:
-        return image_datalist(dataset_dir)
+        return image_datalist(dataset_dir, in_channels)
     except DatasetError as err:
         stop("Cannot segment:", str(err).splitlines())
-
-
-def case_name(path: str) -> str:
-    """File name without the ``.nii`` / ``.nii.gz`` / ``.h5`` extension: the name an input's outputs get."""
-    name = os.path.basename(path)
-    for suffix in (".nii.gz", ".nii", ".h5"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
 
 
 # ------------------------------------------------------------------------------------------------- writing
@@ -279,7 +279,7 @@ class FolderInference:
         failed: List[Tuple[str, str]] = []
         total = len(self.dataset)
         for index in range(total):
-            path = self.dataset.data[index]["image"]
+            path = image_files(self.dataset.data[index]["image"])[0]
             start = time.perf_counter()
             try:
                 outputs = self._segment(index)
@@ -350,9 +350,10 @@ class FolderInference:
                 )
                 staged.append((saver(data[key]).meta["saved_to"], os.path.join(self.output_dir, folder)))
             finals = []
+            name = data.get("case") or case_name(str(data["image"].meta["filename_or_obj"]))
             for source, folder in staged:
                 os.makedirs(folder, exist_ok=True)
-                finals.append(os.path.join(folder, os.path.basename(source)))
+                finals.append(os.path.join(folder, f"{name}.nii.gz"))
                 os.replace(source, finals[-1])
             return finals
         finally:

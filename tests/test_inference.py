@@ -169,8 +169,10 @@ def test_subnet_disagreement_matches_the_ensemble():
 def test_datalist_folder_glob_empty_and_duplicates(tmp_path):
     for name in ("b.nii.gz", "a.nii", "notes.txt"):
         (tmp_path / name).write_bytes(b"x")
-    assert image_datalist(str(tmp_path)) == [{"image": str(tmp_path / n)} for n in ("a.nii", "b.nii.gz")]
-    assert image_datalist(str(tmp_path / "b*")) == [{"image": str(tmp_path / "b.nii.gz")}]
+    assert image_datalist(str(tmp_path)) == [
+        {"image": str(tmp_path / n), "case": n.split(".")[0]} for n in ("a.nii", "b.nii.gz")
+    ]
+    assert image_datalist(str(tmp_path / "b*")) == [{"image": str(tmp_path / "b.nii.gz"), "case": "b"}]
     (tmp_path / "empty").mkdir()
     with pytest.raises(DatasetError, match="no .nii"):
         image_datalist(str(tmp_path / "empty"))
