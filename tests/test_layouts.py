@@ -16,6 +16,7 @@ from bundle.inference import FolderInference, image_datalist
 from bundle.networks import SoftmaxEnsemble
 from bundle.synthetic import make_nnunet_dataset
 from bundle.transforms import preprocessing
+from tests.test_training import make_workflow, run_workflow, tiny_overrides
 
 
 @pytest.fixture(scope="module")
@@ -119,3 +120,17 @@ def test_inference_folder_names_outputs_by_case(nnunet_root, tmp_path):
     source = nib.load(items[0]["image"][0])
     mask = nib.load(tmp_path / "out" / "case_006.nii.gz")
     assert mask.shape == source.shape and np.allclose(mask.affine, source.affine)
+
+
+def test_nnunet_dataset_trains_with_only_dataset_dir(nnunet_root, tmp_path):
+    """The README's own-data command on a 2-channel, 3-class, 0.7 x 0.7 x 5 mm nnU-Net dataset: channels, classes,
+    every labeled case and the median spacing come from the data (tiny sizes only to keep the test fast)."""
+    overrides = tiny_overrides(nnunet_root, tmp_path, max_iterations=2)
+    del overrides["num_labeled"]
+    workflow = run_workflow(make_workflow(["train.json"], overrides))
+    parser = workflow.parser
+    assert (parser.get_parsed_content("in_channels"), parser.get_parsed_content("out_channels")) == (2, 3)
+    assert len(parser.get_parsed_content("datalists")["labeled"]) == 6
+    assert parser.get_parsed_content("data_settings")["spacing"] == [0.7, 0.7, 5.0]
+    assert parser.get_parsed_content("train#trainer").state.iteration == 2
+    assert (tmp_path / "models" / "model.pt").is_file()
