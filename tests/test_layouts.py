@@ -2,6 +2,9 @@
 
 import json
 import os
+import shutil
+import subprocess
+import sys
 
 import nibabel as nib
 import numpy as np
@@ -16,6 +19,7 @@ from bundle.inference import FolderInference, image_datalist
 from bundle.networks import SoftmaxEnsemble
 from bundle.synthetic import make_nnunet_dataset
 from bundle.transforms import preprocessing
+from tests.conftest import REPO_ROOT
 from tests.test_training import make_workflow, run_workflow, tiny_overrides
 
 
@@ -56,8 +60,6 @@ def test_dataset_json_gives_channels_and_classes(nnunet_root, tmp_path):
 
 
 def test_nnunet_problems_are_named(nnunet_root, tmp_path):
-    import shutil
-
     root = tmp_path / "broken"
     shutil.copytree(nnunet_root, root)
     os.remove(root / "imagesTr" / "case_002_0001.nii.gz")
@@ -134,3 +136,27 @@ def test_nnunet_dataset_trains_with_only_dataset_dir(nnunet_root, tmp_path):
     assert parser.get_parsed_content("data_settings")["spacing"] == [0.7, 0.7, 5.0]
     assert parser.get_parsed_content("train#trainer").state.iteration == 2
     assert (tmp_path / "models" / "model.pt").is_file()
+
+
+def test_brats_demo_layout_script_gives_an_nnunet_dataset(tmp_path):
+    for index in range(4):
+        case = tmp_path / "src" / f"Brats18_X_{index}"
+        case.mkdir(parents=True)
+        nib.save(nib.Nifti1Image(np.full((6, 6, 4), float(index), np.float32), np.eye(4)), case / "FLAIR.nii.gz")
+        nib.save(nib.Nifti1Image(np.zeros((6, 6, 4), np.uint8), np.eye(4)), case / "GT_W.nii.gz")
+    command = [
+        sys.executable,
+        "scripts/brats_demo_layout.py",
+        str(tmp_path / "src"),
+        str(tmp_path / "ds"),
+        "--num_test",
+        "1",
+    ]
+    subprocess.run(command, cwd=REPO_ROOT, check=True, capture_output=True, timeout=300)
+    lists = build_datalists(str(tmp_path / "ds"))
+    assert [i["case"] for i in lists["labeled"]] == ["Brats18_X_0", "Brats18_X_1", "Brats18_X_2"]
+    assert [i["case"] for i in lists["unlabeled"]] == ["Brats18_X_3"]
+    assert dataset_description(str(tmp_path / "ds"))["labels"] == {"background": 0, "whole tumour": 1}
+    failed = subprocess.run(command[:3] + [str(tmp_path / "ds2"), "--num_test", "4"], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert failed.returncode == 1 and failed.stderr.strip().splitlines()[-1].endswith("4 case(s), num_test=4")
