@@ -103,7 +103,7 @@ def conv_profile(
     configs = [f"{CONFIG_DIR}/train.json", f"{CONFIG_DIR}/methods/{method}.json"]
     parser = parse_bundle(configs, {"patch_size": list(patch)})
     network = optimize_for_inference(parser.get_parsed_content("network_def"))
-    x = torch.randn(batch, parser["in_channels"], *patch, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(batch, parser.get_parsed_content("in_channels"), *patch, generator=torch.Generator().manual_seed(0))
     results = {}
     for precision in precisions:
         predictor = AutocastInference(network, precision, "cpu")

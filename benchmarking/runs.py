@@ -145,7 +145,7 @@ def time_training(
     method = parser.get_parsed_content("network")
     optimizer = parser.get_parsed_content("optimizer")
     device = parser.get_parsed_content("device")
-    channels, patch = parser["in_channels"], list(parser["patch_size"])
+    channels, patch = parser.get_parsed_content("in_channels"), list(parser["patch_size"])
     generator = torch.Generator().manual_seed(0)
     labeled_batch, unlabeled_batch = (
         parser["train#dataloader#batch_size"],
@@ -209,7 +209,9 @@ def time_inference(
         sw_device=device,
         device="cpu",
     )
-    volume = torch.randn(1, parser["in_channels"], *volume_shape, generator=torch.Generator().manual_seed(0))
+    volume = torch.randn(
+        1, parser.get_parsed_content("in_channels"), *volume_shape, generator=torch.Generator().manual_seed(0)
+    )
     start = time.perf_counter()
     with torch.no_grad():
         output = inferer(volume, predictor)

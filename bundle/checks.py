@@ -1,15 +1,14 @@
 """Checks that run before training starts: setting types, writable output folders, and every volume's voxels.
 
-Each check collects *all* problems it finds and stops the run with :func:`stop`: the report (one line per file and
-problem) is the last thing printed and the exit status is 1, instead of a traceback ending in MONAI's generic
-"Failed to instantiate component". ``SystemExit`` passes through MONAI's config resolution, which wraps every
-``Exception``.
+Each check collects *all* problems it finds and raises them at once with :func:`stop`, a
+:class:`~bundle.errors.BundleError` (one line per file and problem). On the command line the report is the last thing
+printed and the exit status is 1, instead of a traceback ending in MONAI's generic "Failed to instantiate
+component" (:mod:`bundle.errors`); in-process callers catch the exception.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 import zipfile
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -18,7 +17,8 @@ import torch
 from monai.data import CacheDataset
 
 from bundle.booleans import BooleanSettingError, parse_bool
-from bundle.data import DatasetError, build_datalists
+from bundle.data import DatasetError, build_datalists, item_files
+from bundle.errors import BundleError
 from bundle.networks import SIZE_DIVISOR
 from bundle.transforms import LoadVolumed, check_volume_transforms
 
@@ -52,10 +52,9 @@ OPTIONAL_SETTINGS = ("datalists#train_list", "datalists#val_list", "resume_from"
 
 
 def stop(title: str, lines: Sequence[str]) -> None:
-    """Exit with status 1, printing ``title`` and one indented line per problem as the last output."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    raise SystemExit("\n".join([title] + [f"  {line}" for line in lines]))
+    """Raise :class:`~bundle.errors.BundleError` with ``title`` and one indented line per problem; the command line
+    turns it into that report as the last output and exit status 1 (:mod:`bundle.errors`)."""
+    raise BundleError(title, lines)
 
 
 def _type_problem(key: str, value: Any, expected: Any) -> Optional[str]:
@@ -192,7 +191,7 @@ def problem_lines(item: Dict[str, str], err: BaseException) -> List[str]:
         if isinstance(cause, DatasetError):
             return str(cause).splitlines()
         innermost, cause = cause, cause.__cause__
-    files = " / ".join(dict.fromkeys(v for k, v in item.items() if k in ("image", "label")))
+    files = " / ".join(item_files(item))
     return [f"{files}: {type(innermost).__name__}: {' '.join(str(innermost).split())}"]
 
 

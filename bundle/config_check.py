@@ -15,6 +15,8 @@ from typing import Any, Dict, Iterator, List
 from monai.bundle import ConfigParser
 from monai.utils import optional_import
 
+from bundle.errors import BundleError
+
 #: ids a workflow runs or MONAI reads by name (bundle properties), although no other key references them.
 ENTRY_POINTS = frozenset(
     {"imports", "initialize", "run", "training", "finalize", "bundle_root", "device", "dataset_dir", "network_def"}
@@ -72,13 +74,13 @@ def check_config_keys(config: Dict[str, Any]) -> None:
     method = config.get("method")
     foreign = [k for k in method if not k.startswith("_") and k not in arguments] if isinstance(method, dict) else []
     if arguments and foreign:
-        raise ValueError(f"{method['_target_']} takes no argument(s) {foreign}; it takes {arguments}.")
+        raise BundleError(f"{method['_target_']} takes no argument(s) {foreign}; it takes {arguments}.")
     unread = unread_keys(config)
     if not unread:
         return
     hints = [f"--method#{key}" if key in arguments else "no component reads it" for key in unread]
     details = "; ".join(f"{key} ({hint})" for key, hint in zip(unread, hints))
-    raise ValueError(f"configuration keys with no effect: {details}. Method arguments are set as --method#<arg>.")
+    raise BundleError(f"configuration keys with no effect: {details}. Method arguments are set as --method#<arg>.")
 
 
 def active_parser() -> ConfigParser:

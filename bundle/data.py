@@ -1,12 +1,17 @@
 """Readers and datalists: LA h5 cases and NIfTI data become one list of dicts.
 
-Labeled items are ``{"image": path, "label": path}``; unlabeled items are ``{"image": path}`` and never carry a
+Labeled items are ``{"image": path, "label": path}`` (``image`` a list of paths, one per channel, for nnU-Net
+data); unlabeled items are ``{"image": path}`` and never carry a
 label, so no method can read one. Every check runs before training starts and names the file and the problem.
 
 Supported layouts of ``dataset_dir``:
 
 * **LA h5** (the benchmark release): ``<dataset_dir>/<case>/mri_norm2.h5`` plus a list file naming the cases. The
   first ``num_labeled`` cases of the list are labeled, the rest unlabeled (the papers' protocol).
+* **nnU-Net v2 raw** ``<dataset_dir>/dataset.json`` with ``channel_names``, ``labels`` (name -> value),
+  ``numTraining`` and ``file_ending``; ``imagesTr/<CASE>_<XXXX><file_ending>`` (one file per channel, stacked in
+  channel order), ``labelsTr/<CASE><file_ending>``, and ``imagesTs/`` (no labels: unlabeled training data). Items
+  carry their ``case`` identifier, the name of every output.
 * **MSD-style** ``<dataset_dir>/dataset.json`` with a ``training`` list (items without ``label`` are unlabeled),
   optional ``validation`` list and optional ``unlabeled``/``test`` lists (paths or ``{"image": ...}``).
 * **Folders** ``<dataset_dir>/imagesTr`` + ``<dataset_dir>/labelsTr`` (same file names); images without a label
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -27,14 +33,19 @@ from monai.data import ImageReader
 from monai.data.image_reader import _copy_compatible_dict, _stack_images
 from monai.utils import MetaKeys, SpaceKeys, ensure_tuple
 
+from bundle.errors import BundleError
 from bundle.paths import load_json
 
 LA_FILE_NAME = "mri_norm2.h5"
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+#: an nnU-Net image file name without its ending: ``<CASE>_<XXXX>``, XXXX the 4-digit channel index.
+NNUNET_CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+#: channel and class counts of a dataset that does not state them (the synthetic and LA data).
+DEFAULT_CHANNELS = {"in_channels": 1, "out_channels": 2}
 
 
-class DatasetError(ValueError):
-    """A problem with the user's data, found before training or inference starts."""
+class DatasetError(BundleError):
+    """A problem with the user's data, found before training or inference starts (one line per file)."""
 
 
 class H5Reader(ImageReader):
@@ -101,10 +112,10 @@ def volume_shape(path: str, dataset: str = "image") -> tuple:
         raise DatasetError(f"{path}: not a readable image ({err}).") from err
 
 
-def check_items(items: Sequence[Dict[str, str]], in_channels: int = 1) -> None:
-    """Check that every file exists and is readable, is 3D (or 4D with ``in_channels`` channels), and that image
-    and label shapes match. Reads headers only. Raises one :class:`DatasetError` listing every bad file, one line
-    per file and problem."""
+def check_items(items: Sequence[Dict[str, Any]], in_channels: int = 1) -> None:
+    """Check that every file exists and is readable, is 3D (or 4D with ``in_channels`` channels, or one 3D file per
+    channel, all of one shape), and that image and label shapes match. Reads headers only. Raises one
+    :class:`DatasetError` listing every bad file, one line per file and problem."""
     problems: List[str] = []
     for item in items:
         try:
@@ -115,14 +126,36 @@ def check_items(items: Sequence[Dict[str, str]], in_channels: int = 1) -> None:
         raise DatasetError("\n".join(problems))
 
 
-def _check_item(item: Dict[str, str], in_channels: int) -> None:
-    shape = volume_shape(item["image"], "image")
-    spatial = _spatial_shape(item["image"], shape, in_channels)
+def image_files(image: Any) -> List[str]:
+    """The file(s) of an item's ``image``: one path, or one per channel (nnU-Net)."""
+    return [str(p) for p in image] if isinstance(image, (list, tuple)) else [str(image)]
+
+
+def item_files(item: Dict[str, Any]) -> List[str]:
+    """Every file an item reads (its image channels, then its label), without repeats (LA: image = label file)."""
+    files = image_files(item["image"]) + ([str(item["label"])] if "label" in item else [])
+    return list(dict.fromkeys(files))
+
+
+def _check_item(item: Dict[str, Any], in_channels: int) -> None:
+    files = image_files(item["image"])
+    if len(files) == 1:
+        shape = volume_shape(files[0], "image")
+        spatial = _spatial_shape(files[0], shape, in_channels)
+    else:
+        if len(files) != in_channels:
+            raise DatasetError(f"{files[0]}: {len(files)} channel files for in_channels={in_channels}.")
+        shapes = [volume_shape(path, "image") for path in files]
+        for path, shape in zip(files, shapes):
+            _spatial_shape(path, shape, 1)
+            if shape != shapes[0]:
+                raise DatasetError(f"{path}: channel shape {shape} differs from {shapes[0]} of {files[0]}.")
+        shape = spatial = tuple(shapes[0])
     if "label" in item:
         label_shape = volume_shape(item["label"], "label")
         if tuple(label_shape[:3]) != spatial or any(s != 1 for s in label_shape[3:]):
             raise DatasetError(
-                f"{item['label']}: label shape {label_shape} does not match image shape {shape} of {item['image']}."
+                f"{item['label']}: label shape {label_shape} does not match image shape {shape} of {files[0]}."
             )
 
 
@@ -165,13 +198,19 @@ def _resolve_list(dataset_dir: str, list_file: str) -> str:
     return in_dataset if os.path.isfile(in_dataset) or not os.path.isfile(list_file) else list_file
 
 
-def read_dataset_json(path: str) -> Dict[str, Any]:
-    """The content of an MSD ``dataset.json``; a file that is not valid JSON (with the line and column), not an
-    object, or whose ``training`` / ``validation`` / ``unlabeled`` / ``test`` entry is not a list of paths or of
-    ``{"image": path[, "label": path]}`` raises :class:`DatasetError` naming the file."""
+def read_dataset_json(dataset_dir: str) -> Optional[Dict[str, Any]]:
+    """``<dataset_dir>/dataset.json`` parsed (nnU-Net v2 or MSD), or ``None`` when there is none. A file that is not
+    valid JSON (with the line and column), not an object, or, for MSD, whose ``training`` / ``validation`` /
+    ``unlabeled`` / ``test`` entry is not a list of paths or of ``{"image": path[, "label": path]}`` raises
+    :class:`DatasetError` naming the file."""
+    path = os.path.join(dataset_dir, "dataset.json") if dataset_dir else ""
+    if not path or not os.path.isfile(path):
+        return None
     spec = load_json(path, DatasetError)
     if not isinstance(spec, dict):
-        raise DatasetError(f"{path}: expected a JSON object with a 'training' list, got {type(spec).__name__}.")
+        raise DatasetError(f"{path}: expected a JSON object, got {type(spec).__name__}.")
+    if is_nnunet_v2(spec):
+        return spec
     for key in ("training", "validation", "unlabeled", "test"):
         entries = spec.get(key, [])
         if not isinstance(entries, list):
@@ -219,6 +258,128 @@ def _folder_items(dataset_dir: str) -> List[Dict[str, str]]:
     return items
 
 
+def is_nnunet_v2(spec: Optional[Dict[str, Any]]) -> bool:
+    """Whether a ``dataset.json`` is nnU-Net v2's (``channel_names``, no ``training`` list) rather than MSD's."""
+    return bool(spec) and "channel_names" in spec and "training" not in spec
+
+
+def label_map(spec: Optional[Dict[str, Any]], path: str = "dataset.json") -> Optional[Dict[str, int]]:
+    """The dataset's classes as ``{name: value}`` (nnU-Net v2 ``labels``, or MSD's ``{"0": name}`` inverted), or
+    ``None``. Values must be the integers ``0 .. K-1`` (region-based nnU-Net labels, lists of values, are refused)."""
+    labels = (spec or {}).get("labels")
+    if not labels:
+        return None
+    if is_nnunet_v2(spec):
+        mapping = labels
+    else:
+        mapping = {name: value for value, name in labels.items()}
+    try:
+        result = {str(name): int(value) for name, value in mapping.items()}
+    except (TypeError, ValueError) as err:
+        raise DatasetError(
+            f"{path}: labels must map each name to one integer value (region-based labels are not supported): "
+            f"{labels}"
+        ) from err
+    if sorted(result.values()) != list(range(len(result))):
+        raise DatasetError(
+            f"{path}: label values must be 0, 1, ..., K-1 (background 0), got {sorted(result.values())}."
+        )
+    return dict(sorted(result.items(), key=lambda kv: kv[1]))
+
+
+def channel_names(spec: Optional[Dict[str, Any]]) -> Optional[List[str]]:
+    """The input channels' names in channel order (nnU-Net v2 ``channel_names``, MSD ``modality``), or ``None``."""
+    names = (spec or {}).get("channel_names" if is_nnunet_v2(spec) else "modality")
+    if not isinstance(names, dict) or not names:
+        return None
+    return [str(names[key]) for key in sorted(names, key=int)]
+
+
+def dataset_description(dataset_dir: str) -> Dict[str, Any]:
+    """What ``dataset.json`` says about the network's inputs and outputs: ``in_channels`` (number of channels),
+    ``out_channels`` (number of classes, background included), ``channel_names`` and ``labels`` (``{name: value}``).
+    Counts the file does not state (or with no ``dataset.json``: LA, folders) are :data:`DEFAULT_CHANNELS`; names it
+    does not state are ``None``. ``configs/train.json`` takes its ``in_channels`` / ``out_channels`` from here."""
+    spec = read_dataset_json(dataset_dir) if dataset_dir and os.path.isdir(dataset_dir) else None
+    path = os.path.join(dataset_dir or "", "dataset.json")
+    labels, channels = label_map(spec, path), channel_names(spec)
+    return {
+        "in_channels": len(channels) if channels else DEFAULT_CHANNELS["in_channels"],
+        "out_channels": len(labels) if labels else DEFAULT_CHANNELS["out_channels"],
+        "channel_names": channels,
+        "labels": labels,
+    }
+
+
+def case_name(path: str) -> str:
+    """File name without the ``.nii`` / ``.nii.gz`` / ``.h5`` extension: the name an input's outputs get."""
+    name = os.path.basename(path)
+    for suffix in (".nii.gz", ".nii", ".h5"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def group_channels(paths: Sequence[str], file_ending: Optional[str], num_channels: int) -> Dict[str, List[str]]:
+    """``{case: [channel 0 path, channel 1 path, ...]}`` for nnU-Net file names ``<CASE>_<XXXX><file_ending>``
+    (``file_ending`` ``None``: any ending :func:`case_name` strips), sorted by case. Raises :class:`DatasetError`
+    naming each file whose name has no channel index and each case whose channels are not exactly ``0000 ..
+    num_channels-1``."""
+    cases: Dict[str, Dict[int, str]] = {}
+    problems = []
+    for path in sorted(paths):
+        stem = os.path.basename(path)[: -len(file_ending)] if file_ending else case_name(path)
+        match = NNUNET_CHANNEL.match(stem)
+        if not match:
+            problems.append(f"{path}: name does not end in _XXXX{file_ending or '.nii.gz'} (the channel index).")
+            continue
+        cases.setdefault(match["case"], {})[int(match["channel"])] = path
+    for case, channels in cases.items():
+        if sorted(channels) != list(range(num_channels)):
+            found = ", ".join(f"{c:04d}" for c in sorted(channels))
+            problems.append(
+                f"{channels[min(channels)]}: case '{case}' has channel(s) {found}; expected "
+                f"{', '.join(f'{c:04d}' for c in range(num_channels))} (in_channels={num_channels})."
+            )
+    if problems:
+        raise DatasetError("\n".join(problems))
+    return {case: [channels[c] for c in range(num_channels)] for case, channels in sorted(cases.items())}
+
+
+def _files_with_ending(folder: Path, ending: str) -> List[str]:
+    return (
+        sorted(str(p) for p in folder.iterdir() if p.name.endswith(ending) and p.is_file()) if folder.is_dir() else []
+    )
+
+
+def _nnunet_items(dataset_dir: str, spec: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """Items of an nnU-Net v2 raw dataset: ``imagesTr`` cases (labeled when ``labelsTr`` has ``<CASE><ending>``),
+    then the ``imagesTs`` cases as unlabeled items. A label without image case, or a ``numTraining`` that differs
+    from the number of label files, raises :class:`DatasetError`."""
+    root, json_path = Path(dataset_dir), os.path.join(dataset_dir, "dataset.json")
+    ending = spec.get("file_ending", ".nii.gz")
+    channels = channel_names(spec)
+    if not channels:
+        raise DatasetError(f"{json_path}: channel_names must map '0', '1', ... to channel names.")
+    training = group_channels(_files_with_ending(root / "imagesTr", ending), ending, len(channels))
+    labels = {os.path.basename(p)[: -len(ending)]: p for p in _files_with_ending(root / "labelsTr", ending)}
+    orphans = [path for case, path in labels.items() if case not in training]
+    if orphans:
+        raise DatasetError("\n".join(f"{p}: label has no image case in {root / 'imagesTr'}." for p in orphans))
+    if "numTraining" in spec and spec["numTraining"] != len(labels):
+        raise DatasetError(
+            f"{json_path}: numTraining is {spec['numTraining']} but {root / 'labelsTr'} has {len(labels)} label(s)."
+        )
+    items: List[Dict[str, Any]] = []
+    for case, files in training.items():
+        item: Dict[str, Any] = {"image": files, "case": case}
+        if case in labels:
+            item["label"] = labels[case]
+        items.append(item)
+    test = group_channels(_files_with_ending(root / "imagesTs", ending), ending, len(channels))
+    return items + [{"image": files, "case": case} for case, files in test.items()]
+
+
 def build_datalists(
     dataset_dir: str,
     num_labeled: int = -1,
@@ -246,9 +407,10 @@ def build_datalists(
     if not dataset_dir or not os.path.isdir(dataset_dir):
         raise DatasetError(f"{dataset_dir}: dataset_dir does not exist or is not a folder.")
     validation: List[Dict[str, str]] = []
-    msd_file = os.path.join(dataset_dir, "dataset.json")
-    if os.path.isfile(msd_file):
-        spec = read_dataset_json(msd_file)
+    spec = read_dataset_json(dataset_dir)
+    if is_nnunet_v2(spec):
+        items = _nnunet_items(dataset_dir, spec)
+    elif spec is not None:
         items = _msd_items(dataset_dir, spec.get("training", []))
         items += _msd_items(dataset_dir, spec.get("unlabeled", []) + spec.get("test", []))
         validation = _msd_items(dataset_dir, spec.get("validation", []))
@@ -261,15 +423,15 @@ def build_datalists(
         items = _folder_items(dataset_dir)
     else:
         raise DatasetError(
-            f"{dataset_dir}: no dataset found (expected dataset.json, train.list with <case>/{LA_FILE_NAME} "
-            "folders, or imagesTr/ + labelsTr/)."
+            f"{dataset_dir}: no dataset found (expected dataset.json (nnU-Net v2 or MSD), train.list with "
+            f"<case>/{LA_FILE_NAME} folders, or imagesTr/ + labelsTr/)."
         )
     labeled = [item for item in items if "label" in item]
     unlabeled = [item for item in items if "label" not in item]
     if num_labeled is not None and num_labeled >= 0:
         if num_labeled > len(labeled):
             raise DatasetError(f"{dataset_dir}: num_labeled={num_labeled} but only {len(labeled)} labeled items.")
-        unlabeled = [{"image": item["image"]} for item in labeled[num_labeled:]] + unlabeled
+        unlabeled = [{k: v for k, v in item.items() if k != "label"} for item in labeled[num_labeled:]] + unlabeled
         labeled = labeled[:num_labeled]
     if not labeled:
         raise DatasetError(f"{dataset_dir}: no labeled items (num_labeled={num_labeled}).")

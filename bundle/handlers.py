@@ -15,6 +15,7 @@ from ignite.handlers import Checkpoint
 from torch import nn
 
 from bundle.checks import stop
+from bundle.model_settings import settings_path, write_model_settings
 from bundle.network_optimization import optimize_for_inference
 
 #: infix of the temporary files that :func:`save_atomically` writes and renames.
@@ -105,12 +106,14 @@ class SaveStateDictOnCompletion:
     MONAI's ``CheckpointSaver(save_final=True)`` also writes on an exception, which would replace good deploy weights
     with those of a crashed or interrupted run. The file is written under a temporary name and renamed
     (:func:`save_atomically`), so it is never half-written, and weights holding a NaN or an infinity are refused
-    (``FloatingPointError`` naming the tensors; the previous file stays).
+    (``FloatingPointError`` naming the tensors; the previous file stays). With ``settings``
+    (:func:`bundle.model_settings.describe_model`), the model's settings file is written next to it, after it.
     """
 
-    def __init__(self, network: nn.Module, path: str) -> None:
+    def __init__(self, network: nn.Module, path: str, settings: Optional[Dict[str, Any]] = None) -> None:
         self.network = network
         self.path = path
+        self.settings = settings
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.COMPLETED, self)
@@ -122,6 +125,8 @@ class SaveStateDictOnCompletion:
             raise FloatingPointError(f"{self.path} not written: non-finite values in {', '.join(bad[:5])}")
         save_atomically(state, self.path)
         logging.getLogger("bundle.progress").info(f"saved {self.path}")
+        if self.settings is not None:
+            write_model_settings(self.settings, settings_path(self.path))
 
 
 class AtomicCheckpointSaver:

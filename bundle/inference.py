@@ -20,7 +20,7 @@ import os
 import shutil
 import tempfile
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import nibabel as nib
 import numpy as np
@@ -33,7 +33,8 @@ from monai.utils import convert_data_type
 from torch import nn
 
 from bundle.checks import stop
-from bundle.data import NIFTI_SUFFIXES, DatasetError, check_items
+from bundle.data import NIFTI_SUFFIXES, DatasetError, case_name, check_items, group_channels, image_files
+from bundle.errors import BundleError
 from bundle.manifest import STAGING_PREFIX, ManifestError, RunManifest, read_manifest, remove_previous_outputs
 from bundle.network_optimization import optimize_for_inference
 from bundle.paths import PathError, check_outputs_apart, is_pattern, list_files
@@ -131,44 +132,44 @@ class SubnetDisagreement(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------- inputs
-def image_datalist(dataset_dir: str) -> List[Dict[str, str]]:
-    """``[{"image": path}, ...]`` for every ``.nii`` / ``.nii.gz`` file of a folder (not recursive; its name is
-    literal, ``[`` ``]`` included) or matching a glob pattern (a path that is not a folder), sorted by path
-    (:func:`bundle.paths.list_files`).
+def image_datalist(dataset_dir: str, in_channels: int = 1) -> List[Dict[str, Any]]:
+    """``[{"image": path or [channel paths], "case": name}, ...]`` for the ``.nii`` / ``.nii.gz`` files of a folder
+    (not recursive; its name is literal, ``[`` ``]`` included) or matching a glob pattern (a path that is not a
+    folder; :func:`bundle.paths.list_files`), sorted by case. ``case`` names the outputs.
+
+    nnU-Net names (``imagesTs/``): with ``in_channels`` > 1 the files ``<CASE>_0000 .. <CASE>_<C-1>`` are one case,
+    stacked in channel order; with one channel, when every file ends in ``_0000``, that suffix is dropped from the
+    case name. Any other file is one case named by its file name.
 
     Raises:
-        DatasetError: when nothing matches, or when two inputs would write the same output name
-            (``a.nii`` and ``a.nii.gz``).
+        DatasetError: when nothing matches, when channel files are missing, or when two inputs would write the same
+            output name (``a.nii`` and ``a.nii.gz``).
     """
     paths = list_files(dataset_dir, NIFTI_SUFFIXES)
     if not paths:
         where = "folder" if os.path.isdir(dataset_dir) else "pattern (no such folder)"
         raise DatasetError(f"{dataset_dir}: no .nii / .nii.gz images found in this {where}.")
-    names: Dict[str, str] = {}
-    for path in paths:
-        name = case_name(path)
-        if name in names:
-            raise DatasetError(f"{path} and {names[name]} would both be written as '{name}.nii.gz'.")
-        names[name] = path
-    return [{"image": p} for p in paths]
+    if in_channels > 1:
+        cases = group_channels(paths, None, in_channels)
+    else:
+        stems = {path: case_name(path) for path in paths}
+        nnunet = all(stem.endswith("_0000") for stem in stems.values())
+        cases = {}
+        for path, stem in stems.items():
+            name = stem[: -len("_0000")] if nnunet else stem
+            if name in cases:
+                raise DatasetError(f"{path} and {cases[name]} would both be written as '{name}.nii.gz'.")
+            cases[name] = path
+    return [{"image": image, "case": case} for case, image in sorted(cases.items())]
 
 
-def image_datalist_or_exit(dataset_dir: str) -> List[Dict[str, str]]:
-    """:func:`image_datalist` for ``configs/inference.json``: stops with its one-line report (no images, no such
-    folder, two inputs with one output name) instead of a traceback ending in "Failed to instantiate component"."""
+def image_datalist_or_exit(dataset_dir: str, in_channels: int = 1) -> List[Dict[str, Any]]:
+    """:func:`image_datalist` for ``configs/inference.json``: raises its one-line report under the title "Cannot
+    segment:" (no images, no such folder, missing channels, two inputs with one output name)."""
     try:
-        return image_datalist(dataset_dir)
+        return image_datalist(dataset_dir, in_channels)
     except DatasetError as err:
         stop("Cannot segment:", str(err).splitlines())
-
-
-def case_name(path: str) -> str:
-    """File name without the ``.nii`` / ``.nii.gz`` / ``.h5`` extension: the name an input's outputs get."""
-    name = os.path.basename(path)
-    for suffix in (".nii.gz", ".nii", ".h5"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
 
 
 # ------------------------------------------------------------------------------------------------- writing
@@ -217,8 +218,8 @@ class FolderInference:
     :class:`~bundle.transforms.CheckVolumed`) is logged with its reason and skipped, and the others are still
     written. Outputs are written into a hidden staging folder (``.partial-*``) inside ``output_dir`` and moved into
     place with ``os.replace``, so a final name never holds a half-written file; staging folders left by an
-    interrupted run are removed at the start. After the last item, if any failed,
-    :meth:`run` raises ``SystemExit`` with the list of failures (exit status 1 on the command line).
+    interrupted run are removed at the start. After the last item, if any failed, :meth:`run` raises
+    :class:`~bundle.errors.BundleError` with the list of failures (exit status 1 on the command line).
 
     Inputs are never overwritten: before anything is read, an ``output_dir`` (or one of its sub-folders) that is a
     folder holding inputs, under any spelling, or whose outputs the input pattern would match, stops the run
@@ -285,9 +286,9 @@ class FolderInference:
         )
 
     def run(self) -> Dict[str, list]:
-        """Segment all items. Returns ``{"written": [output paths], "failed": []}``; raises ``SystemExit`` listing
-        ``file: reason`` for each failed item when any failed."""
-        inputs = [item["image"] for item in getattr(self.dataset, "data", [])]
+        """Segment all items. Returns ``{"written": [output paths], "failed": []}``; raises
+        :class:`~bundle.errors.BundleError` listing ``file: reason`` for each failed item when any failed."""
+        inputs = [path for item in getattr(self.dataset, "data", []) for path in image_files(item["image"])]
         self._check_output_dir(inputs)
         if self.ckpt_path is not None:
             self._load_weights()
@@ -305,7 +306,7 @@ class FolderInference:
         failed: List[Tuple[str, str]] = []
         total = len(self.dataset)
         for index in range(total):
-            path = self.dataset.data[index]["image"]
+            path = image_files(self.dataset.data[index]["image"])[0]
             start = time.perf_counter()
             try:
                 outputs = self._segment(index)
@@ -321,8 +322,7 @@ class FolderInference:
         manifest.finish()
         summary = f"{total - len(failed)} of {total} images segmented into {self.output_dir}"
         if failed:
-            details = "\n".join(f"  {p}: {r}" for p, r in failed)
-            raise SystemExit(f"{summary}; {len(failed)} failed:\n{details}")
+            raise BundleError(f"{summary}; {len(failed)} failed:", [f"{p}: {r}" for p, r in failed])
         logger.info(summary)
         return {"written": written, "failed": failed}
 
@@ -411,9 +411,10 @@ class FolderInference:
                 )
                 staged.append((saver(data[key]).meta["saved_to"], os.path.join(self.output_dir, folder)))
             finals = []
+            name = data.get("case") or case_name(str(data["image"].meta["filename_or_obj"]))
             for source, folder in staged:
                 os.makedirs(folder, exist_ok=True)
-                finals.append(os.path.join(folder, os.path.basename(source)))
+                finals.append(os.path.join(folder, f"{name}.nii.gz"))
                 os.replace(source, finals[-1])
             return finals
         finally:

@@ -27,7 +27,7 @@ import csv
 import logging
 import math
 import os
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -38,7 +38,7 @@ from monai.transforms.utils_morphological_ops import dilate
 
 from bundle.checks import stop
 from bundle.data import LA_FILE_NAME, DatasetError, read_case_list
-from bundle.inference import FolderInference, SubnetDisagreement, case_name, entropy_map, image_datalist
+from bundle.inference import FolderInference, SubnetDisagreement, entropy_map, image_datalist
 from bundle.transforms import LoadVolumed
 
 logger = logging.getLogger(__name__)
@@ -54,20 +54,20 @@ FIGURE_NAME = "ranking.png"
 
 
 # ------------------------------------------------------------------------------------------------- inputs
-def scan_datalist(dataset_dir: str, case_list: Optional[str] = None) -> List[Dict[str, str]]:
+def scan_datalist(dataset_dir: str, case_list: Optional[str] = None, in_channels: int = 1) -> List[Dict[str, Any]]:
     """The scans to rank, ``[{"image": path, "scan": name}, ...]``.
 
     Without ``case_list``: every NIfTI file of the folder (or glob) ``dataset_dir``
-    (:func:`bundle.inference.image_datalist`), named by its file name without extension. With ``case_list`` (the LA
-    layout): one item per line of the list file, ``<dataset_dir>/<case>/mri_norm2.h5``, named by the case; a relative
-    ``case_list`` is looked up in ``dataset_dir`` first, then in the working folder. A listed case whose file is
-    missing is kept, so that the runner reports and skips it like any broken scan.
+    (:func:`bundle.inference.image_datalist`, nnU-Net channel files grouped by case), named by its case. With
+    ``case_list`` (the LA layout): one item per line of the list file, ``<dataset_dir>/<case>/mri_norm2.h5``, named
+    by the case; a relative ``case_list`` is looked up in ``dataset_dir`` first, then in the working folder. A listed
+    case whose file is missing is kept, so that the runner reports and skips it like any broken scan.
 
     Raises:
         DatasetError: no input, or a case listed twice.
     """
     if case_list is None:
-        return [{"image": item["image"], "scan": case_name(item["image"])} for item in image_datalist(dataset_dir)]
+        return [{**item, "scan": item["case"]} for item in image_datalist(dataset_dir, in_channels)]
     in_dataset = os.path.join(dataset_dir, case_list)
     list_path = in_dataset if os.path.isfile(in_dataset) or not os.path.isfile(case_list) else case_list
     cases = read_case_list(list_path)
@@ -79,11 +79,13 @@ def scan_datalist(dataset_dir: str, case_list: Optional[str] = None) -> List[Dic
     return [{"image": os.path.join(dataset_dir, case, LA_FILE_NAME), "scan": case} for case in cases]
 
 
-def scan_datalist_or_exit(dataset_dir: str, case_list: Optional[str] = None) -> List[Dict[str, str]]:
+def scan_datalist_or_exit(
+    dataset_dir: str, case_list: Optional[str] = None, in_channels: int = 1
+) -> List[Dict[str, Any]]:
     """:func:`scan_datalist` for ``configs/rank.json``: stops with its one-line report (no images, no such folder,
     an empty list, a case listed twice) instead of a traceback ending in "Failed to instantiate component"."""
     try:
-        return scan_datalist(dataset_dir, case_list)
+        return scan_datalist(dataset_dir, case_list, in_channels)
     except DatasetError as err:
         stop("Cannot rank:", str(err).splitlines())
 
@@ -261,8 +263,9 @@ class FolderRanking(FolderInference):
 
     def run(self) -> Dict[str, list]:
         """Score all scans, then write the ranking of those that succeeded (also when some failed). Returns
-        ``{"written": [scan names], "failed": [...], "ranking": [ranked rows]}``; raises ``SystemExit`` like
-        :meth:`FolderInference.run` when a scan failed, after writing the ranking."""
+        ``{"written": [scan names], "failed": [...], "ranking": [ranked rows]}``; raises
+        :class:`~bundle.errors.BundleError` like :meth:`FolderInference.run` when a scan failed, after writing the
+        ranking."""
         self.rows, self.previews, self.ranking = [], {}, []
         result = super().run()
         return {**result, "ranking": self.ranking}

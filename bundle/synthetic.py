@@ -96,3 +96,58 @@ def ensure_synthetic_dataset(
         if os.path.isdir(tmp):
             shutil.rmtree(tmp)
     return root
+
+
+def nnunet_volume(
+    rng: np.random.Generator, shape: Tuple[int, int, int], num_channels: int = 2
+) -> Tuple[np.ndarray, np.ndarray]:
+    """One multi-class case: channels ``(C, *shape)`` float32 and a label with classes 0 (background), 1 (the
+    ellipsoid of :func:`synthetic_volume`) and 2 (its distractor sphere, here a class of its own). Channel ``c`` shows
+    the classes with its own contrast (channel 1 inverts class 2), so both channels carry information."""
+    image, target = synthetic_volume(rng, shape)
+    grid = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape], indexing="ij"))
+    size = np.asarray(shape, dtype=np.float32)
+    centre = np.asarray(np.argwhere(target).mean(0)) if target.any() else size / 2
+    second = np.where(centre < size / 2, size * 0.75, size * 0.25)
+    sphere = (((grid - second[:, None, None, None]) / (0.15 * size[:, None, None, None])) ** 2).sum(0) <= 1.0
+    label = np.where(target > 0, 1, np.where(sphere, 2, 0)).astype(np.uint8)
+    channels = [image + 1.2 * (label == 2)]
+    for index in range(1, num_channels):
+        channels.append((-1.0) ** index * 1.5 * (label == 2) + 0.8 * (label == 1) + 0.3 * rng.standard_normal(shape))
+    return np.stack(channels).astype(np.float32), label
+
+
+def make_nnunet_dataset(
+    root: str,
+    num_training: int = 6,
+    num_test: int = 3,
+    shape: Tuple[int, int, int] = (40, 40, 12),
+    spacing: Tuple[float, float, float] = (0.7, 0.7, 5.0),
+    num_channels: int = 2,
+    seed: int = 7,
+) -> str:
+    """Write an nnU-Net v2 raw dataset at ``root``: ``imagesTr/case_XXX_000c.nii.gz`` (``num_channels`` channels),
+    ``labelsTr/case_XXX.nii.gz`` (3 classes), ``imagesTs/`` (``num_test`` unlabeled cases) and ``dataset.json``,
+    with voxel ``spacing`` (mm) and a non-trivial origin. For tests and the README's own-data example."""
+    rng = np.random.default_rng(seed)
+    affine = np.diag([*spacing, 1.0])
+    affine[:3, 3] = [-12.0, 7.5, 30.0]
+    for folder in ("imagesTr", "labelsTr", "imagesTs"):
+        os.makedirs(os.path.join(root, folder), exist_ok=True)
+    for index in range(num_training + num_test):
+        image, label = nnunet_volume(rng, shape, num_channels)
+        case, folder = f"case_{index:03d}", "imagesTr" if index < num_training else "imagesTs"
+        for channel in range(num_channels):
+            _save(image[channel], os.path.join(root, folder, f"{case}_{channel:04d}.nii.gz"), affine)
+        if index < num_training:
+            _save(label, os.path.join(root, "labelsTr", f"{case}.nii.gz"), affine)
+    spec = {
+        "channel_names": {str(c): f"mod{c}" for c in range(num_channels)},
+        "labels": {"background": 0, "ellipsoid": 1, "sphere": 2},
+        "numTraining": num_training,
+        "file_ending": ".nii.gz",
+        "name": "synthetic_nnunet",
+    }
+    with open(os.path.join(root, "dataset.json"), "w") as handle:
+        json.dump(spec, handle, indent=4)
+    return root

@@ -7,7 +7,7 @@ grid with ``Invertd`` against it.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ from monai.transforms import (
     Orientationd,
     RandRotate90d,
     RandSpatialCropd,
+    Spacingd,
     SpatialPadd,
     Zoomd,
 )
@@ -126,34 +127,90 @@ def check_volume_transforms(keys: Sequence[str], num_classes: Optional[int] = No
     return [EnsureChannelFirstd(keys=list(keys)), CheckVolumed(keys=list(keys), num_classes=num_classes)]
 
 
+class ClipChanneld(MapTransform):
+    """Clip each channel ``c`` of ``keys`` to ``[lower[c], upper[c]]`` (MONAI's clipping transforms take one range for
+    all channels). Used by the CT normalisation (:func:`intensity_transforms`)."""
+
+    def __init__(self, keys: Sequence[str], lower: Sequence[float], upper: Sequence[float]) -> None:
+        super().__init__(keys)
+        self.lower, self.upper = list(lower), list(upper)
+
+    def __call__(self, data: Mapping) -> Dict:
+        item = dict(data)
+        for key in self.key_iterator(item):
+            image = item[key]
+            if image.shape[0] != len(self.lower):
+                raise DatasetError(
+                    f"{image.meta.get('filename_or_obj', key)}: {image.shape[0]} channel(s), the CT statistics have "
+                    f"{len(self.lower)}."
+                )
+            shape = (-1,) + (1,) * (image.ndim - 1)
+            lower = torch.as_tensor(self.lower, dtype=image.dtype, device=image.device).view(shape)
+            upper = torch.as_tensor(self.upper, dtype=image.dtype, device=image.device).view(shape)
+            item[key] = torch.maximum(torch.minimum(image, upper), lower)
+        return item
+
+
+def intensity_transforms(intensity: Union[str, Dict[str, Any], None] = None) -> list:
+    """The intensity normalisation of ``image`` (:mod:`bundle.data_settings`): ``"zscore"`` / ``{"scheme":
+    "zscore"}`` / ``None``: each channel z-scored on its own (``NormalizeIntensityd``); ``{"scheme": "ct", "lower",
+    "upper", "mean", "std"}`` (one value per channel): clipped to ``[lower, upper]``, then ``(x - mean) / std``."""
+    scheme = intensity.get("scheme") if isinstance(intensity, dict) else (intensity or "zscore")
+    if scheme == "zscore":
+        return [NormalizeIntensityd(keys="image", channel_wise=True)]
+    if (
+        scheme == "ct"
+        and isinstance(intensity, dict)
+        and all(k in intensity for k in ("lower", "upper", "mean", "std"))
+    ):
+        return [
+            ClipChanneld(keys=["image"], lower=intensity["lower"], upper=intensity["upper"]),
+            NormalizeIntensityd(
+                keys="image", subtrahend=intensity["mean"], divisor=intensity["std"], channel_wise=True
+            ),
+        ]
+    raise DatasetError(
+        f"intensity {intensity!r}: expected 'zscore' or the CT statistics of a dataset (bundle.data_settings)."
+    )
+
+
 def preprocessing(
     keys: Sequence[str] = ("image", "label"),
     resample_factor: float = 1.0,
     num_classes: Optional[int] = None,
     check: bool = True,
+    spacing: Optional[Sequence[float]] = None,
+    intensity: Union[str, Dict[str, Any], None] = None,
 ) -> Compose:
     """Deterministic, invertible preprocessing of one item.
 
-    Reads NIfTI (or anything MONAI reads) and LA ``.h5`` files (datasets ``image`` / ``label``), puts the channel
-    first, reorients to RAS (a no-op for h5, which has no affine), optionally zooms by ``resample_factor`` (the
-    ``cpu`` benchmark protocol uses 0.5; trilinear for the image, nearest for labels) and z-scores the image per
-    channel. Output: ``image`` (C, H, W, D) float32 and, if requested, ``label`` (1, H, W, D) float32 class indices.
+    Reads NIfTI (or anything MONAI reads; a list of files is stacked as channels) and LA ``.h5`` files (datasets
+    ``image`` / ``label``), puts the channel first, reorients to RAS (a no-op for h5, which has no affine), resamples
+    to ``spacing`` (``Spacingd``: bilinear for the image, nearest for labels), optionally zooms by
+    ``resample_factor`` (the ``cpu`` benchmark protocol uses 0.5; trilinear for the image, nearest for labels) and
+    normalises the image's intensities (:func:`intensity_transforms`; default: z-score per channel). Output:
+    ``image`` (C, H, W, D) float32 and, if requested, ``label`` (1, H, W, D) float32 class indices.
 
     Args:
         keys: ``("image",)`` for unlabeled / inference items, ``("image", "label")`` for labeled ones.
-        resample_factor: isotropic zoom applied after loading; 1.0 keeps the native grid.
+        resample_factor: isotropic zoom applied after loading; 1.0 keeps the grid.
         num_classes: with ``check``, label values must lie in ``[0, num_classes)``; ``None`` skips that test.
         check: :class:`CheckVolumed` right after loading (finite voxels, label values, label affine); a failure
             raises :class:`~bundle.data.DatasetError` naming the file.
+        spacing: target voxel size ``[x, y, z]`` (mm, RAS axes); ``None`` keeps the native grid.
+        intensity: the intensity scheme and its statistics (:func:`intensity_transforms`).
     """
     keys = list(keys)
     transforms = [LoadVolumed(keys=keys)]
     transforms += check_volume_transforms(keys, num_classes) if check else [EnsureChannelFirstd(keys=keys)]
     transforms.append(Orientationd(keys=keys, axcodes="RAS", labels=None))
+    if spacing is not None:
+        modes = ["bilinear" if k == "image" else "nearest" for k in keys]
+        transforms.append(Spacingd(keys=keys, pixdim=[float(v) for v in spacing], mode=modes))
     if resample_factor != 1.0:
         modes = ["trilinear" if k == "image" else "nearest" for k in keys]
         transforms.append(Zoomd(keys=keys, zoom=resample_factor, mode=modes, keep_size=False))
-    transforms += [NormalizeIntensityd(keys="image", channel_wise=True), EnsureTyped(keys=keys, track_meta=True)]
+    transforms += intensity_transforms(intensity) + [EnsureTyped(keys=keys, track_meta=True)]
     return Compose(transforms)
 
 
@@ -173,6 +230,8 @@ def training_transforms(
     augment: bool = False,
     num_classes: Optional[int] = None,
     check: bool = True,
+    spacing: Optional[Sequence[float]] = None,
+    intensity: Union[str, Dict[str, Any], None] = None,
 ) -> Compose:
     """Preprocessing + the random part of training: optional rot90/flip, pad to the patch, uniform random crop.
 
@@ -183,10 +242,11 @@ def training_transforms(
     single-V-Net methods: ``rot90`` by k in {0, 1, 2, 3} in the first two axes, then exactly one flip, along axis 0
     or axis 1 with equal probability (the same draw for image and label).
     Output ``image`` (C, *patch_size), ``label`` (1, *patch_size) and ``label_file`` (its path, so that a bad label
-    value found in a batch names its file) when labeled. ``num_classes`` and ``check``: see :func:`preprocessing`.
+    value found in a batch names its file) when labeled. ``num_classes`` and ``check``: see :func:`preprocessing`,
+    like ``spacing`` and ``intensity``.
     """
     keys = list(keys)
-    transforms = list(preprocessing(keys, resample_factor, num_classes, check).transforms)
+    transforms = list(preprocessing(keys, resample_factor, num_classes, check, spacing, intensity).transforms)
     if augment:  # before the crop, as in the released code, so a non-square patch keeps its shape
         transforms += [
             # MONAI draws k in {1, ..., max_k} when it rotates: prob 3/4 makes k uniform in {0, 1, 2, 3}

@@ -24,17 +24,19 @@ from benchmarking.gpu_check import gpu_check  # noqa: E402
 from benchmarking.precision import agreement, default_precision  # noqa: E402
 from benchmarking.runs import accuracy, inference_memory, report, speed  # noqa: E402
 from bundle.booleans import boolean_command  # noqa: E402
+from bundle.errors import cli  # noqa: E402
 
 if __name__ == "__main__":
-    fire.Fire(
-        {
-            "accuracy": boolean_command(accuracy),
-            "speed": boolean_command(speed),
-            "memory": inference_memory,
-            "report": report,
-            "agreement": agreement,
-            "default_precision": default_precision,
-            "conv_profile": conv_profile,
-            "gpu": gpu_check,
-        }
-    )
+    with cli():
+        fire.Fire(
+            {
+                "accuracy": boolean_command(accuracy),
+                "speed": boolean_command(speed),
+                "memory": inference_memory,
+                "report": report,
+                "agreement": agreement,
+                "default_precision": default_precision,
+                "conv_profile": conv_profile,
+                "gpu": gpu_check,
+            }
+        )

@@ -21,6 +21,7 @@ import fire
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the bundle root, so that `bundle` imports
 
 from bundle.checks import check_dataset  # noqa: E402
+from bundle.errors import cli  # noqa: E402
 
 
 def main(
@@ -36,4 +37,5 @@ def main(
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    with cli():
+        fire.Fire(main)

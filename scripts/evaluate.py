@@ -22,6 +22,7 @@ import fire
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the bundle root, so that `bundle` imports
 
 from bundle.booleans import boolean_command  # noqa: E402
+from bundle.errors import cli  # noqa: E402
 from bundle.evaluation import UnpairedCasesError, evaluate_folders, format_summary  # noqa: E402
 
 
@@ -49,4 +50,5 @@ def main(
 
 
 if __name__ == "__main__":
-    fire.Fire(boolean_command(main))
+    with cli():
+        fire.Fire(boolean_command(main))

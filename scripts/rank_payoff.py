@@ -16,6 +16,8 @@ import fire
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarking.rank_payoff import payoff  # noqa: E402
+from bundle.errors import cli  # noqa: E402
 
 if __name__ == "__main__":
-    fire.Fire(payoff)
+    with cli():
+        fire.Fire(payoff)

@@ -520,9 +520,7 @@ def test_inference_overlay_loads_a_baseline_model(clean_run, tiny_dataset, tmp_p
         workflow_type="infer",
         dataset_dir=f"{tiny_dataset}/imagesTr",
         output_dir=str(tmp_path / "pred"),
-        ckpt_path=str(out_dir / "models" / "model.pt"),
-        base_width=4,
-        patch_size=[16, 16, 16],
+        ckpt_path=str(out_dir / "models" / "model.pt"),  # base_width, patch: the model's (model_metadata.json)
         sw_strides=[8, 8, 8],
         sw_batch_size=2,
     )

@@ -22,7 +22,7 @@ from bundle.checks import (
 from bundle.data import build_datalists
 from bundle.inference import FolderInference
 from bundle.transforms import training_transforms
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, raises_bundle_error
 from tests.test_inference import _pointwise_ensemble, _synthetic_image, _workflow, _write_nifti
 
 SHAPE = (12, 10, 8)
@@ -83,9 +83,9 @@ def _report(root, num_labeled=4, out_channels=2):
             lists["unlabeled"], training_transforms(["image"], [8, 8, 8], num_classes=out_channels), progress=False
         ),
     ]
-    with pytest.raises(SystemExit) as info:
+    with raises_bundle_error() as info:
         report_data_problems(datasets)
-    return str(info.value.code)
+    return str(info[0])
 
 
 def _nan_image(index, image, label, affine):
@@ -130,9 +130,9 @@ def test_label_affine_differing_from_image_is_named(tmp_path):
 def test_label_without_image_is_named(tmp_path):
     root = _nifti_root(tmp_path)
     nib.save(nib.Nifti1Image(_volumes(6)[1], AFFINE), root / "labelsTr" / "c6.nii.gz")  # e.g. a misspelt name
-    with pytest.raises(SystemExit) as info:
+    with raises_bundle_error() as info:
         datalists_or_exit(dataset_dir=str(root), num_labeled=4)
-    assert str(info.value.code).splitlines() == [
+    assert str(info[0]).splitlines() == [
         "Data check failed:",
         f"  {root / 'labelsTr' / 'c6.nii.gz'}: label has no image of the same name in {root / 'imagesTr'}.",
     ]
@@ -226,9 +226,9 @@ def test_check_data_command(tmp_path):
     ],
 )
 def test_settings_of_the_wrong_type_name_the_key(settings, message):
-    with pytest.raises(SystemExit) as info:
+    with raises_bundle_error() as info:
         check_settings(settings)
-    assert str(info.value.code).splitlines()[1:] == [f"  {message}"]
+    assert str(info[0]).splitlines()[1:] == [f"  {message}"]
 
 
 def test_good_settings_pass():
@@ -247,9 +247,9 @@ def test_unwritable_output_folder_is_named(tmp_path):
     (tmp_path / "file").write_text("x")
     check_writable([str(tmp_path / "out")])
     assert os.listdir(tmp_path / "out") == []  # the probe file is removed
-    with pytest.raises(SystemExit) as info:
+    with raises_bundle_error() as info:
         check_writable([str(tmp_path / "out"), str(tmp_path / "file" / "models")])
-    assert str(info.value.code).splitlines()[1].startswith(f"  {tmp_path / 'file' / 'models'}: not writable")
+    assert str(info[0]).splitlines()[1].startswith(f"  {tmp_path / 'file' / 'models'}: not writable")
 
 
 def test_inference_reports_non_finite_input_and_removes_stale_staging(tmp_path):
@@ -262,9 +262,9 @@ def test_inference_reports_non_finite_input_and_removes_stale_staging(tmp_path):
     (tmp_path / "out" / ".partial-stale" / "pred").mkdir(parents=True)
     workflow = _workflow(folder, tmp_path / "out")
     workflow.initialize()
-    with pytest.raises(SystemExit) as info:
+    with raises_bundle_error() as info:
         workflow.run()
-    lines = str(info.value.code).splitlines()
+    lines = str(info[0]).splitlines()
     assert lines[0] == f"1 of 2 images segmented into {tmp_path / 'out'}; 1 failed:"
     assert lines[1:] == [f"  {bad}: DatasetError: {bad}: 1 non-finite voxel(s) (NaN or Inf) in the image"]
     assert sorted(os.listdir(tmp_path / "out")) == ["good.nii.gz", "manifest.json"]
@@ -280,9 +280,9 @@ def test_inference_weights_that_cannot_be_loaded_are_named(tmp_path, damage):
     if damage == "truncated":
         _truncate(path)
     runner = FolderInference([], _pointwise_ensemble(), None, None, str(tmp_path / "out"), str(path))
-    with pytest.raises(SystemExit) as info:
+    with raises_bundle_error() as info:
         runner.run()
-    lines = str(info.value.code).splitlines()
+    lines = str(info[0]).splitlines()
     assert len(lines) == 2 and lines[0] == "Cannot segment:"
     if damage == "truncated":
         assert lines[1].startswith(f"  {path}: not a complete weights file, truncated or corrupt (")
@@ -301,9 +301,9 @@ def test_inference_without_images_is_one_line(tmp_path, folder):
     where = "folder" if folder == "empty" else "pattern (no such folder)"
     workflow = _workflow(tmp_path / folder, tmp_path / "out")
     workflow.initialize()
-    with pytest.raises(SystemExit) as info:
+    with raises_bundle_error() as info:
         workflow.run()
-    assert str(info.value.code).splitlines() == [
+    assert str(info[0]).splitlines() == [
         "Cannot segment:",
         f"  {tmp_path / folder}: no .nii / .nii.gz images found in this {where}.",
     ]

@@ -18,7 +18,7 @@ from torch import nn
 
 from bundle.evaluation import MetricsReportHandler, evaluate_folders, figure_slices
 from bundle.networks import SoftmaxEnsemble
-from tests.conftest import BRATS_DIR, REPO_ROOT
+from tests.conftest import BRATS_DIR, REPO_ROOT, raises_bundle_error
 
 TOL = 1e-6
 SPACING = (0.8, 1.2, 2.0)
@@ -179,9 +179,9 @@ def test_evaluate_json_overlay_scores_the_model_on_the_validation_list(tmp_path)
 
     (tmp_path / "truncated.pt").write_bytes((tmp_path / "model.pt").read_bytes()[:100])
     for bad, reason in (("missing.pt", "no trained weights"), ("truncated.pt", "not a complete weights file")):
-        with pytest.raises(SystemExit) as exit_info:
+        with raises_bundle_error() as exit_info:
             evaluate(tmp_path / bad)
-        assert str(exit_info.value.code).startswith(f"Cannot evaluate:\n  {tmp_path / bad}: {reason}")
+        assert str(exit_info[0]).startswith(f"Cannot evaluate:\n  {tmp_path / bad}: {reason}")
     assert not (tmp_path / "out" / "metrics.csv").exists()
     evaluate(tmp_path / "model.pt")
     rows = _read_csv(tmp_path / "out" / "metrics.csv")

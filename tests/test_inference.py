@@ -26,7 +26,7 @@ from bundle.inference import (
 )
 from bundle.networks import SoftmaxEnsemble
 from bundle.transforms import preprocessing
-from tests.conftest import BRATS_DIR, REPO_ROOT
+from tests.conftest import BRATS_DIR, REPO_ROOT, raises_bundle_error
 
 CONFIG = str(REPO_ROOT / "configs" / "inference.json")
 FAST_CONFIG = str(REPO_ROOT / "configs" / "inference_fast.json")
@@ -169,8 +169,10 @@ def test_subnet_disagreement_matches_the_ensemble():
 def test_datalist_folder_glob_empty_and_duplicates(tmp_path):
     for name in ("b.nii.gz", "a.nii", "notes.txt"):
         (tmp_path / name).write_bytes(b"x")
-    assert image_datalist(str(tmp_path)) == [{"image": str(tmp_path / n)} for n in ("a.nii", "b.nii.gz")]
-    assert image_datalist(str(tmp_path / "b*")) == [{"image": str(tmp_path / "b.nii.gz")}]
+    assert image_datalist(str(tmp_path)) == [
+        {"image": str(tmp_path / n), "case": n.split(".")[0]} for n in ("a.nii", "b.nii.gz")
+    ]
+    assert image_datalist(str(tmp_path / "b*")) == [{"image": str(tmp_path / "b.nii.gz"), "case": "b"}]
     (tmp_path / "empty").mkdir()
     with pytest.raises(DatasetError, match="no .nii"):
         image_datalist(str(tmp_path / "empty"))
@@ -232,9 +234,9 @@ def test_bad_files_are_reported_skipped_and_exit_nonzero(tmp_path):
     _write_nifti(folder / "rgb.nii.gz", np.zeros((20, 14, 9, 3), np.float32), np.eye(4))
     workflow = _workflow(folder, tmp_path / "out")
     workflow.initialize()
-    with pytest.raises(SystemExit) as exit_info:
+    with raises_bundle_error() as exit_info:
         workflow.run()
-    message = str(exit_info.value.code)
+    message = str(exit_info[0])
     assert message.startswith("1 of 5 images segmented")
     for name in ("garbage", "truncated", "flat", "rgb"):
         assert f"{folder / name}.nii.gz: " in message
@@ -261,16 +263,16 @@ def test_failed_write_leaves_no_partial_output(tmp_path):
         postprocessing=post,
         output_dir=str(tmp_path / "out"),
     )
-    with pytest.raises(SystemExit, match="0 of 1"):
+    with raises_bundle_error("0 of 1"):
         runner.run()
     assert os.listdir(tmp_path / "out") == ["manifest.json"]
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     runner = FolderInference(Dataset([]), _pointwise_ensemble(), None, None, str(tmp_path), str(tmp_path / "x.pt"))
-    with pytest.raises(SystemExit) as info:
+    with raises_bundle_error() as info:
         runner.run()
-    assert str(info.value.code).splitlines() == [
+    assert str(info[0]).splitlines() == [
         "Cannot segment:",
         f"  {tmp_path / 'x.pt'}: no trained weights (train first, or set ckpt_path).",
     ]

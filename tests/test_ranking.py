@@ -15,7 +15,7 @@ from torch import nn
 from bundle.data import DatasetError
 from bundle.networks import SoftmaxEnsemble, SoftmaxOutput
 from bundle.ranking import CSV_COLUMNS, rank_rows, scan_datalist, score_scan, write_ranking_csv
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, raises_bundle_error
 
 CONFIGS = [str(REPO_ROOT / "configs" / name) for name in ("inference.json", "rank.json")]
 SINGLE = str(REPO_ROOT / "configs" / "inference_single_net.json")
@@ -151,10 +151,10 @@ def test_nifti_folder_is_ranked_scored_and_a_broken_scan_skipped(tmp_path):
     for name, image in images.items():
         _write(folder / f"{name}.nii.gz", image)
     (folder / "broken.nii.gz").write_bytes(b"not a nifti file")
-    with pytest.raises(SystemExit) as exit_info:
+    with raises_bundle_error() as exit_info:
         _run(CONFIGS, folder, tmp_path / "out", SoftmaxEnsemble(_pointwise(4.0), _pointwise(2.0)))
-    assert str(exit_info.value.code).startswith("3 of 4 images")
-    assert f"{folder / 'broken.nii.gz'}: " in str(exit_info.value.code)
+    assert str(exit_info[0]).startswith("3 of 4 images")
+    assert f"{folder / 'broken.nii.gz'}: " in str(exit_info[0])
 
     rows = _read(tmp_path / "out" / "ranking.csv")
     assert list(rows[0]) == list(CSV_COLUMNS)
@@ -195,10 +195,10 @@ def test_la_case_list_ranks_h5_cases_and_reports_a_missing_one(tmp_path):
             handle["image"], handle["label"] = image, (image > 2).astype(np.uint8)
     (tmp_path / "pool.list").write_text("case_b\nmissing\ncase_a\n")
     assert [item["scan"] for item in scan_datalist(str(tmp_path), "pool.list")] == ["case_b", "missing", "case_a"]
-    with pytest.raises(SystemExit, match="2 of 3 images") as exit_info:
+    with raises_bundle_error("2 of 3 images") as exit_info:
         _run(CONFIGS, tmp_path, tmp_path / "out", SoftmaxEnsemble(_pointwise(4.0), _pointwise(2.0)),
              case_list="pool.list")  # fmt: skip
-    assert f"{tmp_path / 'missing' / 'mri_norm2.h5'}: file not found" in str(exit_info.value.code)
+    assert f"{tmp_path / 'missing' / 'mri_norm2.h5'}: file not found" in str(exit_info[0])
     rows = _read(tmp_path / "out" / "ranking.csv")
     assert sorted(r["scan"] for r in rows) == ["case_a", "case_b"]
     assert {r["foreground_ml"] for r in rows} == {"n/a"}  # h5 files carry no voxel size
@@ -217,8 +217,8 @@ def test_rank_without_scans_stops_with_one_line(tmp_path, inputs):
     if inputs == "listed twice":
         (dataset / "pool.list").write_text("case_a\ncase_a\n")
         override["case_list"] = "pool.list"
-    with pytest.raises(SystemExit) as exit_info:
+    with raises_bundle_error() as exit_info:
         _run(CONFIGS, dataset, tmp_path / "out", SoftmaxEnsemble(_pointwise(4.0), _pointwise(2.0)), **override)
-    lines = str(exit_info.value.code).splitlines()
+    lines = str(exit_info[0]).splitlines()
     assert lines[0] == "Cannot rank:" and len(lines) == 2
     assert lines[1].startswith(f"  {dataset}") and not (tmp_path / "out" / "ranking.csv").exists()

@@ -17,7 +17,7 @@ import torch
 from bundle.checks import check_resume_file
 from bundle.handlers import ResumeLoader, SaveStateDictOnCompletion
 from bundle.synthetic import ensure_synthetic_dataset
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, raises_bundle_error
 from tests.test_training import (  # noqa: F401
     flatten_state,
     make_workflow,
@@ -203,12 +203,12 @@ def test_damaged_resume_checkpoint_is_named(tmp_path, damage):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"")
     for check in (lambda: check_resume_file(str(path)), lambda: ResumeLoader(str(path), {"method": network}).read()):
-        with pytest.raises(SystemExit) as info:
+        with raises_bundle_error() as info:
             check()
-        lines = str(info.value.code).splitlines()
+        lines = str(info[0]).splitlines()
         assert lines[0] == "Cannot resume:"
         assert lines[1].startswith(f"  {path}: not a complete checkpoint, truncated or corrupt (")
-    with pytest.raises(SystemExit, match="checkpoint lacks \\['optimizer'\\]"):
+    with raises_bundle_error("checkpoint lacks \\['optimizer'\\]"):
         torch.save({"method": network.state_dict()}, path)
         ResumeLoader(str(path), {"method": network, "optimizer": torch.optim.SGD(network.parameters(), 0.1)}).read()
 

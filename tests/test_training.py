@@ -11,7 +11,7 @@ from monai.bundle import ConfigWorkflow
 from monai.engines.utils import IterationEvents
 
 from bundle.synthetic import ensure_synthetic_dataset
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, raises_bundle_error
 
 PRESETS = ["dual_journal", "dual_isbi", "supervised"]
 
@@ -97,7 +97,7 @@ def test_every_case_labeled_trains_supervised_only(preset, tmp_path):
         trainer = workflow.parser.get_parsed_content("train#trainer")
         assert trainer.state.iteration == 3 and trainer.unlabeled_data_loader is None
     else:
-        with pytest.raises(SystemExit, match="no unlabeled items"):
+        with raises_bundle_error("no unlabeled items"):
             run_workflow(make_workflow(["train.json", f"methods/{preset}.json"], overrides))
 
 
@@ -163,9 +163,9 @@ def test_bundle_cli_run_training(tiny_dataset, tmp_path):
 def test_missing_dataset_dir_fails_before_training(tmp_path):
     workflow = make_workflow(["train.json"], tiny_overrides(str(tmp_path / "nope"), tmp_path))
     workflow.initialize()
-    with pytest.raises(SystemExit) as info:  # the report, not a traceback through MONAI's config resolution
+    with raises_bundle_error() as info:  # the report, not a traceback through MONAI's config resolution
         workflow.run()
-    assert str(info.value.code).splitlines() == [
+    assert str(info[0]).splitlines() == [
         "Data check failed:",
         f"  {tmp_path / 'nope'}: dataset_dir does not exist or is not a folder.",
     ]

@@ -132,8 +132,9 @@ def test_network_data_format_matches_inference_config():
     parser = ConfigParser()
     parser.read_config(str(CONFIGS / "inference.json"))
     image, pred = meta["inputs"]["image"], meta["outputs"]["pred"]
-    assert image["num_channels"] == parser["in_channels"] and pred["num_channels"] == parser["out_channels"]
-    assert image["spatial_shape"] == parser["patch_size"] == pred["spatial_shape"]
+    channels = parser.get_parsed_content("in_channels"), parser.get_parsed_content("out_channels")
+    assert (image["num_channels"], pred["num_channels"]) == channels
+    assert image["spatial_shape"] == parser.get_parsed_content("patch_size") == pred["spatial_shape"]
     assert image["dtype"] == pred["dtype"] == "float32"
 
 
@@ -206,10 +207,11 @@ def test_ckpt_export_torchscript_equals_eager_ensemble(tmp_path):
     scripted = torch.jit.load(str(tmp_path / "model.ts"), map_location="cpu")
     network.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
     network.eval()
-    x = torch.rand(1, parser["in_channels"], *parser["patch_size"])
+    channels, patch = parser.get_parsed_content("in_channels"), parser.get_parsed_content("patch_size")
+    x = torch.rand(1, channels, *patch)
     with torch.no_grad():
         expected, actual = network(x), scripted(x)
-    assert actual.shape == expected.shape == (1, parser["out_channels"], *parser["patch_size"])
+    assert actual.shape == expected.shape == (1, parser.get_parsed_content("out_channels"), *patch)
     assert (actual - expected).abs().max().item() <= 1e-5
 
 
