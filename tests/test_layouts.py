@@ -118,7 +118,7 @@ def test_inference_folder_names_outputs_by_case(nnunet_root, tmp_path):
         in_channels=2,
     )
     runner.run()
-    assert os.listdir(tmp_path / "out") == ["case_006.nii.gz"]
+    assert sorted(os.listdir(tmp_path / "out")) == ["case_006.nii.gz", "manifest.json"]
     source = nib.load(items[0]["image"][0])
     mask = nib.load(tmp_path / "out" / "case_006.nii.gz")
     assert mask.shape == source.shape and np.allclose(mask.affine, source.affine)

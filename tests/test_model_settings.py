@@ -73,7 +73,12 @@ def test_inference_reads_the_settings_and_names_masks_by_case(trained, tmp_path)
     workflow = _inference(models / "model.pt", os.path.join(dataset, "imagesTs"), tmp_path / "masks")
     workflow.initialize()
     workflow.run()
-    assert sorted(os.listdir(tmp_path / "masks")) == ["case_006.nii.gz", "case_007.nii.gz", "case_008.nii.gz"]
+    assert sorted(os.listdir(tmp_path / "masks")) == [
+        "case_006.nii.gz",
+        "case_007.nii.gz",
+        "case_008.nii.gz",
+        "manifest.json",
+    ]
     for case in ("case_006", "case_007", "case_008"):
         mask = nib.load(tmp_path / "masks" / f"{case}.nii.gz")
         source = nib.load(os.path.join(dataset, "imagesTs", f"{case}_0000.nii.gz"))
