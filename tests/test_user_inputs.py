@@ -35,7 +35,7 @@ from bundle.inference import image_datalist
 from bundle.manifest import FORMAT, MANIFEST_NAME
 from bundle.paths import CreatedFolderGuard, PathError, check_outputs_apart, keep_created_folders
 from bundle.synthetic import ensure_synthetic_dataset
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, raises_bundle_error
 from tests.test_inference import _pointwise_ensemble, _synthetic_image, _workflow, _write_nifti
 
 CONFIG_DIR = REPO_ROOT / "configs"
@@ -105,9 +105,9 @@ def test_inference_refuses_an_output_folder_holding_its_inputs(tmp_path, monkeyp
     dataset_dir, output_dir = _spellings(tmp_path)[spelling]
     monkeypatch.chdir(tmp_path)
     before = _digest(tmp_path)
-    with pytest.raises(SystemExit) as info:
+    with raises_bundle_error() as caught:
         _run(dataset_dir, output_dir, ckpt_path=str(tmp_path / "no_model.pt"))  # stops before the weights are read
-    lines = str(info.value.code).splitlines()
+    lines = str(caught[0]).splitlines()
     assert lines[0] == "Cannot segment:" and len(lines) == 2
     assert "nothing was read or written" in lines[1]
     assert lines[1].startswith(f"  {output_dir}")
@@ -140,7 +140,7 @@ def test_rank_and_evaluate_refuse_an_input_folder_as_output(tmp_path):
         sw_strides=[4, 4, 4],
     )
     workflow.initialize()
-    with pytest.raises(SystemExit, match="is the folder holding the inputs"):
+    with raises_bundle_error(match="is the folder holding the inputs"):
         workflow.run()
     for output in (scans, tmp_path / "labels", tmp_path):  # the prediction folder, the label folder, figures/
         with pytest.raises(PathError, match="is the folder holding the inputs"):
@@ -257,9 +257,9 @@ def test_save_probabilities_false_as_typed_writes_no_maps(tmp_path, spelling):
 
 def test_a_bad_boolean_stops_inference_naming_the_key(tmp_path):
     scans = _scans(tmp_path / "scans", names=("a",))
-    with pytest.raises(SystemExit) as info:
+    with raises_bundle_error() as caught:
         _run(scans, tmp_path / "out", save_probabilities="maybe")
-    assert str(info.value.code).splitlines() == [
+    assert str(caught[0]).splitlines() == [
         "Invalid settings (config or command-line overrides):",
         "  save_probabilities: expected a boolean (true/false, True/False, 1/0 or yes/no), got 'maybe'",
     ]
@@ -316,10 +316,10 @@ def test_manifest_records_the_model_and_a_foreign_manifest_stops_the_run(tmp_pat
         "sha256": hashlib.sha256(model.read_bytes()).hexdigest(),
     }
     (tmp_path / "out" / MANIFEST_NAME).write_text('{"outputs": ["../scans/a.nii.gz"]}')
-    with pytest.raises(SystemExit) as info:
+    with raises_bundle_error() as caught:
         _run(scans, tmp_path / "out")
     assert (
-        str(info.value.code)
+        str(caught[0])
         .splitlines()[1]
         .startswith(f"  {tmp_path / 'out' / MANIFEST_NAME}: not a manifest written by this bundle's inference")
     )
@@ -342,8 +342,8 @@ def test_listed_paths_outside_the_output_folder_are_never_removed(tmp_path):
 def test_folder_name_with_glob_characters(tmp_path):
     scans = _scans(tmp_path / "scans [v2]", names=("a",))
     (tmp_path / "scans v").mkdir()  # what "[v2]" would match as a pattern
-    assert image_datalist(str(scans)) == [{"image": str(scans / "a.nii.gz")}]
-    assert image_datalist(f"{scans}/*.nii.gz") == [{"image": str(scans / "a.nii.gz")}]
+    assert image_datalist(str(scans)) == [{"image": str(scans / "a.nii.gz"), "case": "a"}]
+    assert image_datalist(f"{scans}/*.nii.gz") == [{"image": str(scans / "a.nii.gz"), "case": "a"}]
     _run(scans, tmp_path / "masks [v2]")
     assert (tmp_path / "masks [v2]" / "a.nii.gz").is_file()
 
@@ -472,7 +472,6 @@ def test_evaluate_config_check_refuses_input_folders(tmp_path):
         (tmp_path / "labelsTr", ["figures"]),
         (tmp_path / "eval", ["figures", str(tmp_path / "imagesTr")]),
     ):
-        with pytest.raises(SystemExit) as info:
+        with raises_bundle_error(match="is the folder holding the inputs") as caught:
             outputs_apart_or_exit(output_dir=str(output_dir), subfolders=subfolders, **kwargs)
-        assert str(info.value.code).splitlines()[0] == "Cannot evaluate:"
-        assert "is the folder holding the inputs" in str(info.value.code)
+        assert str(caught[0]).splitlines()[0] == "Cannot evaluate:"
