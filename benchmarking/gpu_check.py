@@ -155,7 +155,7 @@ def authors_timing(authors_bench: Optional[str], timeout: int = 600) -> Dict[str
 
 
 def gpu_check(
-    dataset_dir: str = "../shared/data/LA",
+    dataset_dir: str,
     iterations: int = 200,
     patch: Sequence[int] = (112, 112, 80),
     strides: Sequence[int] = (18, 18, 4),

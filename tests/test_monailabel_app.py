@@ -206,6 +206,19 @@ def test_single_network_method_is_ranked_by_entropy(tmp_path):
     assert list(failures) == [BROKEN] and failures[BROKEN].startswith(images[BROKEN])
 
 
+def train_and_wait(server, request: dict, timeout: float = 600) -> None:
+    """POST ``/train/<model>`` with ``request`` and poll ``/train/`` until the task is DONE (else fail with the log)."""
+    response = requests.post(f"{server.url}/train/{MODEL}", json=request, timeout=30)
+    assert response.status_code == 200, response.text
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        task = requests.get(f"{server.url}/train/", timeout=30).json()
+        if task["status"] in ("DONE", "ERROR"):
+            break
+        time.sleep(2.0)
+    assert task["status"] == "DONE", f"{task}\n{server.tail()}"
+
+
 def test_monailabel_server_end_to_end(tmp_path):
     studies = make_datastore(tmp_path)
     server = Server(studies, tmp_path)
@@ -222,15 +235,7 @@ def test_monailabel_server_end_to_end(tmp_path):
 
         # training on the datastore, length from the request
         before = data_files()
-        response = requests.post(f"{server.url}/train/{MODEL}", json={"max_epochs": 2}, timeout=30)
-        assert response.status_code == 200, response.text
-        deadline = time.time() + 600
-        while time.time() < deadline:
-            task = requests.get(f"{server.url}/train/", timeout=30).json()
-            if task["status"] in ("DONE", "ERROR"):
-                break
-            time.sleep(2.0)
-        assert task["status"] == "DONE", f"{task}\n{server.tail()}"
+        train_and_wait(server, {"max_epochs": 2})
         stats = requests.get(f"{server.url}/info/", timeout=30).json()["train_stats"][MODEL]
         assert stats["iterations"] == 2 * 2  # 2 epochs of ceil(3 labeled / batch 2) iterations
         assert (stats["labeled"], stats["unlabeled"]) == (3, 5)
@@ -252,15 +257,7 @@ def test_monailabel_server_end_to_end(tmp_path):
 
         # a second training: the next /infer reloads the new weights
         stamp = model.stat().st_mtime
-        response = requests.post(f"{server.url}/train/{MODEL}", json={"max_iterations": 3}, timeout=30)
-        assert response.status_code == 200, response.text
-        deadline = time.time() + 600
-        while time.time() < deadline:
-            task = requests.get(f"{server.url}/train/", timeout=30).json()
-            if task["status"] in ("DONE", "ERROR"):
-                break
-            time.sleep(2.0)
-        assert task["status"] == "DONE", f"{task}\n{server.tail()}"
+        train_and_wait(server, {"max_iterations": 3})
         assert model.stat().st_mtime != stamp
         assert requests.get(f"{server.url}/info/", timeout=30).json()["train_stats"][MODEL]["iterations"] == 3
         mask, params = infer(server, UNLABELED[1])
