@@ -19,7 +19,18 @@ from bundle.errors import BundleError
 
 #: ids a workflow runs or MONAI reads by name (bundle properties), although no other key references them.
 ENTRY_POINTS = frozenset(
-    {"imports", "initialize", "run", "training", "finalize", "bundle_root", "device", "dataset_dir", "network_def"}
+    {
+        "imports",
+        "initialize",
+        "run",
+        "training",
+        "score_masks",
+        "finalize",
+        "bundle_root",
+        "device",
+        "dataset_dir",
+        "network_def",
+    }
 )
 #: ``@id`` and ``%id`` references; the first id segment (before ``#`` or ``::``) is the top-level key.
 REFERENCE = re.compile(r"[@%]([A-Za-z_]\w*)")

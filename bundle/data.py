@@ -21,6 +21,7 @@ Supported layouts of ``dataset_dir``:
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -31,13 +32,14 @@ import nibabel as nib
 import numpy as np
 from monai.data import ImageReader
 from monai.data.image_reader import _copy_compatible_dict, _stack_images
+from monai.transforms import LoadImage
 from monai.utils import MetaKeys, SpaceKeys, ensure_tuple
 
 from bundle.errors import BundleError
+from bundle.image_formats import NIFTI_SUFFIXES, case_name, image_format
 from bundle.paths import load_json
 
 LA_FILE_NAME = "mri_norm2.h5"
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
 #: an nnU-Net image file name without its ending: ``<CASE>_<XXXX>``, XXXX the 4-digit channel index.
 NNUNET_CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 #: channel and class counts of a dataset that does not state them (the synthetic and LA data).
@@ -93,10 +95,12 @@ class H5Reader(ImageReader):
 
 # --------------------------------------------------------------------------------------------- file inspection
 def volume_shape(path: str, dataset: str = "image") -> tuple:
-    """Shape of a volume from its header only (no voxel data is read). Raises :class:`DatasetError`."""
-    if not os.path.isfile(path):
+    """Shape of a volume, from its header where the format has one (NIfTI, h5, NRRD with pynrrd); a DICOM series
+    (a folder) is read through MONAI's readers. Raises :class:`DatasetError`."""
+    kind = image_format(path)
+    if not (os.path.isdir(path) if kind == "DICOM" else os.path.isfile(path)):
         raise DatasetError(f"{path}: file not found.")
-    if path.endswith(".h5"):
+    if kind == "h5":
         import h5py
 
         try:
@@ -107,15 +111,21 @@ def volume_shape(path: str, dataset: str = "image") -> tuple:
         except OSError as err:
             raise DatasetError(f"{path}: not a readable h5 file ({err}).") from err
     try:
-        return tuple(nib.load(path).shape)
-    except Exception as err:  # nibabel raises several exception types for bad files
-        raise DatasetError(f"{path}: not a readable image ({err}).") from err
+        if kind == "NIfTI":
+            return tuple(nib.load(path).shape)
+        if kind == "NRRD" and importlib.util.find_spec("nrrd") is not None:
+            import nrrd
+
+            return tuple(int(size) for size in nrrd.read_header(path)["sizes"])
+        return tuple(LoadImage(image_only=True)(path).shape)
+    except Exception as err:  # each reader raises its own exception types for bad files
+        raise DatasetError(f"{path}: not a readable image ({kind}: {' '.join(str(err).split())[:300]}).") from err
 
 
 def check_items(items: Sequence[Dict[str, Any]], in_channels: int = 1) -> None:
     """Check that every file exists and is readable, is 3D (or 4D with ``in_channels`` channels, or one 3D file per
-    channel, all of one shape), and that image and label shapes match. Reads headers only. Raises one
-    :class:`DatasetError` listing every bad file, one line per file and problem."""
+    channel, all of one shape), and that image and label shapes match. Reads headers only (a DICOM series in full:
+    :func:`volume_shape`). Raises one :class:`DatasetError` listing every bad file, one line per file and problem."""
     problems: List[str] = []
     for item in items:
         try:
@@ -309,15 +319,6 @@ def dataset_description(dataset_dir: str) -> Dict[str, Any]:
         "channel_names": channels,
         "labels": labels,
     }
-
-
-def case_name(path: str) -> str:
-    """File name without the ``.nii`` / ``.nii.gz`` / ``.h5`` extension: the name an input's outputs get."""
-    name = os.path.basename(path)
-    for suffix in (".nii.gz", ".nii", ".h5"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
 
 
 def group_channels(paths: Sequence[str], file_ending: Optional[str], num_channels: int) -> Dict[str, List[str]]:

@@ -3,7 +3,8 @@
 Two entry points share :class:`MetricsReport`:
 
 * :func:`evaluate_folders` compares a folder of predicted label maps with a folder of ground-truth label maps
-  (NIfTI files paired by name), as ``scripts/evaluate.py`` does;
+  (NIfTI files paired by case name), as ``scripts/evaluate.py`` and ``configs/evaluate.json``'s ``score_masks`` do
+  (:func:`score_mask_folders`);
 * :class:`MetricsReportHandler` is an ignite handler for MONAI's ``SupervisedEvaluator``
   (``configs/evaluate.json``), scoring a trained model on a labeled list.
 
@@ -18,7 +19,7 @@ import json
 import logging
 import math
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import nibabel as nib
 import numpy as np
@@ -26,8 +27,10 @@ from ignite.engine import Engine, Events
 from matplotlib.figure import Figure
 from monai.transforms import Compose, EnsureChannelFirstd
 
-from bundle.data import LA_FILE_NAME, NIFTI_SUFFIXES
-from bundle.inference import case_name
+from bundle.booleans import parse_bool
+from bundle.data import LA_FILE_NAME
+from bundle.errors import BundleError
+from bundle.image_formats import NIFTI_SUFFIXES, case_name
 from bundle.metrics import case_metrics
 from bundle.paths import check_outputs_apart
 from bundle.transforms import LoadVolumed
@@ -273,6 +276,41 @@ def evaluate_folders(
         image = np.asarray(nib.load(images[case]).dataobj) if case in images else None
         report.add(case, pred, label, spacing, image)
     return report.write({"unpaired_predictions": unpaired_preds, "unpaired_labels": unpaired_labels})
+
+
+def score_mask_folders(
+    pred_dir: Optional[str],
+    label_dir: Optional[str],
+    output_dir: str,
+    image_dir: Optional[str] = None,
+    classes: Optional[Sequence[int]] = None,
+    num_slices: int = 3,
+    allow_unpaired: Any = False,
+) -> dict:
+    """:func:`evaluate_folders` for the command line and ``configs/evaluate.json``'s ``score_masks``: prints the
+    summary, and raises :class:`~bundle.errors.BundleError` ("Cannot evaluate: ...", one line per problem) for a
+    missing folder, unpaired files (naming both folders and the cases), files on different grids or an output
+    folder that holds inputs. ``allow_unpaired`` is a bool or one of its command-line spellings (``"true"``)."""
+    if not pred_dir or not label_dir:
+        raise BundleError("Cannot evaluate:", ["give both the masks' folder (pred_dir) and the labels' (label_dir)."])
+    try:
+        summary = evaluate_folders(
+            pred_dir,
+            label_dir,
+            output_dir,
+            image_dir,
+            classes,
+            num_slices,
+            parse_bool(allow_unpaired, "allow_unpaired"),
+        )
+    except UnpairedCasesError as err:
+        title = "Cannot evaluate: some files have no partner (--allow_unpaired true scores the paired cases only):"
+        raise BundleError(title, str(err).splitlines()) from None
+    except (ValueError, FileNotFoundError) as err:
+        raise BundleError("Cannot evaluate:", str(err).splitlines()) from None
+    print(f"{summary['num_cases']} cases, {len(summary['empty_predictions'])} empty predictions -> {output_dir}")
+    print(format_summary(summary["metrics"]))
+    return summary
 
 
 # ---------------------------------------------------------------------------------------------- ignite handler

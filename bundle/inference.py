@@ -33,8 +33,9 @@ from monai.utils import convert_data_type
 from torch import nn
 
 from bundle.checks import stop
-from bundle.data import NIFTI_SUFFIXES, DatasetError, case_name, check_items, group_channels, image_files
+from bundle.data import DatasetError, check_items, group_channels, image_files
 from bundle.errors import BundleError
+from bundle.image_formats import VOLUME_SUFFIXES, FormatError, case_name, check_readable_format, is_dicom_series
 from bundle.manifest import STAGING_PREFIX, ManifestError, RunManifest, read_manifest, remove_previous_outputs
 from bundle.network_optimization import optimize_for_inference
 from bundle.paths import PathError, check_outputs_apart, is_pattern, list_files
@@ -132,28 +133,42 @@ class SubnetDisagreement(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------- inputs
+#: what an inference folder may hold, for the error when it holds none of it.
+INPUT_FORMATS = "(.nii / .nii.gz / .nrrd / .nhdr files, or DICOM series folders)"
+
+
 def image_datalist(dataset_dir: str, in_channels: int = 1) -> List[Dict[str, Any]]:
-    """``[{"image": path or [channel paths], "case": name}, ...]`` for the ``.nii`` / ``.nii.gz`` files of a folder
-    (not recursive; its name is literal, ``[`` ``]`` included) or matching a glob pattern (a path that is not a
-    folder; :func:`bundle.paths.list_files`), sorted by case. ``case`` names the outputs.
+    """``[{"image": path or [channel paths], "case": name}, ...]``, sorted by case, for the scans of a folder (not
+    recursive; its name is literal, ``[`` ``]`` included) or matching a glob pattern (a path that is not a folder;
+    :func:`bundle.paths.list_files`). A scan is a NIfTI or NRRD file, or a DICOM series: a sub-folder of slice
+    files, or ``dataset_dir`` itself when it is one series (:mod:`bundle.image_formats`). ``case`` names the
+    outputs: the file name without its suffix, the series' folder name.
 
     nnU-Net names (``imagesTs/``): with ``in_channels`` > 1 the files ``<CASE>_0000 .. <CASE>_<C-1>`` are one case,
     stacked in channel order; with one channel, when every file ends in ``_0000``, that suffix is dropped from the
     case name. Any other file is one case named by its file name.
 
     Raises:
-        DatasetError: when nothing matches, when channel files are missing, or when two inputs would write the same
-            output name (``a.nii`` and ``a.nii.gz``).
+        DatasetError: when nothing matches, when channel files are missing, when a DICOM series is given to a model
+            of several channels, or when two inputs would write the same output name (``a.nii`` and ``a.nrrd``).
+        FormatError: when no installed reader reads one of the formats found (naming what to install).
     """
-    paths = list_files(dataset_dir, NIFTI_SUFFIXES)
-    if not paths:
+    paths = list_files(dataset_dir, VOLUME_SUFFIXES)
+    series = dicom_series(dataset_dir)
+    if not paths and not series:
         where = "folder" if os.path.isdir(dataset_dir) else "pattern (no such folder)"
-        raise DatasetError(f"{dataset_dir}: no .nii / .nii.gz images found in this {where}.")
+        raise DatasetError(f"{dataset_dir}: no images found in this {where} {INPUT_FORMATS}.")
+    check_readable_format(paths + series)
     if in_channels > 1:
+        if series:
+            raise DatasetError(
+                f"{series[0]}: a DICOM series is one channel, but the model takes {in_channels}; give one file per "
+                "channel named <CASE>_0000, <CASE>_0001, ... (NIfTI or NRRD)."
+            )
         cases = group_channels(paths, None, in_channels)
     else:
-        stems = {path: case_name(path) for path in paths}
-        nnunet = all(stem.endswith("_0000") for stem in stems.values())
+        stems = {path: case_name(path) for path in paths + series}
+        nnunet = bool(paths) and all(stem.endswith("_0000") for stem in stems.values())
         cases = {}
         for path, stem in stems.items():
             name = stem[: -len("_0000")] if nnunet else stem
@@ -163,12 +178,24 @@ def image_datalist(dataset_dir: str, in_channels: int = 1) -> List[Dict[str, Any
     return [{"image": image, "case": case} for case, image in sorted(cases.items())]
 
 
+def dicom_series(dataset_dir: str) -> List[str]:
+    """The DICOM series of an inference folder: its sub-folders that hold DICOM files, sorted, or ``[dataset_dir]``
+    when the folder itself is one series (no series in a glob pattern)."""
+    if not os.path.isdir(dataset_dir):
+        return []
+    if is_dicom_series(dataset_dir):
+        return [dataset_dir]
+    with os.scandir(dataset_dir) as entries:
+        folders = sorted(e.path for e in entries if e.is_dir() and not e.name.startswith("."))
+    return [folder for folder in folders if is_dicom_series(folder)]
+
+
 def image_datalist_or_exit(dataset_dir: str, in_channels: int = 1) -> List[Dict[str, Any]]:
     """:func:`image_datalist` for ``configs/inference.json``: raises its one-line report under the title "Cannot
-    segment:" (no images, no such folder, missing channels, two inputs with one output name)."""
+    segment:" (no images, no such folder, missing channels, two inputs with one output name, no reader installed)."""
     try:
         return image_datalist(dataset_dir, in_channels)
-    except DatasetError as err:
+    except (DatasetError, FormatError) as err:
         stop("Cannot segment:", str(err).splitlines())
 
 
@@ -350,7 +377,7 @@ class FolderInference:
                 self._output_subfolders(),
                 input_pattern=pattern,
                 output_names=[f"{case_name(p)}.nii.gz" for p in inputs],
-                input_folders=[folder] if folder else [],
+                input_folders=([folder] if folder else []) + [p for p in inputs if os.path.isdir(p)],  # DICOM series
             )
             read_manifest(self.output_dir)
         except (PathError, ManifestError) as err:

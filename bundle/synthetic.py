@@ -125,10 +125,13 @@ def make_nnunet_dataset(
     spacing: Tuple[float, float, float] = (0.7, 0.7, 5.0),
     num_channels: int = 2,
     seed: int = 7,
+    test_labels: bool = False,
 ) -> str:
     """Write an nnU-Net v2 raw dataset at ``root``: ``imagesTr/case_XXX_000c.nii.gz`` (``num_channels`` channels),
     ``labelsTr/case_XXX.nii.gz`` (3 classes), ``imagesTs/`` (``num_test`` unlabeled cases) and ``dataset.json``,
-    with voxel ``spacing`` (mm) and a non-trivial origin. For tests and the README's own-data example."""
+    with voxel ``spacing`` (mm) and a non-trivial origin; with ``test_labels``, the ``imagesTs`` cases' labels in
+    ``labelsTs/`` (not part of the nnU-Net layout: for scoring inference). For tests and the README's own-data
+    example."""
     rng = np.random.default_rng(seed)
     affine = np.diag([*spacing, 1.0])
     affine[:3, 3] = [-12.0, 7.5, 30.0]
@@ -139,8 +142,10 @@ def make_nnunet_dataset(
         case, folder = f"case_{index:03d}", "imagesTr" if index < num_training else "imagesTs"
         for channel in range(num_channels):
             _save(image[channel], os.path.join(root, folder, f"{case}_{channel:04d}.nii.gz"), affine)
-        if index < num_training:
-            _save(label, os.path.join(root, "labelsTr", f"{case}.nii.gz"), affine)
+        if index < num_training or test_labels:
+            labels = "labelsTr" if index < num_training else "labelsTs"
+            os.makedirs(os.path.join(root, labels), exist_ok=True)
+            _save(label, os.path.join(root, labels, f"{case}.nii.gz"), affine)
     spec = {
         "channel_names": {str(c): f"mod{c}" for c in range(num_channels)},
         "labels": {"background": 0, "ellipsoid": 1, "sphere": 2},

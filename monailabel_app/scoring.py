@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Mapping, Tuple
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 
-from bundle.data import NIFTI_SUFFIXES
+from bundle.image_formats import NIFTI_SUFFIXES
 from monailabel_app.infer import reason
 from monailabel_app.settings import AppSettings
 

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the bundle root,
 
 from bundle.booleans import boolean_command  # noqa: E402
 from bundle.errors import cli  # noqa: E402
-from bundle.evaluation import UnpairedCasesError, evaluate_folders, format_summary  # noqa: E402
+from bundle.evaluation import score_mask_folders  # noqa: E402
 
 
 def main(
@@ -38,15 +38,7 @@ def main(
     """Evaluate ``pred_dir`` against ``label_dir``; the options are those of
     :func:`bundle.evaluation.evaluate_folders`; see the module docstring."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    try:
-        summary = evaluate_folders(pred_dir, label_dir, output_dir, image_dir, classes, num_slices, allow_unpaired)
-    except UnpairedCasesError as err:
-        title = "Cannot evaluate: some files have no partner (--allow_unpaired true scores the paired cases only):"
-        raise SystemExit("\n".join([title] + [f"  {line}" for line in str(err).splitlines()])) from None
-    except (ValueError, FileNotFoundError) as err:
-        raise SystemExit("\n".join(["Cannot evaluate:"] + [f"  {line}" for line in str(err).splitlines()])) from None
-    print(f"{summary['num_cases']} cases, {len(summary['empty_predictions'])} empty predictions -> {output_dir}")
-    print(format_summary(summary["metrics"]))
+    score_mask_folders(pred_dir, label_dir, output_dir, image_dir, classes, num_slices, allow_unpaired)
 
 
 if __name__ == "__main__":

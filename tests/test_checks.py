@@ -20,10 +20,11 @@ from bundle.checks import (
     report_data_problems,
 )
 from bundle.data import build_datalists
+from bundle.inference import INPUT_FORMATS as FORMATS
 from bundle.inference import FolderInference
 from bundle.transforms import training_transforms
 from tests.conftest import REPO_ROOT, raises_bundle_error
-from tests.test_inference import _pointwise_ensemble, _synthetic_image, _workflow, _write_nifti
+from tests.inference_helpers import inference_workflow, pointwise_ensemble, synthetic_image, write_nifti
 
 SHAPE = (12, 10, 8)
 AFFINE = np.diag([1.0, 1.0, 1.5, 1.0])
@@ -255,12 +256,12 @@ def test_unwritable_output_folder_is_named(tmp_path):
 def test_inference_reports_non_finite_input_and_removes_stale_staging(tmp_path):
     folder = tmp_path / "in"
     folder.mkdir()
-    _write_nifti(folder / "good.nii.gz", _synthetic_image())
-    image = _synthetic_image()
+    write_nifti(folder / "good.nii.gz", synthetic_image())
+    image = synthetic_image()
     image[1, 1, 1] = np.nan
-    bad = _write_nifti(folder / "nan.nii.gz", image)
+    bad = write_nifti(folder / "nan.nii.gz", image)
     (tmp_path / "out" / ".partial-stale" / "pred").mkdir(parents=True)
-    workflow = _workflow(folder, tmp_path / "out")
+    workflow = inference_workflow(folder, tmp_path / "out")
     workflow.initialize()
     with raises_bundle_error() as info:
         workflow.run()
@@ -274,12 +275,12 @@ def test_inference_reports_non_finite_input_and_removes_stale_staging(tmp_path):
 def test_inference_weights_that_cannot_be_loaded_are_named(tmp_path, damage):
     path = tmp_path / "model.pt"
     if damage == "resume checkpoint":
-        torch.save({"method": _pointwise_ensemble().state_dict(), "optimizer": {}}, path)
+        torch.save({"method": pointwise_ensemble().state_dict(), "optimizer": {}}, path)
     else:
-        torch.save((_pointwise_ensemble() if damage == "truncated" else torch.nn.Linear(2, 2)).state_dict(), path)
+        torch.save((pointwise_ensemble() if damage == "truncated" else torch.nn.Linear(2, 2)).state_dict(), path)
     if damage == "truncated":
         _truncate(path)
-    runner = FolderInference([], _pointwise_ensemble(), None, None, str(tmp_path / "out"), str(path))
+    runner = FolderInference([], pointwise_ensemble(), None, None, str(tmp_path / "out"), str(path))
     with raises_bundle_error() as info:
         runner.run()
     lines = str(info[0]).splitlines()
@@ -299,12 +300,12 @@ def test_inference_without_images_is_one_line(tmp_path, folder):
     if folder == "empty":
         (tmp_path / folder).mkdir()
     where = "folder" if folder == "empty" else "pattern (no such folder)"
-    workflow = _workflow(tmp_path / folder, tmp_path / "out")
+    workflow = inference_workflow(tmp_path / folder, tmp_path / "out")
     workflow.initialize()
     with raises_bundle_error() as info:
         workflow.run()
     assert str(info[0]).splitlines() == [
         "Cannot segment:",
-        f"  {tmp_path / folder}: no .nii / .nii.gz images found in this {where}.",
+        f"  {tmp_path / folder}: no images found in this {where} {FORMATS}.",
     ]
     assert not (tmp_path / "out").exists()

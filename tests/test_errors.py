@@ -8,6 +8,7 @@ import pytest
 from bundle.checks import check_writable, datalists_or_exit
 from bundle.data import DatasetError
 from bundle.errors import BundleError, cli, find_bundle_error
+from bundle.inference import INPUT_FORMATS as FORMATS
 from tests.conftest import REPO_ROOT
 
 
@@ -55,5 +56,5 @@ def test_bundle_run_exits_1_with_the_report_as_last_output(tmp_path):
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-2:] == [
         "Cannot segment:",
-        f"  {tmp_path / 'nope'}: no .nii / .nii.gz images found in this pattern (no such folder).",
+        f"  {tmp_path / 'nope'}: no images found in this pattern (no such folder) {FORMATS}.",
     ]

@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from monai.bundle import ConfigParser, ConfigWorkflow
+from monai.bundle import ConfigParser
 from monai.data import Dataset
 from monai.inferers import SlidingWindowInferer
 from monai.transforms import AsDiscreted, Compose, Invertd, Lambdad
@@ -24,58 +24,17 @@ from bundle.inference import (
     strides_to_overlap,
     window_starts,
 )
-from bundle.networks import SoftmaxEnsemble
 from bundle.transforms import preprocessing
-from tests.conftest import BRATS_DIR, REPO_ROOT, raises_bundle_error
-
-CONFIG = str(REPO_ROOT / "configs" / "inference.json")
-FAST_CONFIG = str(REPO_ROOT / "configs" / "inference_fast.json")
-
-#: a permuted, flipped, anisotropic affine: Orientationd(RAS) must permute and flip, Invertd must undo it.
-AFFINE = np.array([[0.0, 0.0, -2.0, 10.0], [1.5, 0.0, 0.0, -5.0], [0.0, -1.0, 0.0, 3.0], [0.0, 0.0, 0.0, 1.0]])
-SHAPE = (20, 14, 9)
-
-
-def _pointwise_ensemble():
-    """The real ensemble over two 1x1x1 convolutions with logits (0, 4x) and (0, 2x): foreground iff x > 0."""
-    subnets = []
-    for gain in (4.0, 2.0):
-        conv = nn.Conv3d(1, 2, kernel_size=1)
-        with torch.no_grad():
-            conv.weight.copy_(torch.tensor([0.0, gain]).view(2, 1, 1, 1, 1))
-            conv.bias.zero_()
-        subnets.append(conv)
-    return SoftmaxEnsemble(*subnets)
-
-
-def _synthetic_image():
-    """An off-centre bright box (value 100) on [0, 1) noise: after z-scoring, x > 0 exactly on the box."""
-    rng = np.random.default_rng(0)
-    image = rng.random(SHAPE).astype(np.float32)
-    image[2:9, 3:12, 1:4] = 100.0
-    return image
-
-
-def _write_nifti(path, array, affine=AFFINE):
-    image = nib.Nifti1Image(array, affine)
-    image.header.set_qform(affine, code=1)
-    image.header.set_sform(affine, code=2)
-    image.header.set_xyzt_units("mm", "sec")
-    nib.save(image, str(path))
-    return str(path)
-
-
-def _workflow(dataset_dir, output_dir, **override):
-    settings = dict(ckpt_path=None, patch_size=[8, 8, 8], sw_strides=[3, 5, 2], network_def=_pointwise_ensemble())
-    settings.update(override)
-    return ConfigWorkflow(
-        config_file=CONFIG,
-        logging_file=False,
-        workflow_type="infer",
-        dataset_dir=str(dataset_dir),
-        output_dir=str(output_dir),
-        **settings,
-    )
+from tests.conftest import BRATS_DIR, raises_bundle_error
+from tests.inference_helpers import (
+    CONFIG,
+    FAST_CONFIG,
+    SHAPE,
+    inference_workflow,
+    pointwise_ensemble,
+    synthetic_image,
+    write_nifti,
+)
 
 
 # ----------------------------------------------------------------------------------------- window grid
@@ -156,7 +115,7 @@ def test_entropy_and_disagreement_values():
 
 
 def test_subnet_disagreement_matches_the_ensemble():
-    ensemble = _pointwise_ensemble()
+    ensemble = pointwise_ensemble()
     x = torch.linspace(-2, 2, 8).view(1, 1, 2, 2, 2)
     prob, disagreement = SubnetDisagreement(ensemble)(x)
     assert torch.allclose(prob, ensemble(x), atol=1e-7)
@@ -174,7 +133,7 @@ def test_datalist_folder_glob_empty_and_duplicates(tmp_path):
     ]
     assert image_datalist(str(tmp_path / "b*")) == [{"image": str(tmp_path / "b.nii.gz"), "case": "b"}]
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DatasetError, match="no .nii"):
+    with pytest.raises(DatasetError, match="no images found"):
         image_datalist(str(tmp_path / "empty"))
     (tmp_path / "a.nii.gz").write_bytes(b"x")
     with pytest.raises(DatasetError, match="both be written"):
@@ -183,10 +142,10 @@ def test_datalist_folder_glob_empty_and_duplicates(tmp_path):
 
 # ------------------------------------------------------------------------------------- runner, round trip
 def test_round_trip_affine_header_shape_and_maps(tmp_path):
-    image = _synthetic_image()
+    image = synthetic_image()
     (tmp_path / "in").mkdir()
-    source = _write_nifti(tmp_path / "in" / "case.nii.gz", image)
-    workflow = _workflow(
+    source = write_nifti(tmp_path / "in" / "case.nii.gz", image)
+    workflow = inference_workflow(
         tmp_path / "in", tmp_path / "out", save_probabilities=True, save_uncertainty=True, precision="fp32"
     )  # exact values: bf16 inference is tested in test_precision.py
     workflow.initialize()
@@ -226,13 +185,13 @@ def test_round_trip_affine_header_shape_and_maps(tmp_path):
 def test_bad_files_are_reported_skipped_and_exit_nonzero(tmp_path):
     folder = tmp_path / "in"
     folder.mkdir()
-    good = _write_nifti(folder / "good.nii.gz", _synthetic_image())
+    good = write_nifti(folder / "good.nii.gz", synthetic_image())
     (folder / "garbage.nii.gz").write_bytes(os.urandom(500))
     compressed = open(good, "rb").read()
     (folder / "truncated.nii.gz").write_bytes(gzip.compress(gzip.decompress(compressed)[:1000]))
-    _write_nifti(folder / "flat.nii.gz", np.zeros((20, 14), np.float32), np.eye(4))
-    _write_nifti(folder / "rgb.nii.gz", np.zeros((20, 14, 9, 3), np.float32), np.eye(4))
-    workflow = _workflow(folder, tmp_path / "out")
+    write_nifti(folder / "flat.nii.gz", np.zeros((20, 14), np.float32), np.eye(4))
+    write_nifti(folder / "rgb.nii.gz", np.zeros((20, 14, 9, 3), np.float32), np.eye(4))
+    workflow = inference_workflow(folder, tmp_path / "out")
     workflow.initialize()
     with raises_bundle_error() as exit_info:
         workflow.run()
@@ -246,7 +205,7 @@ def test_bad_files_are_reported_skipped_and_exit_nonzero(tmp_path):
 
 def test_failed_write_leaves_no_partial_output(tmp_path):
     """The mask is written, then the probability map fails: neither may appear under its final name."""
-    source = _write_nifti(tmp_path / "case.nii.gz", _synthetic_image())
+    source = write_nifti(tmp_path / "case.nii.gz", synthetic_image())
     transform = preprocessing(keys=("image",))
     post = Compose(
         [
@@ -258,7 +217,7 @@ def test_failed_write_leaves_no_partial_output(tmp_path):
     )
     runner = FolderInference(
         dataset=Dataset([{"image": source}], transform=transform),
-        network=_pointwise_ensemble(),
+        network=pointwise_ensemble(),
         inferer=SlidingWindowInferer(roi_size=(8, 8, 8), overlap=0.5),
         postprocessing=post,
         output_dir=str(tmp_path / "out"),
@@ -269,7 +228,7 @@ def test_failed_write_leaves_no_partial_output(tmp_path):
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
-    runner = FolderInference(Dataset([]), _pointwise_ensemble(), None, None, str(tmp_path), str(tmp_path / "x.pt"))
+    runner = FolderInference(Dataset([]), pointwise_ensemble(), None, None, str(tmp_path), str(tmp_path / "x.pt"))
     with raises_bundle_error() as info:
         runner.run()
     assert str(info[0]).splitlines() == [
@@ -285,7 +244,9 @@ def test_two_real_brats_cases_keep_grid_and_header(tmp_path):
     (tmp_path / "in").mkdir()
     for case in cases:
         os.symlink(BRATS_DIR / case / "FLAIR.nii.gz", tmp_path / "in" / f"{case}.nii.gz")
-    workflow = _workflow(tmp_path / "in", tmp_path / "out", patch_size=[128, 128, 80], sw_strides=[128, 128, 80])
+    workflow = inference_workflow(
+        tmp_path / "in", tmp_path / "out", patch_size=[128, 128, 80], sw_strides=[128, 128, 80]
+    )
     workflow.initialize()
     workflow.run()
     for case in cases:

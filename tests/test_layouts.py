@@ -1,5 +1,6 @@
 """Dataset layouts: nnU-Net v2 raw (multi-channel, multi-class), names by case, and the default ``num_labeled``."""
 
+import csv
 import json
 import os
 import shutil
@@ -10,6 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from monai.bundle import ConfigWorkflow
 from monai.data import Dataset
 from monai.inferers import SlidingWindowInferer
 from monai.transforms import AsDiscreted, Compose, Invertd
@@ -19,13 +21,15 @@ from bundle.inference import FolderInference, image_datalist
 from bundle.networks import SoftmaxEnsemble
 from bundle.synthetic import make_nnunet_dataset
 from bundle.transforms import preprocessing
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, raises_bundle_error
 from tests.test_training import make_workflow, run_workflow, tiny_overrides
 
 
 @pytest.fixture(scope="module")
 def nnunet_root(tmp_path_factory):
-    return make_nnunet_dataset(str(tmp_path_factory.mktemp("nnunet") / "Dataset001_Synth"), shape=(24, 24, 8))
+    return make_nnunet_dataset(
+        str(tmp_path_factory.mktemp("nnunet") / "Dataset001_Synth"), shape=(24, 24, 8), test_labels=True
+    )
 
 
 def test_nnunet_v2_cases_stack_channels_and_use_imagesTs_as_unlabeled(nnunet_root):
@@ -124,9 +128,11 @@ def test_inference_folder_names_outputs_by_case(nnunet_root, tmp_path):
     assert mask.shape == source.shape and np.allclose(mask.affine, source.affine)
 
 
-def test_nnunet_dataset_trains_with_only_dataset_dir(nnunet_root, tmp_path):
-    """The README's own-data command on a 2-channel, 3-class, 0.7 x 0.7 x 5 mm nnU-Net dataset: channels, classes,
-    every labeled case and the median spacing come from the data (tiny sizes only to keep the test fast)."""
+def test_nnunet_dataset_trains_segments_and_scores_by_case(nnunet_root, tmp_path):
+    """The README's own-data commands on a 2-channel, 3-class, 0.7 x 0.7 x 5 mm nnU-Net dataset: training with
+    only ``--dataset_dir`` (channels, classes, every labeled case and the median spacing come from the data; tiny
+    sizes only to keep the test fast), inference of ``imagesTs/`` with no setting repeated (``CASE.nii.gz`` on each
+    input's grid), and ``evaluate.json``'s ``score_masks`` pairing the masks with ``labelsTs/`` by case."""
     overrides = tiny_overrides(nnunet_root, tmp_path, max_iterations=2)
     del overrides["num_labeled"]
     workflow = run_workflow(make_workflow(["train.json"], overrides))
@@ -136,6 +142,55 @@ def test_nnunet_dataset_trains_with_only_dataset_dir(nnunet_root, tmp_path):
     assert parser.get_parsed_content("data_settings")["spacing"] == [0.7, 0.7, 5.0]
     assert parser.get_parsed_content("train#trainer").state.iteration == 2
     assert (tmp_path / "models" / "model.pt").is_file()
+
+    masks = tmp_path / "masks"
+    run_workflow(
+        ConfigWorkflow(
+            config_file=str(REPO_ROOT / "configs" / "inference.json"),
+            logging_file=False,
+            workflow_type="infer",
+            ckpt_path=str(tmp_path / "models" / "model.pt"),
+            dataset_dir=os.path.join(nnunet_root, "imagesTs"),
+            output_dir=str(masks),
+        )
+    )
+    cases = ["case_006", "case_007", "case_008"]
+    assert sorted(os.listdir(masks)) == [f"{case}.nii.gz" for case in cases] + ["manifest.json"]
+    for case in cases:
+        mask, source = nib.load(masks / f"{case}.nii.gz"), nib.load(
+            os.path.join(nnunet_root, "imagesTs", f"{case}_0000.nii.gz")
+        )
+        assert mask.shape == source.shape and np.allclose(mask.affine, source.affine)
+
+    def score_masks(output_dir):
+        workflow = ConfigWorkflow(
+            config_file=[str(REPO_ROOT / "configs" / name) for name in ("train.json", "evaluate.json")],
+            logging_file=False,
+            workflow_type=None,
+            run_id="score_masks",
+            pred_dir=str(masks),
+            label_dir=os.path.join(nnunet_root, "labelsTs"),
+            output_dir=str(output_dir),
+            figure_slices=0,
+        )
+        workflow.initialize()
+        workflow.run()
+
+    score_masks(tmp_path / "eval")
+    rows = list(csv.DictReader(open(tmp_path / "eval" / "metrics.csv")))
+    assert [row["case"] for row in rows] == cases
+    for row in rows:
+        pred = np.asarray(nib.load(masks / f"{row['case']}.nii.gz").dataobj) > 0
+        label = np.asarray(nib.load(os.path.join(nnunet_root, "labelsTs", f"{row['case']}.nii.gz")).dataobj) > 0
+        dice = 2 * (pred & label).sum() / (pred.sum() + label.sum())
+        assert float(row["dice"]) == pytest.approx(dice, abs=1e-6)
+    os.remove(masks / "case_007.nii.gz")
+    with raises_bundle_error() as caught:
+        score_masks(tmp_path / "eval2")
+    assert str(caught[0]).splitlines()[1:] == [
+        f"  {os.path.join(nnunet_root, 'labelsTs')}: 1 label(s) without a prediction in {masks}: case_007"
+    ]
+    assert not (tmp_path / "eval2").exists() or os.listdir(tmp_path / "eval2") == []
 
 
 def test_brats_demo_layout_script_gives_an_nnunet_dataset(tmp_path):

@@ -36,7 +36,7 @@ from bundle.manifest import FORMAT, MANIFEST_NAME
 from bundle.paths import CreatedFolderGuard, PathError, check_outputs_apart, keep_created_folders
 from bundle.synthetic import ensure_synthetic_dataset
 from tests.conftest import REPO_ROOT, raises_bundle_error
-from tests.test_inference import _pointwise_ensemble, _synthetic_image, _workflow, _write_nifti
+from tests.inference_helpers import inference_workflow, pointwise_ensemble, synthetic_image, write_nifti
 
 CONFIG_DIR = REPO_ROOT / "configs"
 
@@ -53,14 +53,14 @@ def _digest(folder):
 def _scans(folder, names=("a", "b")):
     folder.mkdir(parents=True, exist_ok=True)
     for index, name in enumerate(names):
-        image = _synthetic_image()
+        image = synthetic_image()
         image[0, 0, 0] += index  # distinct files
-        _write_nifti(folder / f"{name}.nii.gz", image)
+        write_nifti(folder / f"{name}.nii.gz", image)
     return folder
 
 
 def _run(dataset_dir, output_dir, **override):
-    workflow = _workflow(dataset_dir, output_dir, **override)
+    workflow = inference_workflow(dataset_dir, output_dir, **override)
     workflow.initialize()
     return workflow.run()
 
@@ -135,7 +135,7 @@ def test_rank_and_evaluate_refuse_an_input_folder_as_output(tmp_path):
         dataset_dir=str(scans),
         output_dir=str(scans),
         ckpt_path=None,
-        network_def=_pointwise_ensemble(),
+        network_def=pointwise_ensemble(),
         patch_size=[8, 8, 8],
         sw_strides=[4, 4, 4],
     )
@@ -307,8 +307,8 @@ def test_manifest_and_no_outputs_of_an_earlier_run_left(tmp_path):
 def test_manifest_records_the_model_and_a_foreign_manifest_stops_the_run(tmp_path):
     scans = _scans(tmp_path / "scans", names=("a",))
     model = tmp_path / "model.pt"
-    torch.save(_pointwise_ensemble().state_dict(), model)
-    _run(scans, tmp_path / "out", ckpt_path=str(model), network_def=_pointwise_ensemble())
+    torch.save(pointwise_ensemble().state_dict(), model)
+    _run(scans, tmp_path / "out", ckpt_path=str(model), network_def=pointwise_ensemble())
     record = json.loads((tmp_path / "out" / MANIFEST_NAME).read_text())["model"]
     assert record == {
         "path": str(model),
@@ -384,7 +384,7 @@ def test_evaluate_command_stops_on_unpaired_cases_unless_allowed(tmp_path, monke
     for folder, names in (("pred", ("a",)), ("label", ("a", "b", "c"))):
         (tmp_path / folder).mkdir()
         for name in names:
-            _write_nifti(tmp_path / folder / f"{name}.nii.gz", np.zeros((6, 6, 6), np.uint8), np.eye(4))
+            write_nifti(tmp_path / folder / f"{name}.nii.gz", np.zeros((6, 6, 6), np.uint8), np.eye(4))
     script = str(REPO_ROOT / "scripts" / "evaluate.py")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", [script, "pred", "label", "--output_dir", "eval"])
@@ -447,7 +447,7 @@ def test_label_255_with_check_data_false_stops_naming_the_file_and_leaves_no_fol
 
 
 def test_unreadable_prediction_is_one_line_naming_it(tmp_path):
-    _write_nifti(tmp_path / "label.nii.gz", np.zeros((6, 6, 6), np.uint8), np.eye(4))
+    write_nifti(tmp_path / "label.nii.gz", np.zeros((6, 6, 6), np.uint8), np.eye(4))
     (tmp_path / "pred").mkdir()
     (tmp_path / "labels").mkdir()
     os.replace(tmp_path / "label.nii.gz", tmp_path / "labels" / "a.nii.gz")
