@@ -753,6 +753,9 @@ def report(results_dir: str = "docs/results", output: str = "docs/RESULTS.md", f
     agreements = [(n, r) for n, r in records if r.get("kind") == "precision_agreement"]
     defaults = [(n, r) for n, r in records if r.get("kind") == "precision_default"]
     lines += precision_sections(accuracy_records, agreements, defaults)
+    from benchmarking.window_grid import window_grid_sections  # it imports this module's runner
+
+    lines += window_grid_sections([(n, r) for n, r in records if r.get("kind") == "window_grid"])
     lines += probe_sections([(n, r) for n, r in records if r.get("kind") == "term_probe"])
     validation = read_records(os.path.join(results_dir, "validation"))
     lines += validation_sections([(n, r) for n, r in validation if r.get("evaluation") == "validation"])

@@ -6,6 +6,7 @@ Run from the bundle root, e.g.::
     python scripts/benchmark.py speed --patch "[64,64,32]"
     python scripts/benchmark.py memory --volume "[512,512,300]"
     python scripts/benchmark.py agreement --record docs/results/la_cpu_dual_journal_k8_seed1337.json
+    python scripts/benchmark.py window_grid --record docs/results/la_cpu_dual_journal_k8_seed1337.json
     python scripts/benchmark.py default_precision --seed 0
     python scripts/benchmark.py conv_profile --patch "[112,112,80]"
     python scripts/benchmark.py gpu --dataset_dir ../shared/data/LA
@@ -23,6 +24,7 @@ from benchmarking.conv_profile import conv_profile  # noqa: E402
 from benchmarking.gpu_check import gpu_check  # noqa: E402
 from benchmarking.precision import agreement, default_precision  # noqa: E402
 from benchmarking.runs import accuracy, inference_memory, report, speed  # noqa: E402
+from benchmarking.window_grid import window_grid  # noqa: E402
 from bundle.booleans import boolean_command  # noqa: E402
 from bundle.errors import cli  # noqa: E402
 
@@ -35,6 +37,7 @@ if __name__ == "__main__":
                 "memory": inference_memory,
                 "report": report,
                 "agreement": agreement,
+                "window_grid": window_grid,
                 "default_precision": default_precision,
                 "conv_profile": conv_profile,
                 "gpu": gpu_check,
