@@ -31,7 +31,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from benchmarking.report import DUAL_NETWORK_METHODS, failure_count, verdict
+from benchmarking.report import failure_count, verdict
 from benchmarking.runs import (
     CONFIG_DIR,
     accuracy,
@@ -45,6 +45,7 @@ from benchmarking.runs import (
 )
 from benchmarking.statistics import bootstrap_interval, format_interval, paired_differences, seed_summary
 from bundle.data import read_case_list
+from bundle.methods.presets import inference_overlays
 
 Record = Dict[str, Any]
 #: inference settings the ranking takes from the training configuration of the base run.
@@ -66,14 +67,10 @@ def network_norm(method_config: Dict[str, Any]) -> str:
 
 
 def inference_configs(method: str) -> List[str]:
-    """Config files that rank with a model of ``method``: ``inference.json``, the method's inference overlay
-    (``inference_single_net.json`` for the single-V-Net methods, ``methods/<method>_inference.json`` where it
-    exists), then ``rank.json``."""
-    files = [f"{CONFIG_DIR}/inference.json"]
-    if method not in DUAL_NETWORK_METHODS + ("supervised",):
-        own = f"{CONFIG_DIR}/methods/{method}_inference.json"
-        files.append(own if os.path.isfile(own) else f"{CONFIG_DIR}/inference_single_net.json")
-    return files + [f"{CONFIG_DIR}/rank.json"]
+    """Config files that rank with a model of ``method``: ``inference.json``, the inference overlay its method class
+    declares (:func:`bundle.methods.presets.inference_overlays`), then ``rank.json``."""
+    overlays = [f"{CONFIG_DIR}/{overlay}" for overlay in inference_overlays(method)]
+    return [f"{CONFIG_DIR}/inference.json"] + overlays + [f"{CONFIG_DIR}/rank.json"]
 
 
 def random_draw(pool: Sequence[str], count: int, seed: int, draw: int) -> List[str]:

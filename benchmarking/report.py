@@ -19,12 +19,7 @@ from benchmarking.statistics import (
     paired_differences_without_failures,
     seed_summary,
 )
-
-#: the supervised-only run that a method's unlabeled terms are measured against: the same networks and supervised
-#: loss on the labeled data only. Dual-network methods -> the two-subnet ``supervised``; every single-V-Net method
-#: (baselines and peers) -> ``supervised_vnet``.
-DUAL_NETWORK_METHODS = ("dual_journal", "dual_isbi")
-REFERENCE_RUNS = ("supervised", "supervised_vnet")
+from bundle.methods.presets import reference_of
 
 #: Each method's own paper on the full LA protocol (the standard 20-case test set): paper 000 (journal) Table 1 for
 #: the dual-network method and its V-Net supervised-only row (Dice only); paper 002 Table I for DuCiSC; paper 003
@@ -44,13 +39,6 @@ FAILURE_DICE = 0.5
 
 Record = Dict[str, Any]
 GroupKey = Tuple[str, int, str, str]  # protocol, K, method, variant
-
-
-def reference_of(method: str) -> Optional[str]:
-    """The reference run of ``method`` (None for a reference itself)."""
-    if method in REFERENCE_RUNS:
-        return None
-    return "supervised" if method in DUAL_NETWORK_METHODS else "supervised_vnet"
 
 
 def group_records(records: Sequence[Tuple[str, Record]]) -> Dict[GroupKey, Dict[int, Tuple[str, Record]]]:

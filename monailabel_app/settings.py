@@ -26,21 +26,12 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from monai.bundle import ConfigParser
 
+from bundle.methods.presets import inference_overlays, preset_names
+
 BUNDLE_ROOT = str(Path(__file__).resolve().parents[1])
 CONFIGS = os.path.join(BUNDLE_ROOT, "configs")
 DEFAULT_LABELS = ("background", "foreground")
 DEFAULT_METHOD = "dual"
-#: inference overlays (after ``configs/inference.json``) of the methods whose ``model.pt`` is not the two-subnet
-#: ensemble; every other method exports ``SoftmaxEnsemble`` and needs none.
-INFERENCE_OVERLAYS = {
-    "mean_teacher": "inference_single_net.json",
-    "ua_mt": "inference_single_net.json",
-    "cps": "inference_single_net.json",
-    "bcp": "inference_single_net.json",
-    "supervised_vnet": "inference_single_net.json",
-    "ducisc": "methods/ducisc_inference.json",
-    "dycon": "methods/dycon_inference.json",
-}
 
 
 class AppConfigError(ValueError):
@@ -79,7 +70,7 @@ class AppSettings:
             )
         method = str(conf.get("method", DEFAULT_METHOD))
         if method != DEFAULT_METHOD and not os.path.isfile(os.path.join(CONFIGS, "methods", f"{method}.json")):
-            known = sorted(p.stem for p in Path(CONFIGS, "methods").glob("*.json") if "inference" not in p.stem)
+            known = preset_names()
             raise AppConfigError(f"--conf method {method!r}: expected '{DEFAULT_METHOD}' or one of {known}.")
         return cls(
             model_dir=os.path.abspath(str(conf.get("model_dir", os.path.join(BUNDLE_ROOT, "models")))),
@@ -125,7 +116,7 @@ class AppSettings:
 
     def inference_configs(self, extra: Sequence[str] = ()) -> List[str]:
         """``configs/inference.json``, the method's inference overlay, then ``extra`` (names inside ``configs/``)."""
-        files = ["inference.json"] + ([INFERENCE_OVERLAYS[self.method]] if self.method in INFERENCE_OVERLAYS else [])
+        files = ["inference.json"] + (inference_overlays(self.method) if self.method != DEFAULT_METHOD else [])
         return [os.path.join(CONFIGS, name) for name in files + list(extra)]
 
     def inference_parser(self, extra: Sequence[str] = (), **overrides: Any) -> ConfigParser:

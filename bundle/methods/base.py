@@ -45,6 +45,17 @@ class SSLMethod(nn.Module):
     #: iterations (0-based) at which a new training stage starts; the trainer resets the optimizer state and the
     #: LR schedule there and calls :meth:`on_stage_start`. Empty for single-stage methods.
     stage_starts: Sequence[int] = ()
+    #: the preset (``configs/methods/<name>.json``) of the supervised-only run this method is measured against: the
+    #: same networks and supervised loss on the labeled data only. The preset of that name is itself a reference.
+    #: Read by the benchmark report (:mod:`bundle.methods.presets`).
+    reference_preset: str = "supervised_vnet"
+    #: the overlay on ``configs/inference.json`` (a path inside ``configs/``) that builds the network of
+    #: ``models/model.pt`` where ``model_metadata.json`` cannot (a model trained before it existed, a network other
+    #: than the V-Net); ``None``: ``inference.json`` builds the two-subnet ensemble or reads the network kind.
+    inference_overlay: Optional[str] = "inference_single_net.json"
+    #: whether :meth:`terms` changes state that later iterations read (thresholds, the training stage); such state
+    #: lives in buffers, so that ``state_dict()`` and a resume checkpoint hold it.
+    stateful_terms: bool = False
 
     def __init__(self, loss_weights: Mapping[str, float], max_iterations: int) -> None:
         super().__init__()

@@ -135,6 +135,7 @@ class BidirectionalCopyPasteMethod(StudentTeacherMethod):
     """
 
     term_names = ("pre", "in", "out")
+    stateful_terms = True  # the ``stage`` buffer
     unlabeled_terms = ("in", "out")
 
     def __init__(
