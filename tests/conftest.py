@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from bundle.errors import BundleError, find_bundle_error
+from bundle.synthetic import ensure_synthetic_dataset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DIR = REPO_ROOT.parent / "shared"
@@ -30,3 +31,9 @@ def raises_bundle_error(match: Optional[str] = None) -> Iterator[List[BundleErro
     if match is not None:
         assert re.search(match, str(error)), f"{match!r} not in {str(error)!r}"
     caught.append(error)
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data") / "tiny"
+    return ensure_synthetic_dataset(str(root), num_labeled=4, num_unlabeled=4, num_validation=1, shape=(20, 20, 18))

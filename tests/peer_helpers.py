@@ -12,7 +12,7 @@ from monai.bundle import ConfigWorkflow
 
 from bundle.synthetic import ensure_synthetic_dataset
 from tests.conftest import REPO_ROOT
-from tests.test_training import make_workflow, tiny_overrides
+from tests.training_helpers import make_workflow, tiny_overrides
 
 __all__ = [
     "bundle_overrides",

@@ -25,9 +25,8 @@ from bundle.methods.ema import ema_alpha, ema_update_
 from bundle.methods.mean_teacher import MeanTeacherMethod
 from bundle.methods.ua_mt import UncertaintyAwareMeanTeacherMethod, uncertainty_threshold
 from bundle.networks import SoftmaxEnsemble, SoftmaxOutput
-from bundle.synthetic import ensure_synthetic_dataset
 from tests.conftest import REPO_ROOT
-from tests.test_training import make_workflow, tiny_overrides
+from tests.training_helpers import make_workflow, tiny_conv_net, tiny_overrides, train_and_record
 
 METHODS = ["mean_teacher", "ua_mt", "cps", "bcp"]
 #: loss terms each overlay logs at its last test iteration (BCP is then self-training).
@@ -40,12 +39,6 @@ LAST_TERMS = {
 
 
 # --------------------------------------------------------------------------------------------------- helpers
-def tiny_conv_net(seed=0, out_channels=2):
-    """A 3D conv net small enough for exact gradient checks; returns logits ``(B, out_channels, *spatial)``."""
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv3d(4, out_channels, 1))
-
-
 class FixedLogits(nn.Module):
     """Returns fixed logits ``(B, 2, 2, 2, 2)`` whatever the input (so teacher noise changes nothing), plus a
     learnable offset; counts its calls and records the batch sizes."""
@@ -89,12 +82,6 @@ def fixed_mask(shape=(4, 4, 4)):
     return mask
 
 
-@pytest.fixture(scope="module")
-def tiny_dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("baseline_data") / "tiny"
-    return ensure_synthetic_dataset(str(root), num_labeled=4, num_unlabeled=4, num_validation=1, shape=(20, 20, 18))
-
-
 def method_overrides(method, dataset_dir, out_dir, pretrain_iterations=1, selftrain_iterations=2, **extra):
     """Tiny settings: 16^3 patches (32^3 for BCP, whose half-batches of one volume need > 1 value per channel at
     the 1/16 bottleneck), base_width 4, 3 iterations (BCP: 1 pre-training + 2 self-training)."""
@@ -104,22 +91,6 @@ def method_overrides(method, dataset_dir, out_dir, pretrain_iterations=1, selftr
         overrides["method#pretrain_iterations"] = pretrain_iterations
         overrides["max_iterations"] = pretrain_iterations + selftrain_iterations
     return overrides
-
-
-def train_and_record(configs, overrides):
-    """Run a training workflow, returning it and the loss entries of every iteration (floats)."""
-    workflow = make_workflow(configs, overrides)
-    workflow.initialize()
-    trainer = workflow.parser.get_parsed_content("train#trainer")
-    records = []
-
-    @trainer.on(Events.ITERATION_COMPLETED)
-    def _record(engine):
-        records.append({k: float(v) for k, v in engine.state.output.items() if k.startswith("loss")})
-
-    workflow.run()
-    workflow.finalize()
-    return workflow, records
 
 
 def write_label(path, seed):

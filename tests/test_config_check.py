@@ -7,7 +7,7 @@ import pytest
 
 from bundle.config_check import check_config_keys, method_parameters, unread_keys
 from tests.conftest import REPO_ROOT
-from tests.test_training import make_workflow
+from tests.training_helpers import make_workflow
 
 METHOD_DIR = REPO_ROOT / "configs" / "methods"
 PRESETS = sorted(p.stem for p in METHOD_DIR.glob("*.json") if not p.stem.endswith("_inference"))

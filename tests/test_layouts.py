@@ -22,7 +22,7 @@ from bundle.networks import SoftmaxEnsemble
 from bundle.synthetic import make_nnunet_dataset
 from bundle.transforms import preprocessing
 from tests.conftest import REPO_ROOT, raises_bundle_error
-from tests.test_training import make_workflow, run_workflow, tiny_overrides
+from tests.training_helpers import make_workflow, run_workflow, tiny_overrides
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from bundle.evaluation import evaluate_folders
 from bundle.model_settings import SETTINGS_FILE, describe_model, read_model_settings
 from bundle.synthetic import make_nnunet_dataset
 from tests.conftest import REPO_ROOT, raises_bundle_error
-from tests.test_training import make_workflow, run_workflow, tiny_overrides
+from tests.training_helpers import make_workflow, run_workflow, tiny_overrides
 
 
 @pytest.fixture(scope="module")

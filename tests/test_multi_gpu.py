@@ -23,7 +23,7 @@ from torch import nn
 from bundle import distributed
 from bundle.synthetic import ensure_synthetic_dataset
 from tests.conftest import REPO_ROOT
-from tests.test_training import tiny_overrides as training_overrides
+from tests.training_helpers import tiny_overrides as training_overrides
 
 ITERATIONS = 3
 

@@ -20,8 +20,7 @@ import torch
 from bundle.precision import cpu_flags
 from bundle.synthetic import ensure_synthetic_dataset
 from tests.conftest import REPO_ROOT
-from tests.test_baselines import train_and_record
-from tests.test_training import tiny_overrides
+from tests.training_helpers import PRESET_OVERRIDES, tiny_overrides, train_and_record
 
 #: the fixture of each CPU kind (:func:`cpu_kind`), written by ``python -m tests.test_preset_losses`` on that kind.
 FIXTURES = {
@@ -36,25 +35,6 @@ def cpu_kind() -> str:
 
 
 FIXTURE = FIXTURES[cpu_kind()]
-
-#: per preset, what differs from the tiny run of ``tests/test_training.py`` (BCP needs 32^3 patches for its half
-#: batches at the bottleneck, DyCON a 32x32x16 patch for its 8^3 tokens and a small projection head).
-PRESET_OVERRIDES = {
-    "dual_journal": {},
-    "dual_isbi": {},
-    "supervised": {},
-    "supervised_vnet": {},
-    "mean_teacher": {},
-    "ua_mt": {},
-    "cps": {},
-    "bcp": {"patch_size": [32, 32, 32], "method#pretrain_iterations": 1},
-    "ducisc": {},
-    "dycon": {
-        "patch_size": [32, 32, 16],
-        "method#student#embed_channels": 16,
-        "method#student#hidden_channels": 32,
-    },
-}
 
 
 def preset_losses(preset, dataset_dir, out_dir, channels_last=False):

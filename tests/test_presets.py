@@ -5,7 +5,7 @@ import pytest
 from bundle.methods.base import SSLMethod
 from bundle.methods.presets import PRESETS_DIR, inference_overlays, method_class, preset_names, reference_of
 from tests.conftest import REPO_ROOT
-from tests.test_preset_losses import PRESET_OVERRIDES
+from tests.training_helpers import PRESET_OVERRIDES
 
 
 def test_every_preset_is_declared_and_tested():

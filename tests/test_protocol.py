@@ -12,8 +12,7 @@ from bundle.losses.baselines import HalfCEDiceLoss
 from bundle.methods.supervised_vnet import SupervisedVNetMethod
 from bundle.transforms import training_transforms
 from tests.conftest import REPO_ROOT
-from tests.test_baselines import tiny_conv_net
-from tests.test_training import make_workflow, run_workflow, tiny_overrides
+from tests.training_helpers import make_workflow, run_workflow, tiny_conv_net, tiny_overrides
 
 SINGLE_VNET_METHODS = ("mean_teacher", "ua_mt", "cps", "bcp", "supervised_vnet")
 

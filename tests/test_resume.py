@@ -18,12 +18,11 @@ from bundle.checks import check_resume_file
 from bundle.handlers import ResumeLoader, SaveStateDictOnCompletion
 from bundle.synthetic import ensure_synthetic_dataset
 from tests.conftest import REPO_ROOT, raises_bundle_error
-from tests.test_training import (  # noqa: F401
+from tests.training_helpers import (
     flatten_state,
     make_workflow,
     run_workflow,
     same_value,
-    tiny_dataset,
     tiny_overrides,
 )
 
@@ -161,7 +160,7 @@ def replace(source, target):
 
 os.replace = replace
 from pathlib import Path
-from tests.test_training import make_workflow, run_workflow
+from tests.training_helpers import make_workflow, run_workflow
 run_workflow(make_workflow(json.loads(sys.argv[1]), json.loads(sys.argv[2])))
 """
 

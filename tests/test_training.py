@@ -7,55 +7,13 @@ import sys
 import pytest
 import torch
 from ignite.engine import Events
-from monai.bundle import ConfigWorkflow
 from monai.engines.utils import IterationEvents
 
 from bundle.synthetic import ensure_synthetic_dataset
 from tests.conftest import REPO_ROOT, raises_bundle_error
+from tests.training_helpers import flatten_state, make_workflow, run_workflow, same_value, tiny_overrides
 
 PRESETS = ["dual_journal", "dual_isbi", "supervised"]
-
-
-@pytest.fixture(scope="module")
-def tiny_dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data") / "tiny"
-    return ensure_synthetic_dataset(str(root), num_labeled=4, num_unlabeled=4, num_validation=1, shape=(20, 20, 18))
-
-
-def tiny_overrides(dataset_dir, out_dir, **extra):
-    overrides = {
-        "dataset_dir": dataset_dir,
-        "output_dir": str(out_dir),
-        "model_dir": str(out_dir / "models"),
-        "patch_size": [16, 16, 16],
-        "base_width": 4,
-        "num_labeled": 2,
-        "max_iterations": 3,
-        "val_interval": 3,
-        "train#checkpoint_saver#save_interval": 2,
-        "validate#inferer#sw_batch_size": 2,
-        "train#trainer#precision": "fp32",  # exact values on any CPU; bf16 has its own tests (test_precision.py)
-    }
-    overrides.update(extra)
-    return overrides
-
-
-def make_workflow(configs, overrides):
-    files = [str(REPO_ROOT / "configs" / c) for c in configs]
-    return ConfigWorkflow(
-        config_file=files,
-        meta_file=str(REPO_ROOT / "configs" / "metadata.json"),
-        logging_file=str(REPO_ROOT / "configs" / "logging.conf"),
-        workflow_type="train",
-        **overrides,
-    )
-
-
-def run_workflow(workflow):
-    workflow.initialize()
-    workflow.run()
-    workflow.finalize()
-    return workflow
 
 
 def test_train_config_has_every_train_property(tiny_dataset, tmp_path):
@@ -212,18 +170,6 @@ def test_gradients_freed_after_each_step_give_identical_weights(preset, tiny_dat
         flat_a, flat_b = flatten_state(states[True][name]), flatten_state(states[False][name])
         assert flat_a.keys() == flat_b.keys()
         assert [k for k in flat_a if not same_value(flat_a[k], flat_b[k])] == []
-
-
-def flatten_state(state, prefix=""):
-    if isinstance(state, dict):
-        return {k: v for key, value in state.items() for k, v in flatten_state(value, f"{prefix}{key}.").items()}
-    if isinstance(state, (list, tuple)) and not all(isinstance(v, (int, float)) for v in state):
-        return {k: v for i, value in enumerate(state) for k, v in flatten_state(value, f"{prefix}{i}.").items()}
-    return {prefix: state}
-
-
-def same_value(a, b):
-    return torch.equal(a, b) if torch.is_tensor(a) and torch.is_tensor(b) else a == b
 
 
 def test_console_shows_each_term_and_training_curves_are_written(tiny_dataset, tmp_path, capfd):
