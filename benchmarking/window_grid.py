@@ -47,6 +47,7 @@ Record = Dict[str, Any]
 #: grid name -> ``overlap`` (``None``: the protocol's ``sw_strides``, the papers' grid) and blending ``mode``.
 GRIDS: Dict[str, Dict[str, Any]] = {
     "papers": {"overlap": None, "mode": "constant"},
+    "overlap 0.75, gaussian": {"overlap": 0.75, "mode": "gaussian"},
     "overlap 0.5, constant": {"overlap": 0.5, "mode": "constant"},
     "overlap 0.5, gaussian": {"overlap": 0.5, "mode": "gaussian"},
     "overlap 0.25, constant": {"overlap": 0.25, "mode": "constant"},
@@ -97,7 +98,8 @@ def window_grid(record: str, results_dir: str = "docs/results", grids: Optional[
     """Score the final model of the accuracy record ``record`` on its test cases under each grid of :data:`GRIDS`
     (or the names in ``grids``; ``papers`` always first) and time one median-sized test volume per grid. Needs the
     run's folder (``runs/benchmark/<name>/``: model and split lists) on this machine. Writes
-    ``<results_dir>/window_grid_<record name>.json``; returns its path."""
+    ``<results_dir>/window_grid_<record name>.json``; returns its path. Grids already in that file are kept, not
+    measured again (their timing came from the same machine kind: the file's ``hardware``)."""
     with open(record) as handle:
         source = json.load(handle)
     if source.get("kind") != "accuracy":
@@ -120,8 +122,12 @@ def window_grid(record: str, results_dir: str = "docs/results", grids: Optional[
     parser = parse_bundle(configs, overrides)
     patch, strides = list(parser["patch_size"]), list(parser["sw_strides"])
     volume = median_test_shape(dataset_dir, test_list, float(parser["resample_factor"]))
+    output = os.path.join(results_dir, f"window_grid_{os.path.splitext(os.path.basename(record))[0]}.json")
     results: Dict[str, Record] = {}
-    for name in names:
+    if os.path.isfile(output):
+        with open(output) as handle:
+            results = json.load(handle)["grids"]
+    for name in [n for n in names if n not in results]:
         grid = GRIDS[name]
         overlap = strides_to_overlap(patch, strides) if grid["overlap"] is None else grid["overlap"]
         out = os.path.join(run_dir, "window_grid", name.replace(", ", "_").replace(" ", "_"))
@@ -143,7 +149,6 @@ def window_grid(record: str, results_dir: str = "docs/results", grids: Optional[
             "summary": metrics["summary"],
             "dice": {row["case"]: row["dice"] for row in metrics["per_case"]},
         }
-    name = os.path.splitext(os.path.basename(record))[0]
     result = {
         "kind": "window_grid",
         "record": os.path.relpath(record),
@@ -161,7 +166,7 @@ def window_grid(record: str, results_dir: str = "docs/results", grids: Optional[
         "timed_volume": volume,
         "grids": results,
     }
-    return write_json(result, results_dir, f"window_grid_{name}")
+    return write_json(result, results_dir, os.path.splitext(os.path.basename(output))[0])
 
 
 def grid_comparison(records: Sequence[Record], grid: str) -> Tuple[Dict[str, float], float]:
