@@ -23,7 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarking.conv_profile import conv_profile  # noqa: E402
 from benchmarking.gpu_check import gpu_check  # noqa: E402
 from benchmarking.precision import agreement, default_precision  # noqa: E402
-from benchmarking.runs import accuracy, inference_memory, report, speed  # noqa: E402
+from benchmarking.results_page import report  # noqa: E402
+from benchmarking.runs import accuracy, inference_memory, speed  # noqa: E402
 from benchmarking.window_grid import window_grid  # noqa: E402
 from bundle.booleans import boolean_command  # noqa: E402
 from bundle.errors import cli  # noqa: E402

@@ -6,6 +6,7 @@ import shlex
 import numpy as np
 import pytest
 
+from benchmarking.results_page import report
 from benchmarking.runs import (
     AUTHORS_REFERENCE,
     SPEED_FLAGS,
@@ -14,7 +15,6 @@ from benchmarking.runs import (
     cpu_description,
     cpu_kind,
     reference_machine,
-    report,
     run_isolated,
     same_run_reference,
     speed_reference,

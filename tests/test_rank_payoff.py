@@ -6,7 +6,8 @@ import os
 import pytest
 
 from benchmarking.rank_payoff import inference_configs, payoff, payoff_sections, random_draw
-from benchmarking.runs import accuracy, report, split_lists, write_json
+from benchmarking.results_page import report
+from benchmarking.runs import accuracy, split_lists, write_json
 
 
 def test_labeled_cases_come_first_and_the_default_split_is_unchanged(tmp_path):

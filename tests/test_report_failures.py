@@ -6,7 +6,8 @@ import re
 import numpy as np
 import pytest
 
-from benchmarking.runs import report, write_json
+from benchmarking.results_page import report
+from benchmarking.runs import write_json
 from benchmarking.statistics import failed_cases, paired_differences_without_failures
 
 CASES = [f"c{i:02d}" for i in range(20)]
