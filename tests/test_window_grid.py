@@ -15,8 +15,13 @@ def _record(papers, gaussian, seconds=(10.0, 2.0), index=0):
         "hardware": "a CPU",
         "sw_strides": [9, 9, 2],
         "grids": {
-            "papers": {"overlap": [0.859, 0.859, 0.938], "dice": papers, "seconds_per_volume": seconds[0]},
-            "overlap 0.5, gaussian": {"overlap": 0.5, "dice": gaussian, "seconds_per_volume": seconds[1]},
+            "papers": {
+                "overlap": [0.859, 0.859, 0.938],
+                "dice": papers,
+                "seconds_per_volume": seconds[0],
+                "windows": 70,
+            },
+            "overlap 0.5, gaussian": {"overlap": 0.5, "dice": gaussian, "seconds_per_volume": seconds[1], "windows": 8},
         },
     }
 
@@ -50,7 +55,8 @@ def test_section_lists_each_grid_with_its_verdict():
     lines = window_grid_sections([("r", _record(same, dict(same)))])
     assert lines[0] == "## Window grid"
     row = next(line for line in lines if line.startswith("| overlap 0.5, gaussian"))
-    assert "+0.00 [+0.00, +0.00]" in row and "| 0.20× | yes |" in row
+    assert "| 8 | +0.00 [+0.00, +0.00]" in row and "| 0.20× | yes |" in row
+    assert next(line for line in lines if line.startswith("| papers'")).count("| 70 |") == 1
     assert window_grid_sections([]) == []
 
 
