@@ -27,10 +27,10 @@ from benchmarking.runs import (
     display_command,
     git_commit,
     hardware,
-    method_configs,
     read_metrics,
+    rescored_header,
+    rescoring_settings,
     run_logged,
-    run_settings,
     write_json,
 )
 from benchmarking.statistics import bootstrap_interval, format_interval, paired_differences, seed_summary
@@ -52,26 +52,9 @@ def agreement(record: str, precisions: Sequence[str] = ("fp32", "bf16"), results
     (the first is the reference), writing the masks, and record the per-case mask Dice of every other precision
     against the first. Needs the run's folder (``runs/benchmark/<name>/``: model and split lists) on this machine.
     Writes ``<results_dir>/precision_agreement_<record name>.json``; returns its path."""
-    with open(record) as handle:
-        source = json.load(handle)
-    if source.get("kind") != "accuracy":
-        raise ValueError(f"{record}: not an accuracy record (kind {source.get('kind')!r}).")
     if len(precisions) < 2 or len(set(precisions)) != len(precisions):
         raise ValueError(f"precisions {list(precisions)}: need two or more distinct precisions.")
-    model_dir = source["config"]["model_dir"]
-    run_dir = os.path.dirname(model_dir)
-    needed = [
-        os.path.join(model_dir, "model.pt"),
-        os.path.join(run_dir, "train.list"),
-        os.path.join(run_dir, "test.list"),
-    ]
-    missing = [path for path in needed if not os.path.isfile(path)]
-    if missing:
-        raise FileNotFoundError(f"{record}: the run's files are not here: {missing} (train it first).")
-    configs = method_configs(source["method"], source["protocol"])
-    overrides = run_settings(configs, source["config"]["dataset_dir"], run_dir, source["num_labeled"],
-                             source["seed"], source.get("overrides", {}))  # fmt: skip
-    overrides["datalists#val_list"] = os.path.join(run_dir, "test.list")
+    source, configs, overrides, run_dir = rescoring_settings(record)
     masks: Dict[str, Dict[str, str]] = {}
     runs: Dict[str, Record] = {}
     for precision in precisions:
@@ -96,16 +79,12 @@ def agreement(record: str, precisions: Sequence[str] = ("fp32", "bf16"), results
         rows.append(row)
     name = os.path.splitext(os.path.basename(record))[0]
     result = {
-        "kind": "precision_agreement",
-        "record": os.path.relpath(record),
-        "method": source["method"],
-        "protocol": source["protocol"],
-        "num_labeled": source["num_labeled"],
-        "seed": source["seed"],
-        "model_commit": source["commit"],
-        "commit": git_commit(),
-        "hardware": hardware(),
-        "command": f"python scripts/benchmark.py agreement --record {os.path.relpath(record)}",
+        **rescored_header(
+            "precision_agreement",
+            record,
+            source,
+            f"python scripts/benchmark.py agreement --record {os.path.relpath(record)}",
+        ),
         "precisions": list(precisions),
         "seconds": {p: runs[p]["seconds"] for p in precisions},
         "summary": {p: runs[p]["summary"] for p in precisions},

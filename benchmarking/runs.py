@@ -437,6 +437,45 @@ def run_settings(
     }
 
 
+def rescoring_settings(record: str) -> Tuple[Dict[str, Any], List[str], Dict[str, Any], str]:
+    """What scoring an accuracy record's final model again needs: ``(record content, config files, overrides with
+    the test cases as the validation list, run folder)``. Raises ``ValueError`` for another kind of record and
+    ``FileNotFoundError`` when the run's model or split lists are not on this machine."""
+    with open(record) as handle:
+        source = json.load(handle)
+    if source.get("kind") != "accuracy":
+        raise ValueError(f"{record}: not an accuracy record (kind {source.get('kind')!r}).")
+    model_dir = source["config"]["model_dir"]
+    run_dir = os.path.dirname(model_dir)
+    needed = [os.path.join(model_dir, "model.pt")] + [os.path.join(run_dir, f"{s}.list") for s in ("train", "test")]
+    missing = [path for path in needed if not os.path.isfile(path)]
+    if missing:
+        raise FileNotFoundError(f"{record}: the run's files are not here: {missing} (train it first).")
+    configs = method_configs(source["method"], source["protocol"])
+    overrides = run_settings(configs, source["config"]["dataset_dir"], run_dir, source["num_labeled"],
+                             source["seed"], source.get("overrides", {}))  # fmt: skip
+    overrides["datalists#val_list"] = os.path.join(run_dir, "test.list")
+    return source, configs, overrides, run_dir
+
+
+def rescored_header(kind: str, record: str, source: Dict[str, Any], command: str) -> Dict[str, Any]:
+    """The first fields of a record made by scoring the model of the accuracy record ``record`` (content
+    ``source``) again: its kind, the record and model it comes from, this commit, hardware and ``command``."""
+    return {
+        "kind": kind,
+        "record": os.path.relpath(record),
+        "method": source["method"],
+        "variant": source.get("variant", ""),
+        "protocol": source["protocol"],
+        "num_labeled": source["num_labeled"],
+        "seed": source["seed"],
+        "model_commit": source["commit"],
+        "commit": git_commit(),
+        "hardware": hardware(),
+        "command": command,
+    }
+
+
 def accuracy(
     dataset_dir: str,
     method: str = "dual_journal",

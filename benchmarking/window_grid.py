@@ -26,14 +26,12 @@ from monai.inferers import SlidingWindowInferer
 from benchmarking.runs import (
     CONFIG_DIR,
     bundle_command,
-    git_commit,
-    hardware,
-    method_configs,
     parse_bundle,
     read_metrics,
+    rescored_header,
+    rescoring_settings,
     run_isolated,
     run_logged,
-    run_settings,
     write_json,
 )
 from benchmarking.statistics import bootstrap_interval, format_interval
@@ -100,25 +98,12 @@ def window_grid(record: str, results_dir: str = "docs/results", grids: Optional[
     run's folder (``runs/benchmark/<name>/``: model and split lists) on this machine. Writes
     ``<results_dir>/window_grid_<record name>.json``; returns its path. Grids already in that file are kept, not
     measured again (their timing came from the same machine kind: the file's ``hardware``)."""
-    with open(record) as handle:
-        source = json.load(handle)
-    if source.get("kind") != "accuracy":
-        raise ValueError(f"{record}: not an accuracy record (kind {source.get('kind')!r}).")
     names = ["papers"] + [name for name in (grids or GRIDS) if name != "papers"]
     unknown = [name for name in names if name not in GRIDS]
     if unknown:
         raise ValueError(f"unknown grid(s) {unknown}; choose from {list(GRIDS)}.")
-    model_dir = source["config"]["model_dir"]
-    run_dir = os.path.dirname(model_dir)
-    test_list = os.path.join(run_dir, "test.list")
-    missing = [p for p in (os.path.join(model_dir, "model.pt"), test_list) if not os.path.isfile(p)]
-    if missing:
-        raise FileNotFoundError(f"{record}: the run's files are not here: {missing} (train it first).")
-    configs = method_configs(source["method"], source["protocol"])
-    dataset_dir = source["config"]["dataset_dir"]
-    overrides = run_settings(configs, dataset_dir, run_dir, source["num_labeled"], source["seed"],
-                             source.get("overrides", {}))  # fmt: skip
-    overrides["datalists#val_list"] = test_list
+    source, configs, overrides, run_dir = rescoring_settings(record)
+    test_list, dataset_dir = overrides["datalists#val_list"], source["config"]["dataset_dir"]
     parser = parse_bundle(configs, overrides)
     patch, strides = list(parser["patch_size"]), list(parser["sw_strides"])
     volume = median_test_shape(dataset_dir, test_list, float(parser["resample_factor"]))
@@ -150,17 +135,9 @@ def window_grid(record: str, results_dir: str = "docs/results", grids: Optional[
             "dice": {row["case"]: row["dice"] for row in metrics["per_case"]},
         }
     result = {
-        "kind": "window_grid",
-        "record": os.path.relpath(record),
-        "method": source["method"],
-        "variant": source.get("variant", ""),
-        "protocol": source["protocol"],
-        "num_labeled": source["num_labeled"],
-        "seed": source["seed"],
-        "model_commit": source["commit"],
-        "commit": git_commit(),
-        "hardware": hardware(),
-        "command": f"python scripts/benchmark.py window_grid --record {os.path.relpath(record)}",
+        **rescored_header(
+            "window_grid", record, source, f"python scripts/benchmark.py window_grid --record {os.path.relpath(record)}"
+        ),
         "patch_size": patch,
         "sw_strides": strides,
         "timed_volume": volume,
