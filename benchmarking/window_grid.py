@@ -96,8 +96,8 @@ def window_grid(record: str, results_dir: str = "docs/results", grids: Optional[
     """Score the final model of the accuracy record ``record`` on its test cases under each grid of :data:`GRIDS`
     (or the names in ``grids``; ``papers`` always first) and time one median-sized test volume per grid. Needs the
     run's folder (``runs/benchmark/<name>/``: model and split lists) on this machine. Writes
-    ``<results_dir>/window_grid_<record name>.json``; returns its path. Grids already in that file are kept, not
-    measured again (their timing came from the same machine kind: the file's ``hardware``)."""
+    ``<results_dir>/window_grid_<record name>.json`` after each grid; returns its path. Grids already in that file
+    are kept, not measured again (their timing came from the same machine kind: the file's ``hardware``)."""
     names = ["papers"] + [name for name in (grids or GRIDS) if name != "papers"]
     unknown = [name for name in names if name not in GRIDS]
     if unknown:
@@ -134,16 +134,16 @@ def window_grid(record: str, results_dir: str = "docs/results", grids: Optional[
             "summary": metrics["summary"],
             "dice": {row["case"]: row["dice"] for row in metrics["per_case"]},
         }
-    result = {
-        **rescored_header(
-            "window_grid", record, source, f"python scripts/benchmark.py window_grid --record {os.path.relpath(record)}"
-        ),
-        "patch_size": patch,
-        "sw_strides": strides,
-        "timed_volume": volume,
-        "grids": results,
-    }
-    return write_json(result, results_dir, os.path.splitext(os.path.basename(output))[0])
+        command = f"python scripts/benchmark.py window_grid --record {os.path.relpath(record)}"
+        result = {
+            **rescored_header("window_grid", record, source, command),
+            "patch_size": patch,
+            "sw_strides": strides,
+            "timed_volume": volume,
+            "grids": results,
+        }
+        write_json(result, results_dir, os.path.splitext(os.path.basename(output))[0])  # after each grid
+    return output
 
 
 def grid_comparison(records: Sequence[Record], grid: str) -> Tuple[Dict[str, float], float]:
