@@ -45,9 +45,11 @@ from __future__ import annotations
 
 import datetime
 import importlib.util
+import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -118,10 +120,15 @@ FALLBACK_STUBS = {
 }
 
 #: runs one of their scripts on the CPU: ``python launcher.py <script> <args...>`` from the script's folder.
+#: It also stamps the wall clock and the process's CPU time after every optimizer step (a global step hook, nothing
+#: in their code) into ``steps.json`` beside it: on a shared machine the CPU time per iteration is the figure that
+#: plans a run.
 LAUNCHER = """\"\"\"Written by benchmarking/oracle.py: run a script of the authors' code on the CPU.\"\"\"
+import json
 import os
 import runpy
 import sys
+import time
 
 import torch
 
@@ -130,9 +137,15 @@ sys.path.insert(0, os.getcwd())
 sys.path.append(os.path.join(here, "_fallback_stubs"))
 torch.nn.Module.cuda = lambda self, device=None: self
 torch.Tensor.cuda = lambda self, *args, **kwargs: self
+stamps = [[time.perf_counter(), time.process_time()]]
+torch.optim.optimizer.register_optimizer_step_post_hook(
+    lambda optimizer, args, kwargs: stamps.append([time.perf_counter(), time.process_time()])
+)
 script = sys.argv[1]
 sys.argv = sys.argv[1:]
 runpy.run_path(script, run_name="__main__")
+with open(os.path.join(here, "steps.json"), "w") as handle:
+    json.dump({"stamps": stamps, "threads": torch.get_num_threads()}, handle)
 """
 
 
@@ -394,27 +407,34 @@ def write_stubs(folder: str) -> None:
             handle.write(text)
 
 
-ITERATION_LINE = re.compile(r"^\[(\d\d):(\d\d):(\d\d)\.(\d{3})\] iteration (\d+) : loss : (\S+)")
+ITERATION_LINE = re.compile(r"^\[[0-9:.]+\] iteration (\d+) : loss : (\S+)")
 
 
 def training_log(path: str) -> Dict[str, Any]:
-    """From their ``log.txt``: the last iteration logged, its loss and the seconds per iteration between the first
-    and the last logged iteration (clock times; a run across midnight is counted forward)."""
-    stamps, last_loss = [], None
+    """From their ``log.txt``: the last iteration logged and its loss."""
+    last, last_loss = None, None
     with open(path) as handle:
         for line in handle:
             match = ITERATION_LINE.match(line)
             if match:
-                hours, minutes, seconds, millis, iteration, loss = match.groups()
-                clock = int(hours) * 3600 + int(minutes) * 60 + int(seconds) + int(millis) / 1000
-                stamps.append((int(iteration), clock))
-                last_loss = float(loss)
-    if not stamps:
+                last, last_loss = int(match.group(1)), float(match.group(2))
+    if last is None:
         raise OracleError(f"{path}: no 'iteration N : loss' line; their script did not train")
-    (first, start), (last, stop) = stamps[0], stamps[-1]
-    elapsed = (stop - start) % 86400
-    per_iteration = elapsed / (last - first) if last > first else None
-    return {"last_iteration": last, "last_loss": last_loss, "seconds_per_iteration": per_iteration}
+    return {"last_iteration": last, "last_loss": last_loss}
+
+
+def step_times(path: str) -> Dict[str, Any]:
+    """From the launcher's ``steps.json`` (wall clock and process CPU time at the start and after every optimizer
+    step): the number of steps and the median wall and CPU seconds per iteration, the first step (set-up included)
+    left out (``None`` with fewer than 2 steps)."""
+    with open(path) as handle:
+        steps = json.load(handle)
+    stamps = steps["stamps"][1:]
+    pairs = list(zip(stamps, stamps[1:]))
+    wall = statistics.median(b[0] - a[0] for a, b in pairs) if pairs else None
+    cpu = statistics.median(b[1] - a[1] for a, b in pairs) if pairs else None
+    return {"steps": len(stamps), "wall_seconds_per_iteration": wall, "cpu_seconds_per_iteration": cpu,
+            "threads": steps["threads"]}  # fmt: skip
 
 
 def load_network(code_folder: str, weights: str):
@@ -512,6 +532,7 @@ def oracle(
         train_seconds = run_logged(command, os.path.abspath(log_path), cwd=code)
         snapshot = os.path.join(tmp, "model", EXPERIMENT)
         log = training_log(os.path.join(snapshot, "log.txt"))
+        timing = step_times(os.path.join(tmp, "steps.json"))
         if log["last_iteration"] != settings.max_iterations:
             raise OracleError(f"their log ends at iteration {log['last_iteration']}, not {settings.max_iterations}")
         weights = os.path.join(run_dir, "model.pth")
@@ -551,7 +572,9 @@ def oracle(
         },
         "config": {key: list(v) if isinstance(v, tuple) else v for key, v in vars(settings).items()},
         "train_seconds": train_seconds,
-        "seconds_per_iteration": log["seconds_per_iteration"],
+        "seconds_per_iteration": timing["wall_seconds_per_iteration"],
+        "cpu_seconds_per_iteration": timing["cpu_seconds_per_iteration"],
+        "torch_threads": timing["threads"],
         "last_loss": log["last_loss"],
         "notes": notes,
         **metrics,
