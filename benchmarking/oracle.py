@@ -395,6 +395,13 @@ def extract_code(git_directory: str, commit: str, folder: str) -> List[str]:
     return paths
 
 
+def missing_packages() -> List[str]:
+    """The packages of :data:`FALLBACK_STUBS` that are not installed (their stand-ins are used)."""
+    return sorted(
+        {name.split("/")[0] for name in FALLBACK_STUBS if importlib.util.find_spec(name.split("/")[0]) is None}
+    )
+
+
 def write_stubs(folder: str) -> None:
     """The launcher and :data:`FALLBACK_STUBS` (under ``_fallback_stubs``) in ``folder``."""
     for name, text in {
@@ -565,7 +572,10 @@ def oracle(
             "files": extracted,
             "arguments": [a.replace(data, f"<tmp>/{DATA_FOLDER}") for a in arguments],
             "patches": [p.what for p in patches],
-            "stubs": sorted({k.split("/")[0] for k in FALLBACK_STUBS}),
+            "data": f"the first {train_cases} cases of {list_file} written by bundle.transforms.preprocessing with "
+            f"resample_factor {settings.resample_factor} (Zoomd trilinear image, nearest label; z-score) as their "
+            "LAHeart layout; the test cases scored from the original files by our evaluation",
+            "stubs": missing_packages(),
             "network": f"networks.vnet.VNet({', '.join(f'{k}={v!r}' for k, v in NETWORK_ARGS.items())}), eval mode",
             "weights": weights_name(method, settings.max_iterations),
             "training_precision": "fp32",
