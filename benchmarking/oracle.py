@@ -131,6 +131,7 @@ import sys
 import time
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 here = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.getcwd())
@@ -138,7 +139,7 @@ sys.path.append(os.path.join(here, "_fallback_stubs"))
 torch.nn.Module.cuda = lambda self, device=None: self
 torch.Tensor.cuda = lambda self, *args, **kwargs: self
 stamps = [[time.perf_counter(), time.process_time()]]
-torch.optim.optimizer.register_optimizer_step_post_hook(
+register_optimizer_step_post_hook(
     lambda optimizer, args, kwargs: stamps.append([time.perf_counter(), time.process_time()])
 )
 script = sys.argv[1]
