@@ -8,6 +8,8 @@ patched script is a probe, skipped unless ``ORACLE_PROBE=1`` and the UA-MT git m
 import json
 import math
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import h5py
@@ -28,6 +30,7 @@ from benchmarking.oracle import (
     training_log,
     weights_name,
     write_half_resolution,
+    write_stubs,
 )
 from bundle.losses.ramps import stepped_rampup
 from tests.conftest import raises_bundle_error
@@ -274,6 +277,41 @@ def test_missing_mirror_or_bad_method_is_named(tmp_path):
         oracle(str(tmp_path), str(tmp_path), method="mean_teacher")
     with raises_bundle_error("method 'ua_mt': expected one of"):
         oracle(str(tmp_path), str(tmp_path), method="ua_mt")
+
+
+#: our stand-in for one of their scripts: ``.cuda()`` calls, their logging/transform imports and optimizer steps.
+LAUNCHED_STAND_IN = """
+import sys
+
+import torch
+from tensorboardX import SummaryWriter
+from torchvision import transforms
+
+net = torch.nn.Linear(2, 1).cuda()
+optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+x = torch.ones(3, 2).cuda()
+SummaryWriter("log").add_scalar("loss", 1.0, 1)
+for _ in range(3):
+    optimizer.zero_grad()
+    net(x).sum().backward()
+    optimizer.step()
+with open("out.txt", "w") as handle:
+    handle.write(f"{transforms.Compose([lambda v: v + 1, lambda v: v * 2])(1)} {x.device.type} {sys.argv[1:]}")
+"""
+
+
+def test_launcher_runs_a_script_on_the_cpu_and_stamps_every_step(tmp_path):
+    """The launcher turns ``.cuda()`` into a no-op, provides the stand-ins of missing packages, passes the script its
+    arguments, and stamps the start and each of the 3 optimizer steps."""
+    write_stubs(str(tmp_path))
+    (tmp_path / "code").mkdir()
+    (tmp_path / "code" / "script.py").write_text(LAUNCHED_STAND_IN)
+    command = [sys.executable, str(tmp_path / "launcher.py"), "script.py", "--seed=3"]
+    subprocess.run(command, cwd=tmp_path / "code", check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert (tmp_path / "code" / "out.txt").read_text() == "4 cpu ['--seed=3']"
+    steps = json.loads((tmp_path / "steps.json").read_text())
+    assert len(steps["stamps"]) == 4 and steps["threads"] == 1
+    assert step_times(str(tmp_path / "steps.json"))["steps"] == 3
 
 
 MIRROR = os.environ.get("UA_MT_MIRROR", "/work/.mirror/yulequan+UA-MT/repo/.git")
