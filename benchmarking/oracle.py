@@ -498,7 +498,8 @@ def oracle(
 
     ``max_iterations`` (default: the protocol's 1000) shortens a probe; a record of a run shorter than the
     protocol's says so in its name (``_it<N>``). Writes ``<results_dir>/oracle_la_<protocol>_<method>[_it<N>]_k<K>
-    _seed<seed>.json``, keeps their log and final weights in ``<runs_dir>/<name>/``; returns the record's path."""
+    _seed<seed>.json``, keeps their log, the step stamps and final weights in ``<runs_dir>/<name>/``; returns the record's path.
+    """
     if method not in SCRIPTS:
         raise OracleError(f"method {method!r}: expected one of {sorted(SCRIPTS)}")
     if not os.path.isdir(dataset_dir):
@@ -546,6 +547,7 @@ def oracle(
         weights = os.path.join(run_dir, "model.pth")
         shutil.copyfile(os.path.join(snapshot, weights_name(method, settings.max_iterations)), weights)
         shutil.copyfile(os.path.join(snapshot, "log.txt"), os.path.join(run_dir, "their_log.txt"))
+        shutil.copyfile(os.path.join(tmp, "steps.json"), os.path.join(run_dir, "steps.json"))
         net = load_network(code, weights)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
