@@ -498,8 +498,8 @@ def oracle(
 
     ``max_iterations`` (default: the protocol's 1000) shortens a probe; a record of a run shorter than the
     protocol's says so in its name (``_it<N>``). Writes ``<results_dir>/oracle_la_<protocol>_<method>[_it<N>]_k<K>
-    _seed<seed>.json``, keeps their log, the step stamps and final weights in ``<runs_dir>/<name>/``; returns the record's path.
-    """
+    _seed<seed>.json``, keeps their log, the step stamps and the final weights in ``<runs_dir>/<name>/``; returns
+    the record's path."""
     if method not in SCRIPTS:
         raise OracleError(f"method {method!r}: expected one of {sorted(SCRIPTS)}")
     if not os.path.isdir(dataset_dir):
