@@ -32,13 +32,15 @@ What is patched (:func:`script_patches`), only as far as this protocol needs:
 * uncertainty mask off (``mean_teacher`` only); DataLoader workers 4 -> 0 (as our benchmark);
 * ``train_LA.py`` stops after ``max_iterations`` instead of one more.
 
-Batch 2 labeled + 2 unlabeled, ``max_iterations``, seed, their SGD (0.01, momentum 0.9, weight decay 1e-4, as ours)
-go in as their own command-line arguments. Training is theirs in fp32 (their augmentation: random rot90 + flip and
-random crop). Scoring is ours: their final weights in their ``VNet``, put in eval mode, through our evaluation of the
-``cpu`` protocol (the same preprocessing of the 20 test cases, sliding window 64x64x32 at strides 9x9x2,
-predictions inverted to the original grid, ``bundle.metrics`` against the original labels). The record,
-``oracle_la_<protocol>_<method>_k<K>_seed<seed>.json``, has the accuracy records' per-case shape, its own
-``kind`` (``oracle``), the mirror's commit and the patch list.
+Batch 2 labeled + 2 unlabeled, ``max_iterations``, seed, base LR 0.01, consistency weight 0.1 and EMA decay 0.99 go
+in as their own command-line arguments (their SGD's momentum 0.9 and weight decay 1e-4 are ours already). The
+launcher also stamps the wall clock and CPU time after every optimizer step (``steps.json``): on a shared machine
+the CPU seconds per iteration plan a run. Training is theirs, in fp32 (the protocol trains ours in bf16 autocast),
+with their augmentation (random rot90 + flip, random crop). Scoring is ours: their final weights in their ``VNet``,
+put in eval mode, through our evaluation of the ``cpu`` protocol (the same preprocessing of the 20 test cases,
+sliding window 64x64x32 at strides 9x9x2, predictions inverted to the original grid, ``bundle.metrics`` against the
+original labels). The record, ``oracle_la_<protocol>_<method>_k<K>_seed<seed>.json``, has the accuracy records'
+per-case shape, its own ``kind`` (``oracle``), the mirror's commit and the patch list.
 """
 
 from __future__ import annotations
