@@ -312,13 +312,14 @@ def display_command(command: List[str]) -> str:
     return shlex.join(["python"] + [part.replace(root, "") for part in command[1:]])
 
 
-def run_logged(command: List[str], log_path: str) -> float:
-    """Run ``command`` with stdout and stderr appended to ``log_path``; return its wall time in seconds."""
+def run_logged(command: List[str], log_path: str, cwd: Optional[str] = None) -> float:
+    """Run ``command`` (in the folder ``cwd``, default the current one) with stdout and stderr appended to
+    ``log_path``; return its wall time in seconds."""
     start = time.perf_counter()
     with open(log_path, "a") as log:
         log.write("$ " + " ".join(command) + "\n")
         log.flush()
-        result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT)
+        result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=cwd)
     if result.returncode != 0:
         raise RuntimeError(f"command failed with exit code {result.returncode}; see {log_path}")
     return time.perf_counter() - start

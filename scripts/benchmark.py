@@ -10,6 +10,7 @@ Run from the bundle root, e.g.::
     python scripts/benchmark.py default_precision --seed 0
     python scripts/benchmark.py conv_profile --patch "[112,112,80]"
     python scripts/benchmark.py gpu --dataset_dir ../shared/data/LA
+    python scripts/benchmark.py oracle --dataset_dir ../shared/data/LA --mirror <UA-MT git dir> --method mean_teacher
     python scripts/benchmark.py report
 """
 
@@ -22,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarking.conv_profile import conv_profile  # noqa: E402
 from benchmarking.gpu_check import gpu_check  # noqa: E402
+from benchmarking.oracle import oracle  # noqa: E402
 from benchmarking.precision import agreement, default_precision  # noqa: E402
 from benchmarking.results_page import report  # noqa: E402
 from benchmarking.runs import accuracy, inference_memory, speed  # noqa: E402
@@ -42,5 +44,6 @@ if __name__ == "__main__":
                 "default_precision": default_precision,
                 "conv_profile": conv_profile,
                 "gpu": gpu_check,
+                "oracle": oracle,
             }
         )
