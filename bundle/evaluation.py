@@ -286,11 +286,13 @@ def score_mask_folders(
     classes: Optional[Sequence[int]] = None,
     num_slices: int = 3,
     allow_unpaired: Any = False,
-) -> dict:
-    """:func:`evaluate_folders` for the command line and ``configs/evaluate.json``'s ``score_masks``: prints the
-    summary, and raises :class:`~bundle.errors.BundleError` ("Cannot evaluate: ...", one line per problem) for a
-    missing folder, unpaired files (naming both folders and the cases), files on different grids or an output
-    folder that holds inputs. ``allow_unpaired`` is a bool or one of its command-line spellings (``"true"``)."""
+) -> None:
+    """:func:`evaluate_folders` for the command line and ``configs/evaluate.json``'s ``score_masks`` (the command
+    line's options are its arguments): prints the summary (``summary.json`` holds it), and raises
+    :class:`~bundle.errors.BundleError` ("Cannot evaluate: ...", one line per problem) for a missing folder, unpaired
+    files (naming both folders and the cases), files on different grids or an output folder that holds inputs.
+    ``allow_unpaired`` is a bool or one of its command-line spellings (``"true"``).
+    """
     if not pred_dir or not label_dir:
         raise BundleError("Cannot evaluate:", ["give both the masks' folder (pred_dir) and the labels' (label_dir)."])
     try:
@@ -310,7 +312,6 @@ def score_mask_folders(
         raise BundleError("Cannot evaluate:", str(err).splitlines()) from None
     print(f"{summary['num_cases']} cases, {len(summary['empty_predictions'])} empty predictions -> {output_dir}")
     print(format_summary(summary["metrics"]))
-    return summary
 
 
 # ---------------------------------------------------------------------------------------------- ignite handler

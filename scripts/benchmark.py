@@ -9,8 +9,8 @@ Run from the bundle root, e.g.::
     python scripts/benchmark.py window_grid --record docs/results/la_cpu_dual_journal_k8_seed1337.json
     python scripts/benchmark.py default_precision --seed 0
     python scripts/benchmark.py conv_profile --patch "[112,112,80]"
-    python scripts/benchmark.py gpu --dataset_dir ../shared/data/LA
-    python scripts/benchmark.py oracle --dataset_dir ../shared/data/LA --mirror <UA-MT git dir> --method mean_teacher
+    python scripts/benchmark.py gpu --dataset_dir /path/to/LA
+    python scripts/benchmark.py oracle --dataset_dir /path/to/LA --mirror <UA-MT git dir> --method mean_teacher
     python scripts/benchmark.py report
 """
 

@@ -1,6 +1,6 @@
-"""Lay ``../shared/data/BraTS_demo`` out as an nnU-Net v2 raw dataset (symbolic links, nothing copied).
+"""Lay ``/path/to/BraTS_demo`` out as an nnU-Net v2 raw dataset (symbolic links, nothing copied).
 
-    python scripts/brats_demo_layout.py ../shared/data/BraTS_demo /tmp/Dataset100_BraTSDemo [--num_test 3]
+    python scripts/brats_demo_layout.py /path/to/BraTS_demo /tmp/Dataset100_BraTSDemo [--num_test 3]
 
 ``<CASE>/FLAIR.nii.gz`` becomes ``imagesTr/<CASE>_0000.nii.gz`` and ``<CASE>/GT_W.nii.gz`` ``labelsTr/<CASE>.nii.gz``
 (whole tumour); the last ``num_test`` cases (sorted by name) go to ``imagesTs/`` (unlabeled for training) with their

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
 
 import fire
 
@@ -25,22 +24,7 @@ from bundle.booleans import boolean_command  # noqa: E402
 from bundle.errors import cli  # noqa: E402
 from bundle.evaluation import score_mask_folders  # noqa: E402
 
-
-def main(
-    pred_dir: str,
-    label_dir: str,
-    output_dir: str,
-    image_dir: Optional[str] = None,
-    classes: Optional[Sequence[int]] = None,
-    num_slices: int = 3,
-    allow_unpaired: bool = False,
-) -> None:
-    """Evaluate ``pred_dir`` against ``label_dir``; the options are those of
-    :func:`bundle.evaluation.evaluate_folders`; see the module docstring."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    score_mask_folders(pred_dir, label_dir, output_dir, image_dir, classes, num_slices, allow_unpaired)
-
-
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     with cli():
-        fire.Fire(boolean_command(main))
+        fire.Fire(boolean_command(score_mask_folders))
