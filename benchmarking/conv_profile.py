@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from benchmarking.runs import CONFIG_DIR, git_commit, hardware, parse_bundle, write_json
-from bundle.network_optimization import optimize_for_inference
-from bundle.precision import AutocastInference
+from bundle.engine.precision import AutocastInference
+from bundle.inference.optimization import optimize_for_inference
 
 Record = Dict[str, Any]
 CONVOLUTIONS = (nn.Conv3d, nn.ConvTranspose3d)

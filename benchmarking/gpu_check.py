@@ -44,10 +44,10 @@ from benchmarking.runs import (
     run_isolated,
     write_json,
 )
-from bundle.data import read_case_list
-from bundle.inference import strides_to_overlap
-from bundle.network_optimization import optimize_for_inference
-from bundle.precision import AutocastInference
+from bundle.data.datalists import read_case_list
+from bundle.engine.precision import AutocastInference
+from bundle.inference.folder import strides_to_overlap
+from bundle.inference.optimization import optimize_for_inference
 
 LA_CONFIGS = (f"{CONFIG_DIR}/train.json", f"{CONFIG_DIR}/datasets/la.json")
 

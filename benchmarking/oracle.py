@@ -23,7 +23,7 @@ its git directory.
 What is patched (:func:`script_patches`), only as far as this protocol needs:
 
 * data: the first 60 cases of LA's ``train.list`` written as half-resolution copies (:func:`write_half_resolution`:
-  our ``bundle.transforms.preprocessing`` with ``resample_factor`` 0.5, i.e. MONAI ``Zoomd`` trilinear for the
+  our ``bundle.data.transforms.preprocessing`` with ``resample_factor`` 0.5, i.e. MONAI ``Zoomd`` trilinear for the
   image, nearest for the label, then the z-score) in the layout their ``LAHeart`` reads, the first K labeled;
 * patch 112x112x80 -> the protocol's 64x64x32; labeled indices 16 -> K (unlabeled: the other training cases);
 * LR schedule: their x0.1 every 2500 iterations -> the protocol's x0.1 at 650 and 900;
@@ -38,9 +38,9 @@ launcher also stamps the wall clock and CPU time after every optimizer step (``s
 the CPU seconds per iteration plan a run. Training is theirs, in fp32 (the protocol trains ours in bf16 autocast),
 with their augmentation (random rot90 + flip, random crop). Scoring is ours: their final weights in their ``VNet``,
 put in eval mode, through our evaluation of the ``cpu`` protocol (the same preprocessing of the 20 test cases,
-sliding window 64x64x32 at strides 9x9x2, predictions inverted to the original grid, ``bundle.metrics`` against the
-original labels). The record, ``oracle_la_<protocol>_<method>_k<K>_seed<seed>.json``, has the accuracy records'
-per-case shape, its own ``kind`` (``oracle``), the mirror's commit and the patch list.
+sliding window 64x64x32 at strides 9x9x2, predictions inverted to the original grid, ``bundle.inference.metrics``
+against the original labels). The record, ``oracle_la_<protocol>_<method>_k<K>_seed<seed>.json``, has the accuracy
+records' per-case shape, its own ``kind`` (``oracle``), the mirror's commit and the patch list.
 """
 
 from __future__ import annotations
@@ -75,12 +75,12 @@ from benchmarking.runs import (
     run_logged,
     write_json,
 )
-from bundle.data import LA_FILE_NAME, la_items, read_case_list
-from bundle.errors import BundleError
-from bundle.evaluation import MetricsReportHandler
-from bundle.networks import SoftmaxOutput
-from bundle.precision import AutocastInference
-from bundle.transforms import preprocessing
+from bundle.config.errors import BundleError
+from bundle.data.datalists import LA_FILE_NAME, la_items, read_case_list
+from bundle.data.transforms import preprocessing
+from bundle.engine.precision import AutocastInference
+from bundle.inference.evaluation import MetricsReportHandler
+from bundle.networks.subnets import SoftmaxOutput
 
 #: the authors' repository, its scripts per method, and the name of the weights file each writes at the end.
 REPOSITORY = "yulequan/UA-MT"
@@ -352,7 +352,7 @@ def oracle_split(cases: Sequence[str], train_cases: int, num_labeled: int) -> Di
 
 def write_half_resolution(dataset_dir: str, cases: Sequence[str], output_dir: str, resample_factor: float) -> None:
     """Write ``output_dir/<case>/mri_norm2.h5`` (datasets ``image`` float32, ``label`` uint8) for each LA case as
-    our bundle's preprocessing sees it (:func:`bundle.transforms.preprocessing`: MONAI ``Zoomd`` by
+    our bundle's preprocessing sees it (:func:`bundle.data.transforms.preprocessing`: MONAI ``Zoomd`` by
     ``resample_factor``, trilinear for the image and nearest for the label, then the z-score), each to a temporary
     name, then renamed."""
     transform = preprocessing(keys=("image", "label"), resample_factor=resample_factor, num_classes=2)
@@ -460,7 +460,7 @@ def load_network(code_folder: str, weights: str):
 def score(net, dataset_dir: str, lists: Dict[str, str], num_labeled: int, protocol: str, output_dir: str):
     """Our evaluation of ``net`` (logits) on the cases of ``lists['test']``: the bundle's ``validate`` pipeline of
     the protocol and ``configs/evaluate.json`` (preprocessing, sliding window at the protocol's strides, inversion
-    to the original grid, argmax) with :class:`~bundle.evaluation.MetricsReportHandler` scoring against the
+    to the original grid, argmax) with :class:`~bundle.inference.evaluation.MetricsReportHandler` scoring against the
     original labels; returns :func:`benchmarking.runs.read_metrics` of ``output_dir``."""
     configs = method_configs("supervised_vnet", protocol) + [f"{CONFIG_DIR}/evaluate.json"]
     overrides = {"dataset_dir": dataset_dir, "datalists#train_list": lists["train"], "num_labeled": num_labeled,
@@ -577,8 +577,8 @@ def oracle(
             "files": extracted,
             "arguments": [a.replace(data, f"<tmp>/{DATA_FOLDER}") for a in arguments],
             "patches": [p.what for p in patches],
-            "data": f"the first {train_cases} cases of {list_file} written by bundle.transforms.preprocessing with "
-            f"resample_factor {settings.resample_factor} (Zoomd trilinear image, nearest label; z-score) as their "
+            "data": f"the first {train_cases} cases of {list_file} written by bundle.data.transforms.preprocessing "
+            f"with resample_factor {settings.resample_factor} (Zoomd trilinear image, nearest label; z-score) as their "
             "LAHeart layout; the test cases scored from the original files by our evaluation",
             "stubs": missing_packages(),
             "network": f"networks.vnet.VNet({', '.join(f'{k}={v!r}' for k, v in NETWORK_ARGS.items())}), eval mode",

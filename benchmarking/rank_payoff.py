@@ -44,7 +44,7 @@ from benchmarking.runs import (
     write_json,
 )
 from benchmarking.statistics import bootstrap_interval, format_interval, paired_differences, seed_summary
-from bundle.data import read_case_list
+from bundle.data.datalists import read_case_list
 from bundle.methods.presets import inference_overlays
 
 Record = Dict[str, Any]

@@ -23,11 +23,11 @@ from ignite.engine import Events
 from monai.bundle import ConfigParser
 from monai.inferers import SlidingWindowInferer
 
-from bundle.config_check import method_parameters
-from bundle.inference import strides_to_overlap
-from bundle.network_optimization import optimize_for_inference
-from bundle.precision import AutocastInference, cpu_flags, cpu_has_native_bf16, resolve_precision
-from bundle.trainer import SSLTrainer
+from bundle.config.unread_keys import method_parameters
+from bundle.engine.precision import AutocastInference, cpu_flags, cpu_has_native_bf16, resolve_precision
+from bundle.engine.trainer import SSLTrainer
+from bundle.inference.folder import strides_to_overlap
+from bundle.inference.optimization import optimize_for_inference
 
 CONFIG_DIR = "configs"
 
@@ -266,7 +266,7 @@ def split_lists(
     ``labeled_cases`` (training cases) are moved to the front of the written train list, in the given order, the
     other training cases following in list order, so that they are the first K (labeled) of a run with K =
     ``len(labeled_cases)``; the test cases are unchanged."""
-    from bundle.data import read_case_list
+    from bundle.data.datalists import read_case_list
 
     cases = read_case_list(os.path.join(dataset_dir, list_file) if not os.path.isabs(list_file) else list_file)
     if len(cases) <= train_cases:
@@ -373,7 +373,7 @@ def resolved_hyperparameters(parser: ConfigParser) -> Dict[str, Any]:
 
     Top-level values (``"@max_iterations"`` becomes its number; components and non-JSON expressions are left out),
     the optimiser, LR schedule, batch sizes and trainer settings, and ``method``: its class and every argument
-    (:func:`~bundle.config_check.method_parameters`) with the value the built method uses (a ``None`` default
+    (:func:`~bundle.config.unread_keys.method_parameters`) with the value the built method uses (a ``None`` default
     such as ``rampup_iters`` as the attribute it resolves to), networks left out.
     """
     values: Dict[str, Any] = {}

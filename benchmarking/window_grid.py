@@ -35,10 +35,10 @@ from benchmarking.runs import (
     write_json,
 )
 from benchmarking.statistics import bootstrap_interval, format_interval
-from bundle.data import la_items, read_case_list, volume_shape
-from bundle.inference import strides_to_overlap
-from bundle.network_optimization import optimize_for_inference
-from bundle.precision import AutocastInference
+from bundle.data.datalists import la_items, read_case_list, volume_shape
+from bundle.engine.precision import AutocastInference
+from bundle.inference.folder import strides_to_overlap
+from bundle.inference.optimization import optimize_for_inference
 
 Record = Dict[str, Any]
 

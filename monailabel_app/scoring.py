@@ -1,6 +1,6 @@
 """The scoring method: each unlabeled image's uncertainty under the current ``model.pt``, by ``configs/rank.json``.
 
-The scores are those of ``bundle/ranking.py`` (:class:`bundle.ranking.FolderRanking`, run through
+The scores are those of ``bundle/inference/ranking.py`` (:class:`bundle.inference.ranking.FolderRanking`, run through
 ``configs/inference.json`` + ``configs/rank.json`` exactly as on the command line): the mean disagreement of the two
 subnets over the predicted foreground and its boundary band, or, for a single-network method, the mean entropy
 (``rank_by: auto``). Each image's scores are stored in the datastore's image info with the ``model.pt`` timestamp
@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Mapping, Tuple
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 
-from bundle.image_formats import NIFTI_SUFFIXES
+from bundle.data.image_formats import NIFTI_SUFFIXES
 from monailabel_app.infer import reason
 from monailabel_app.settings import AppSettings
 

@@ -25,9 +25,9 @@ from monai.bundle import ConfigWorkflow
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 
-from bundle.checks import problem_lines
-from bundle.data import check_items
-from bundle.transforms import LoadVolumed, check_volume_transforms
+from bundle.data.checks import problem_lines
+from bundle.data.datalists import check_items
+from bundle.data.transforms import LoadVolumed, check_volume_transforms
 from monailabel_app.infer import reason
 from monailabel_app.settings import CONFIGS, AppSettings
 
@@ -59,9 +59,10 @@ def datastore_items(datastore: Datastore) -> Tuple[List[Dict[str, str]], List[Di
 def usable_items(items: Sequence[Dict[str, str]], num_classes: int) -> Tuple[List[Dict[str, str]], List[str]]:
     """Split ``items`` into those that pass the bundle's data checks and the report lines of those that do not.
 
-    Per item: the header check of :func:`bundle.data.check_items`, then a full read through the checks training
-    applies (:func:`bundle.transforms.check_volume_transforms`: finite voxels, labels in ``[0, num_classes)``, label
-    affine equal to the image's), so that one broken file is left out instead of stopping the training.
+    Per item: the header check of :func:`bundle.data.datalists.check_items`, then a full read through the checks
+    training applies (:func:`bundle.data.transforms.check_volume_transforms`: finite voxels, labels in
+    ``[0, num_classes)``, label affine equal to the image's), so that one broken file is left out instead of stopping
+    the training.
     """
     usable, problems = [], []
     for item in items:

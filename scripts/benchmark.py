@@ -28,8 +28,8 @@ from benchmarking.precision import agreement, default_precision  # noqa: E402
 from benchmarking.results_page import report  # noqa: E402
 from benchmarking.runs import accuracy, inference_memory, speed  # noqa: E402
 from benchmarking.window_grid import window_grid  # noqa: E402
-from bundle.booleans import boolean_command  # noqa: E402
-from bundle.errors import cli  # noqa: E402
+from bundle.config.booleans import boolean_command  # noqa: E402
+from bundle.config.errors import cli  # noqa: E402
 
 if __name__ == "__main__":
     with cli():

@@ -19,7 +19,7 @@ import fire
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the bundle root, so that `bundle` imports
 
-from bundle.errors import BundleError, cli  # noqa: E402
+from bundle.config.errors import BundleError, cli  # noqa: E402
 
 
 def main(source: str, target: str, num_test: int = 3) -> None:

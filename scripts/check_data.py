@@ -7,7 +7,7 @@ Reads every header (exists, readable, 3D, label shape = image shape), then every
 voxels, labels integer and in ``[0, out_channels)``, label affine equal to the image's. Every problem is listed,
 one line per file and problem, and the exit status is 1; a clean dataset prints the number of items checked and
 exits 0. The layouts are those of ``configs/train.json`` (LA ``train.list``, ``dataset.json``, ``imagesTr/``); all
-labeled items are checked, whatever ``num_labeled`` training will use. See :func:`bundle.checks.check_dataset`.
+labeled items are checked, whatever ``num_labeled`` training will use. See :func:`bundle.data.checks.check_dataset`.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import fire
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the bundle root, so that `bundle` imports
 
-from bundle.checks import check_dataset  # noqa: E402
-from bundle.errors import cli  # noqa: E402
+from bundle.config.errors import cli  # noqa: E402
+from bundle.data.checks import check_dataset  # noqa: E402
 
 
 def main(

@@ -16,7 +16,7 @@ import fire
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarking.rank_payoff import payoff  # noqa: E402
-from bundle.errors import cli  # noqa: E402
+from bundle.config.errors import cli  # noqa: E402
 
 if __name__ == "__main__":
     with cli():

@@ -8,8 +8,8 @@ from typing import Iterator, List, Optional
 import pytest
 import torch
 
-from bundle.errors import BundleError, find_bundle_error
-from bundle.synthetic import ensure_synthetic_dataset
+from bundle.config.errors import BundleError, find_bundle_error
+from bundle.data.synthetic import ensure_synthetic_dataset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DIR = REPO_ROOT.parent / "shared"

@@ -7,7 +7,7 @@ import torch
 from monai.bundle import ConfigWorkflow
 from torch import nn
 
-from bundle.networks import SoftmaxEnsemble
+from bundle.networks.subnets import SoftmaxEnsemble
 from tests.conftest import REPO_ROOT
 
 CONFIG = str(REPO_ROOT / "configs" / "inference.json")

@@ -10,7 +10,7 @@ import numpy as np
 from ignite.engine import Events
 from monai.bundle import ConfigWorkflow
 
-from bundle.synthetic import ensure_synthetic_dataset
+from bundle.data.synthetic import ensure_synthetic_dataset
 from tests.conftest import REPO_ROOT
 from tests.training_helpers import make_workflow, tiny_overrides
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from bundle.networks import ResNet34Seg, VNetSeg, buffers_restored
-from bundle.networks_peer import DeepSupervisedVNet, ProjectionVNet
+from bundle.networks.peer import DeepSupervisedVNet, ProjectionVNet
+from bundle.networks.subnets import ResNet34Seg, VNetSeg, buffers_restored
 
 FORWARDS = {
     ResNet34Seg: lambda net, x: list(net.forward_features(x)),

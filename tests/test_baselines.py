@@ -24,7 +24,7 @@ from bundle.methods.cps import CrossPseudoSupervisionMethod
 from bundle.methods.ema import ema_alpha, ema_update_
 from bundle.methods.mean_teacher import MeanTeacherMethod
 from bundle.methods.ua_mt import UncertaintyAwareMeanTeacherMethod, uncertainty_threshold
-from bundle.networks import SoftmaxEnsemble, SoftmaxOutput
+from bundle.networks.subnets import SoftmaxEnsemble, SoftmaxOutput
 from tests.conftest import REPO_ROOT
 from tests.training_helpers import make_workflow, tiny_conv_net, tiny_overrides, train_and_record
 

@@ -51,7 +51,7 @@ def test_bundle_command_passes_every_override_as_monai_bundle_reads_it():
 
 def test_read_metrics_flattens_the_evaluation_summary(tmp_path):
     from benchmarking.runs import read_metrics
-    from bundle.evaluation import MetricsReport
+    from bundle.inference.evaluation import MetricsReport
 
     report_ = MetricsReport(str(tmp_path), num_slices=0)
     for case, shift in (("a", 0), ("b", 1)):

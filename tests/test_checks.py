@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from bundle.checks import (
+from bundle.data.checks import (
     CheckedCacheDataset,
     check_dataset,
     check_settings,
@@ -19,10 +19,10 @@ from bundle.checks import (
     datalists_or_exit,
     report_data_problems,
 )
-from bundle.data import build_datalists
-from bundle.inference import INPUT_FORMATS as FORMATS
-from bundle.inference import FolderInference
-from bundle.transforms import training_transforms
+from bundle.data.datalists import build_datalists
+from bundle.data.transforms import training_transforms
+from bundle.inference.folder import INPUT_FORMATS as FORMATS
+from bundle.inference.folder import FolderInference
 from tests.conftest import REPO_ROOT, raises_bundle_error
 from tests.inference_helpers import inference_workflow, pointwise_ensemble, synthetic_image, write_nifti
 

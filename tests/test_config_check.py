@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from bundle.config_check import check_config_keys, method_parameters, unread_keys
+from bundle.config.unread_keys import check_config_keys, method_parameters, unread_keys
 from tests.conftest import REPO_ROOT
 from tests.training_helpers import make_workflow
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from bundle.data import DatasetError, build_datalists, check_items
-from bundle.synthetic import ensure_synthetic_dataset
-from bundle.transforms import preprocessing, training_transforms
+from bundle.data.datalists import DatasetError, build_datalists, check_items
+from bundle.data.synthetic import ensure_synthetic_dataset
+from bundle.data.transforms import preprocessing, training_transforms
 from tests.conftest import LA_DIR
 
 

@@ -6,7 +6,7 @@ from monai.losses import DiceLoss
 
 from bundle.losses import contrastive_ramp
 from bundle.methods.dual_network import DualNetworkMethod
-from bundle.networks import ResNet34Seg, SoftmaxEnsemble, VNetSeg
+from bundle.networks.subnets import ResNet34Seg, SoftmaxEnsemble, VNetSeg
 
 ALL_WEIGHTS = {"sup": 1.0, "cr": 0.5, "cps": 1.0, "efs": 1.0, "ue": 1.0, "pgl": 1.0, "cos": 1.0}
 

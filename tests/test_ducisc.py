@@ -19,7 +19,7 @@ from bundle.losses.ducisc import (
     resize_label,
 )
 from bundle.methods.ducisc import DuCiSCMethod
-from bundle.networks_peer import DeepSupervisedVNet
+from bundle.networks.peer import DeepSupervisedVNet
 from tests.peer_helpers import (
     bundle_overrides,
     make_workflow,

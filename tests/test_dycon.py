@@ -15,7 +15,7 @@ from bundle.losses.dycon import (
     uncl_beta,
 )
 from bundle.methods.dycon import DyCONMethod
-from bundle.networks_peer import ProjectionVNet
+from bundle.networks.peer import ProjectionVNet
 from tests.peer_helpers import (
     bundle_overrides,
     make_workflow,

@@ -5,10 +5,10 @@ import sys
 
 import pytest
 
-from bundle.checks import check_writable, datalists_or_exit
-from bundle.data import DatasetError
-from bundle.errors import BundleError, cli, find_bundle_error
-from bundle.inference import INPUT_FORMATS as FORMATS
+from bundle.config.errors import BundleError, cli, find_bundle_error
+from bundle.data.checks import check_writable, datalists_or_exit
+from bundle.data.datalists import DatasetError
+from bundle.inference.folder import INPUT_FORMATS as FORMATS
 from tests.conftest import REPO_ROOT
 
 

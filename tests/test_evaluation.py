@@ -16,8 +16,8 @@ from monai.data import MetaTensor
 from scipy.ndimage import gaussian_filter
 from torch import nn
 
-from bundle.evaluation import MetricsReportHandler, evaluate_folders, figure_slices
-from bundle.networks import SoftmaxEnsemble
+from bundle.inference.evaluation import MetricsReportHandler, evaluate_folders, figure_slices
+from bundle.networks.subnets import SoftmaxEnsemble
 from tests.conftest import BRATS_DIR, REPO_ROOT, raises_bundle_error
 
 TOL = 1e-6

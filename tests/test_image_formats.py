@@ -7,10 +7,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from bundle import image_formats
-from bundle.data import DatasetError
-from bundle.image_formats import FormatError, case_name, is_dicom_series
-from bundle.inference import image_datalist
+from bundle.data import image_formats
+from bundle.data.datalists import DatasetError
+from bundle.data.image_formats import FormatError, case_name, is_dicom_series
+from bundle.inference.folder import image_datalist
 from tests.inference_helpers import inference_workflow
 
 nrrd = pytest.importorskip("nrrd")

@@ -14,8 +14,9 @@ from monai.inferers import SlidingWindowInferer
 from monai.transforms import AsDiscreted, Compose, Invertd, Lambdad
 from torch import nn
 
-from bundle.data import DatasetError
-from bundle.inference import (
+from bundle.data.datalists import DatasetError
+from bundle.data.transforms import preprocessing
+from bundle.inference.folder import (
     FolderInference,
     SubnetDisagreement,
     disagreement_map,
@@ -24,7 +25,6 @@ from bundle.inference import (
     strides_to_overlap,
     window_starts,
 )
-from bundle.transforms import preprocessing
 from tests.conftest import BRATS_DIR, raises_bundle_error
 from tests.inference_helpers import (
     CONFIG,

@@ -16,11 +16,11 @@ from monai.data import Dataset
 from monai.inferers import SlidingWindowInferer
 from monai.transforms import AsDiscreted, Compose, Invertd
 
-from bundle.data import DatasetError, build_datalists, dataset_description
-from bundle.inference import FolderInference, image_datalist
-from bundle.networks import SoftmaxEnsemble
-from bundle.synthetic import make_nnunet_dataset
-from bundle.transforms import preprocessing
+from bundle.data.datalists import DatasetError, build_datalists, dataset_description
+from bundle.data.synthetic import make_nnunet_dataset
+from bundle.data.transforms import preprocessing
+from bundle.inference.folder import FolderInference, image_datalist
+from bundle.networks.subnets import SoftmaxEnsemble
 from tests.conftest import REPO_ROOT, raises_bundle_error
 from tests.training_helpers import make_workflow, run_workflow, tiny_overrides
 

@@ -7,7 +7,7 @@ import pytest
 from medpy.metric import binary as medpy
 from scipy.ndimage import gaussian_filter
 
-from bundle.metrics import asd, binary_metrics, case_metrics, dice, directed_surface_distances, hd95, jaccard
+from bundle.inference.metrics import asd, binary_metrics, case_metrics, dice, directed_surface_distances, hd95, jaccard
 
 TOL = 1e-6
 

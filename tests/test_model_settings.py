@@ -9,9 +9,9 @@ import pytest
 import torch
 from monai.bundle import ConfigWorkflow
 
-from bundle.evaluation import evaluate_folders
-from bundle.model_settings import SETTINGS_FILE, describe_model, read_model_settings
-from bundle.synthetic import make_nnunet_dataset
+from bundle.data.synthetic import make_nnunet_dataset
+from bundle.inference.evaluation import evaluate_folders
+from bundle.inference.model_settings import SETTINGS_FILE, describe_model, read_model_settings
 from tests.conftest import REPO_ROOT, raises_bundle_error
 from tests.training_helpers import make_workflow, run_workflow, tiny_overrides
 
@@ -124,7 +124,7 @@ def test_models_without_a_settings_file_keep_the_former_defaults(tmp_path):
 
 def test_the_default_model_describes_itself_as_metadata_json_does():
     """The embedded default data names no labels: the model's channel definitions are those of metadata.json."""
-    from bundle.networks import SoftmaxEnsemble
+    from bundle.networks.subnets import SoftmaxEnsemble
 
     data = {"spacing": [1.0, 1.0, 1.5], "intensity": {"scheme": "zscore"}}
     network = SoftmaxEnsemble(torch.nn.Identity(), torch.nn.Identity())

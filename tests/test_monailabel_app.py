@@ -29,8 +29,8 @@ import torch
 pytest.importorskip("monailabel")
 requests = pytest.importorskip("requests")
 
-from bundle.networks import SoftmaxOutput  # noqa: E402
-from bundle.synthetic import synthetic_volume  # noqa: E402
+from bundle.data.synthetic import synthetic_volume  # noqa: E402
+from bundle.networks.subnets import SoftmaxOutput  # noqa: E402
 from monailabel_app.main import MODEL, STRATEGY  # noqa: E402
 from monailabel_app.scoring import DISAGREEMENT, SCORE, image_scores, rank_images  # noqa: E402
 from monailabel_app.settings import AppConfigError, AppSettings  # noqa: E402

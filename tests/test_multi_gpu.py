@@ -20,8 +20,8 @@ from ignite.engine import Engine, Events
 from monai.bundle import ConfigWorkflow
 from torch import nn
 
-from bundle import distributed
-from bundle.synthetic import ensure_synthetic_dataset
+from bundle.data.synthetic import ensure_synthetic_dataset
+from bundle.engine import distributed
 from tests.conftest import REPO_ROOT
 from tests.training_helpers import tiny_overrides as training_overrides
 

@@ -11,10 +11,10 @@ from ignite.engine import Engine
 from monai.bundle import ConfigParser, ConfigWorkflow
 from torch import nn
 
-from bundle.handlers import OptimizeNetworkHandler
-from bundle.network_optimization import fuse_batchnorm, optimize_for_inference
-from bundle.networks import ResNet34Seg, SoftmaxEnsemble, VNetSeg
-from bundle.networks_peer import DeepSupervisedVNet
+from bundle.engine.handlers import OptimizeNetworkHandler
+from bundle.inference.optimization import fuse_batchnorm, optimize_for_inference
+from bundle.networks.peer import DeepSupervisedVNet
+from bundle.networks.subnets import ResNet34Seg, SoftmaxEnsemble, VNetSeg
 from tests.conftest import REPO_ROOT
 
 
@@ -119,7 +119,7 @@ def test_evaluate_overlay_rewrites_after_loading():
     parser.read_config([str(REPO_ROOT / "configs" / "train.json"), str(REPO_ROOT / "configs" / "evaluate.json")])
     handlers = parser["validate#handlers"]
     targets = [h["_target_"] for h in handlers]
-    assert targets.index("CheckpointLoader") < targets.index("bundle.handlers.OptimizeNetworkHandler")
+    assert targets.index("CheckpointLoader") < targets.index("bundle.engine.handlers.OptimizeNetworkHandler")
 
     network = trained_looking(VNetSeg(base_width=4))
     engine = Engine(lambda engine, batch: None)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from bundle.networks import ResNet34Seg, SoftmaxEnsemble, VNetSeg
+from bundle.networks.subnets import ResNet34Seg, SoftmaxEnsemble, VNetSeg
 
 
 def count_parameters(module: nn.Module) -> int:

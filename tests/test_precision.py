@@ -10,12 +10,8 @@ from monai.inferers import SlidingWindowInferer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from bundle import precision
-from bundle.inference import SubnetDisagreement
-from bundle.methods.supervised_vnet import SupervisedVNetMethod
-from bundle.network_optimization import optimize_for_inference
-from bundle.networks import ResNet34Seg, SoftmaxEnsemble, VNetSeg
-from bundle.precision import (
+from bundle.engine import precision
+from bundle.engine.precision import (
     AutocastInference,
     autocast,
     cpu_has_native_bf16,
@@ -23,7 +19,11 @@ from bundle.precision import (
     needs_fp32,
     resolve_precision,
 )
-from bundle.trainer import SSLTrainer, gradients_finite
+from bundle.engine.trainer import SSLTrainer, gradients_finite
+from bundle.inference.folder import SubnetDisagreement
+from bundle.inference.optimization import optimize_for_inference
+from bundle.methods.supervised_vnet import SupervisedVNetMethod
+from bundle.networks.subnets import ResNet34Seg, SoftmaxEnsemble, VNetSeg
 from tests.conftest import REPO_ROOT
 
 CONFIGS = REPO_ROOT / "configs"
@@ -220,7 +220,7 @@ def test_inference_precision_follows_training_except_in_the_cpu_protocol():
     parser.read_config([str(CONFIGS / "train.json"), str(CONFIGS / "evaluate.json")])
     parser.update({"train#trainer#precision": "fp32"})
     assert parser.get_parsed_content("validate#precision") == "fp32"
-    assert parser["validate#evaluator#network#_target_"] == "bundle.precision.AutocastInference"
+    assert parser["validate#evaluator#network#_target_"] == "bundle.engine.precision.AutocastInference"
     assert parser.get_parsed_content("validate#evaluator#network#precision") == "fp32"
     parser.read_config([str(CONFIGS / n) for n in ("train.json", "benchmark/la_cpu.json", "evaluate.json")])
     assert parser.get_parsed_content("train#trainer#precision") == "bf16"

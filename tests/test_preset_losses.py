@@ -17,8 +17,8 @@ import sys
 import pytest
 import torch
 
-from bundle.precision import cpu_flags
-from bundle.synthetic import ensure_synthetic_dataset
+from bundle.data.synthetic import ensure_synthetic_dataset
+from bundle.engine.precision import cpu_flags
 from tests.conftest import REPO_ROOT
 from tests.training_helpers import PRESET_OVERRIDES, tiny_overrides, train_and_record
 

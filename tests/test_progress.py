@@ -7,7 +7,7 @@ import pytest
 import torch
 from monai.inferers import SlidingWindowInferer
 
-from bundle.progress import ProgressSlidingWindowInferer, window_batches
+from bundle.engine.progress import ProgressSlidingWindowInferer, window_batches
 
 
 @pytest.mark.parametrize(
@@ -25,7 +25,7 @@ def test_window_batches_counts_the_network_calls(shape, roi, overlap, batch):
 
 
 def test_progress_inferer_logs_every_quarter_and_returns_the_same_output(caplog):
-    caplog.set_level(logging.INFO, logger="bundle.progress")
+    caplog.set_level(logging.INFO, logger="bundle.engine.progress")
     image = torch.randn(1, 1, 20, 18, 12, generator=torch.Generator().manual_seed(0))
     net = torch.nn.Conv3d(1, 2, 3, padding=1)
     plain = SlidingWindowInferer((8, 8, 8), sw_batch_size=1, overlap=0.5)(image, net)

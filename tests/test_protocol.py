@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from benchmarking.runs import protocol_overrides, resolved_hyperparameters
+from bundle.data.transforms import training_transforms
 from bundle.losses.baselines import HalfCEDiceLoss
 from bundle.methods.supervised_vnet import SupervisedVNetMethod
-from bundle.transforms import training_transforms
 from tests.conftest import REPO_ROOT
 from tests.training_helpers import make_workflow, run_workflow, tiny_conv_net, tiny_overrides
 
@@ -47,7 +47,7 @@ def test_supervised_vnet_is_half_ce_plus_dice_of_one_net_on_the_labeled_batch():
 
 
 def test_supervised_vnet_preset_trains_through_the_bundle_and_loads_for_inference(tmp_path):
-    from bundle.synthetic import ensure_synthetic_dataset
+    from bundle.data.synthetic import ensure_synthetic_dataset
 
     data = ensure_synthetic_dataset(str(tmp_path / "d"), num_labeled=4, num_unlabeled=2, num_validation=1,
                                     shape=(20, 20, 18))  # fmt: skip

@@ -12,9 +12,9 @@ from monai.bundle import ConfigWorkflow
 from scipy.ndimage import binary_dilation
 from torch import nn
 
-from bundle.data import DatasetError
-from bundle.networks import SoftmaxEnsemble, SoftmaxOutput
-from bundle.ranking import CSV_COLUMNS, rank_rows, scan_datalist, score_scan, write_ranking_csv
+from bundle.data.datalists import DatasetError
+from bundle.inference.ranking import CSV_COLUMNS, rank_rows, scan_datalist, score_scan, write_ranking_csv
+from bundle.networks.subnets import SoftmaxEnsemble, SoftmaxOutput
 from tests.conftest import REPO_ROOT, raises_bundle_error
 
 CONFIGS = [str(REPO_ROOT / "configs" / name) for name in ("inference.json", "rank.json")]

@@ -14,9 +14,9 @@ import sys
 import pytest
 import torch
 
-from bundle.checks import check_resume_file
-from bundle.handlers import ResumeLoader, SaveStateDictOnCompletion
-from bundle.synthetic import ensure_synthetic_dataset
+from bundle.data.checks import check_resume_file
+from bundle.data.synthetic import ensure_synthetic_dataset
+from bundle.engine.handlers import ResumeLoader, SaveStateDictOnCompletion
 from tests.conftest import REPO_ROOT, raises_bundle_error
 from tests.training_helpers import (
     flatten_state,

@@ -10,13 +10,13 @@ from monai.data import Dataset
 from monai.inferers import SlidingWindowInferer
 from monai.transforms import AsDiscreted, Compose, Invertd
 
-from bundle.data import build_datalists
-from bundle.data_settings import median_spacing, ras_spacing, resolve_data_settings
-from bundle.errors import BundleError
-from bundle.inference import FolderInference
-from bundle.networks import SoftmaxEnsemble
-from bundle.synthetic import make_nnunet_dataset
-from bundle.transforms import preprocessing
+from bundle.config.errors import BundleError
+from bundle.data.datalists import build_datalists
+from bundle.data.settings import median_spacing, ras_spacing, resolve_data_settings
+from bundle.data.synthetic import make_nnunet_dataset
+from bundle.data.transforms import preprocessing
+from bundle.inference.folder import FolderInference
+from bundle.networks.subnets import SoftmaxEnsemble
 
 
 @pytest.fixture(scope="module")

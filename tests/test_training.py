@@ -9,7 +9,7 @@ import torch
 from ignite.engine import Events
 from monai.engines.utils import IterationEvents
 
-from bundle.synthetic import ensure_synthetic_dataset
+from bundle.data.synthetic import ensure_synthetic_dataset
 from tests.conftest import REPO_ROOT, raises_bundle_error
 from tests.training_helpers import flatten_state, make_workflow, run_workflow, same_value, tiny_overrides
 
@@ -132,7 +132,7 @@ def test_missing_dataset_dir_fails_before_training(tmp_path):
 @pytest.mark.parametrize("cache", [False, True])
 def test_cpu_allocator_cache_is_opt_in(tiny_dataset, tmp_path, monkeypatch, cache):
     calls = []
-    monkeypatch.setattr("bundle.trainer.tune_cpu_allocator", lambda: calls.append(True))
+    monkeypatch.setattr("bundle.engine.trainer.tune_cpu_allocator", lambda: calls.append(True))
     overrides = tiny_overrides(tiny_dataset, tmp_path, max_iterations=1, device="$torch.device('cpu')")
     if cache:
         overrides["train#trainer#cpu_allocator_cache"] = True

@@ -20,21 +20,21 @@ import pytest
 import torch
 from monai.bundle import ConfigWorkflow
 
-from bundle.booleans import (
+from bundle.config.booleans import (
     BooleanSettingError,
     boolean_command,
     config_boolean_paths,
     normalize_config_booleans,
     parse_bool,
 )
-from bundle.checks import batch_label_problems
-from bundle.config_check import method_parameters
-from bundle.data import DatasetError, build_datalists
-from bundle.evaluation import UnpairedCasesError, evaluate_folders
-from bundle.inference import image_datalist
-from bundle.manifest import FORMAT, MANIFEST_NAME
-from bundle.paths import CreatedFolderGuard, PathError, check_outputs_apart, keep_created_folders
-from bundle.synthetic import ensure_synthetic_dataset
+from bundle.config.paths import CreatedFolderGuard, PathError, check_outputs_apart, keep_created_folders
+from bundle.config.unread_keys import method_parameters
+from bundle.data.checks import batch_label_problems
+from bundle.data.datalists import DatasetError, build_datalists
+from bundle.data.synthetic import ensure_synthetic_dataset
+from bundle.inference.evaluation import UnpairedCasesError, evaluate_folders
+from bundle.inference.folder import image_datalist
+from bundle.inference.manifest import FORMAT, MANIFEST_NAME
 from tests.conftest import REPO_ROOT, raises_bundle_error
 from tests.inference_helpers import inference_workflow, pointwise_ensemble, synthetic_image, write_nifti
 
@@ -461,7 +461,7 @@ def test_unreadable_prediction_is_one_line_naming_it(tmp_path):
 def test_evaluate_config_check_refuses_input_folders(tmp_path):
     """``configs/evaluate.json``'s ``outputs_check``: output_dir, figures/ and predictions_dir against the validation
     files."""
-    from bundle.paths import outputs_apart_or_exit
+    from bundle.config.paths import outputs_apart_or_exit
 
     evaluate = json.loads((CONFIG_DIR / "evaluate.json").read_text())
     assert evaluate["run"][:2] == ["$@weights_check", "$@outputs_check"]

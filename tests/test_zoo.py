@@ -22,7 +22,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 
-from bundle.synthetic import ensure_synthetic_dataset
+from bundle.data.synthetic import ensure_synthetic_dataset
 from tests.conftest import REPO_ROOT, SHARED_DIR
 
 CONFIGS = REPO_ROOT / "configs"

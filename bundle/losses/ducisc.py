@@ -2,7 +2,7 @@
 
 Shapes: ``B`` batch, ``C`` classes (class 0 = background), ``Z_s`` feature width at level ``s``, spatial ``*sp``.
 Every per-scale list is ordered coarse to fine (``s = 1 .. S``, the last one full resolution), as returned by
-:meth:`bundle.networks_peer.DeepSupervisedVNet.forward_deep`.
+:meth:`bundle.networks.peer.DeepSupervisedVNet.forward_deep`.
 
 Differences from the released code, all deliberate: an empty selection (no confident voxel at a scale, an absent
 class in a prototype) leaves that scale or level out instead of producing NaN that the training loop then drops;

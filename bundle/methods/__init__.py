@@ -1,1 +1,1 @@
-"""Semi-supervised methods: one plug-in class per method, all driven by :class:`bundle.trainer.SSLTrainer`."""
+"""Semi-supervised methods: one plug-in class per method, all driven by :class:`bundle.engine.trainer.SSLTrainer`."""

@@ -1,4 +1,4 @@
-"""The method plug-in interface that :class:`bundle.trainer.SSLTrainer` drives.
+"""The method plug-in interface that :class:`bundle.engine.trainer.SSLTrainer` drives.
 
 A *method* owns what differs between semi-supervised algorithms: which networks exist (two subnets; a student and
 an EMA teacher; one network), how the named loss terms are computed from one labeled and one unlabeled batch at

@@ -119,7 +119,7 @@ class BidirectionalCopyPasteMethod(StudentTeacherMethod):
     (in the state dict and the resume checkpoint) records the stage of the latest iteration.
 
     Args:
-        student: the V-Net (:class:`~bundle.networks.VNetSeg`); the teacher is its deep copy.
+        student: the V-Net (:class:`~bundle.networks.subnets.VNetSeg`); the teacher is its deep copy.
         loss_weights: weights of ``("pre", "in", "out")`` (all 1).
         max_iterations: total iterations of both stages; self-training runs ``max_iterations - pretrain_iterations``.
         pretrain_iterations: length of stage 1, ``0 <= pretrain_iterations < max_iterations``; ``None`` (default):

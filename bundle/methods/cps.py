@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from bundle.losses.baselines import ArgmaxCrossPseudoLoss, HalfCEDiceLoss
 from bundle.losses.ramps import ramp_schedule, stepped_rampup
 from bundle.methods.base import SSLMethod, Terms, Weights
-from bundle.networks import SoftmaxEnsemble, SoftmaxOutput
+from bundle.networks.subnets import SoftmaxEnsemble, SoftmaxOutput
 
 #: which voxels the cross pseudo-labels cover (SSL4MIS: unlabeled; CPS paper: labeled + unlabeled).
 CPS_TARGETS = ("unlabeled", "all")
@@ -47,7 +47,8 @@ class CrossPseudoSupervisionMethod(SSLMethod):
     steps). No EMA; one optimizer over both nets (equivalent to two identical SGD optimizers).
 
     Args:
-        net1, net2: two distinct V-Nets (:class:`~bundle.networks.VNetSeg`), constructed from different RNG draws.
+        net1, net2: two distinct V-Nets (:class:`~bundle.networks.subnets.VNetSeg`), constructed from different RNG
+            draws.
         loss_weights: weights of ``("sup", "cps")``.
         max_iterations: total iterations.
         rampup_iters, rampup_step: the ``cps`` ramp; ``None`` (default): the whole run in 40 steps
@@ -57,7 +58,7 @@ class CrossPseudoSupervisionMethod(SSLMethod):
             keep their own Kaiming init).
         dice_variant: ``"mean_sq"`` (SSL4MIS, default), ``"fg_sq"`` or ``"bcp"``.
         infer_net: ``"net1"`` (default, as TorchSemiSeg and SSL4MIS), ``"net2"``, or ``"mean"`` (the mean of both
-            softmaxes, :class:`~bundle.networks.SoftmaxEnsemble`; an ensemble, report it as one).
+            softmaxes, :class:`~bundle.networks.subnets.SoftmaxEnsemble`; an ensemble, report it as one).
     """
 
     term_names = ("sup", "cps")

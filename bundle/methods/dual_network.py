@@ -14,7 +14,7 @@ from bundle.losses.pseudo import CrossPseudoSupervisionLoss, EntropyFilteredLoss
 from bundle.losses.ramps import contrastive_ramp, sigmoid_rampup
 from bundle.losses.supervised import SupervisedLoss
 from bundle.methods.base import SSLMethod, Terms, Weights
-from bundle.networks import SoftmaxEnsemble
+from bundle.networks.subnets import SoftmaxEnsemble
 
 #: terms that need the unlabeled batch (``ue`` and ``cos`` run on labeled + unlabeled samples).
 UNLABELED_TERMS = ("cps", "efs", "ue", "pgl", "cos")
@@ -23,7 +23,8 @@ RAMPED_TERMS = ("cps", "efs", "ue", "cos")
 
 
 class DualNetworkMethod(SSLMethod):
-    """Two subnets trained jointly; inference averages their softmax (:class:`~bundle.networks.SoftmaxEnsemble`).
+    """Two subnets trained jointly; inference averages their softmax
+    (:class:`~bundle.networks.subnets.SoftmaxEnsemble`).
 
     Terms (each unweighted; the trainer multiplies by :meth:`term_weights` and sums), computed from **one** forward of
     each net on ``cat([labeled, unlabeled])``:
@@ -50,9 +51,9 @@ class DualNetworkMethod(SSLMethod):
     ``"b"``).
 
     Args:
-        network_a: Subnet A (:class:`~bundle.networks.ResNet34Seg`), stored as ``net_a``; must provide
+        network_a: Subnet A (:class:`~bundle.networks.subnets.ResNet34Seg`), stored as ``net_a``; must provide
             ``forward_features`` when ``pgl`` is used.
-        network_b: Subnet B (:class:`~bundle.networks.VNetSeg`), stored as ``net_b``.
+        network_b: Subnet B (:class:`~bundle.networks.subnets.VNetSeg`), stored as ``net_b``.
         loss_weights: weight of each term in ``("sup", "cr", "cps", "efs", "ue", "pgl", "cos")``; missing = 0.
         max_iterations: total iterations (``t_max`` of the PGL ramp).
         cr_threshold: confidence ``tau`` of the CR mask (J: 0.6).

@@ -28,7 +28,7 @@ MIXED_TERMS = ("cs_mix", "proto_mix")
 
 
 class DuCiSCMethod(StudentTeacherMethod):
-    """A deep-supervised V-Net student (:class:`~bundle.networks_peer.DeepSupervisedVNet`) and its EMA teacher.
+    """A deep-supervised V-Net student (:class:`~bundle.networks.peer.DeepSupervisedVNet`) and its EMA teacher.
 
     One iteration at ``t`` (docs/methods/ducisc.md), with ``S = 4`` heads ``O^s`` and taps ``F^s`` (coarse to fine):
 
@@ -57,7 +57,7 @@ class DuCiSCMethod(StudentTeacherMethod):
     ``warmup_iters`` only ``sup`` is active (code; the paper is silent).
 
     Args:
-        student: a :class:`~bundle.networks_peer.DeepSupervisedVNet` (anything with ``forward_deep`` returning four
+        student: a :class:`~bundle.networks.peer.DeepSupervisedVNet` (anything with ``forward_deep`` returning four
             coarse-to-fine logits and taps and a ``head`` with ``out_channels``).
         loss_weights: weights of ``("sup", "cs_ulb", "cs_mix", "proto_ulb", "proto_mix")`` (paper: 1, 0.3, 0.1, 0.1,
             0.1).

@@ -25,7 +25,7 @@ UNLABELED_TERMS = ("uncl", "fecl")
 
 
 class DyCONMethod(StudentTeacherMethod):
-    """A V-Net student with a projection head (:class:`~bundle.networks_peer.ProjectionVNet`) and its EMA teacher.
+    """A V-Net student with a projection head (:class:`~bundle.networks.peer.ProjectionVNet`) and its EMA teacher.
 
     One iteration at ``t`` (docs/methods/dycon.md), ``x = cat(x_l, x_u)``:
 
@@ -48,7 +48,7 @@ class DyCONMethod(StudentTeacherMethod):
     Paper Eq. 7: ``L = L_sup + eta (L_UnCL + L_FeCL)``, ``eta = 1`` (weights ``uncl = fecl = eta``; the code uses 0.5).
 
     Args:
-        student: a :class:`~bundle.networks_peer.ProjectionVNet` (``forward_embedding`` -> ``(logits, embedding)``).
+        student: a :class:`~bundle.networks.peer.ProjectionVNet` (``forward_embedding`` -> ``(logits, embedding)``).
         loss_weights: weights of ``("sup", "uncl", "fecl")``.
         max_iterations: total iterations (``T`` of the beta schedule).
         noise_std, noise_clip: teacher input noise (0.1, 0.2).

@@ -15,7 +15,7 @@ from torch import nn
 
 from bundle.losses.tensor_ops import clipped_noise
 from bundle.methods.base import SSLMethod
-from bundle.networks import SoftmaxOutput
+from bundle.networks.subnets import SoftmaxOutput
 
 #: which network a student-teacher method exports for validation and inference (docs/methods/README.md §4).
 STUDENT_TEACHER_INFER_NETS = ("student", "teacher")
@@ -59,7 +59,7 @@ class StudentTeacherMethod(SSLMethod):
     applies :func:`ema_update_` with :func:`ema_alpha`.
 
     Args:
-        student: the trained network (the V-Net, :class:`~bundle.networks.VNetSeg`), returning logits.
+        student: the trained network (the V-Net, :class:`~bundle.networks.subnets.VNetSeg`), returning logits.
         loss_weights, max_iterations: see :class:`~bundle.methods.base.SSLMethod`.
         ema_decay: ``alpha`` (0.99).
         ema_warmup: ``min(1 - 1/(t+1), alpha)`` (Mean Teacher, UA-MT) or the constant ``alpha`` (BCP).

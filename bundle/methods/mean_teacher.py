@@ -44,7 +44,7 @@ class MeanTeacherMethod(StudentTeacherMethod):
     ``step = rampup_step`` (LA: 150), i.e. the released code's ``0.1 r(floor(t / 150), 40)``.
 
     Args:
-        student: the V-Net (:class:`~bundle.networks.VNetSeg`); the teacher is its deep copy.
+        student: the V-Net (:class:`~bundle.networks.subnets.VNetSeg`); the teacher is its deep copy.
         loss_weights: weights of ``("sup", "cons")``; ``cons`` is the maximum ``lambda`` of the ramp.
         max_iterations: total iterations.
         rampup_iters: ``L`` of the consistency ramp, in iterations; ``None`` (default): ``max_iterations``, the whole

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from bundle.losses.baselines import HalfCEDiceLoss
 from bundle.methods.base import SSLMethod, Terms, Weights
-from bundle.networks import SoftmaxOutput
+from bundle.networks.subnets import SoftmaxOutput
 
 
 class SupervisedVNetMethod(SSLMethod):
@@ -17,7 +17,7 @@ class SupervisedVNetMethod(SSLMethod):
     Dice of Mean Teacher, UA-MT and CPS), so that its row differs from theirs only by the unlabeled terms.
 
     Args:
-        network: the V-Net (:class:`~bundle.networks.VNetSeg`), stored as ``net``.
+        network: the V-Net (:class:`~bundle.networks.subnets.VNetSeg`), stored as ``net``.
         loss_weights: weight of ``("sup",)``.
         max_iterations: total iterations.
         dice_variant: see :class:`~bundle.losses.baselines.HalfCEDiceLoss`.

@@ -21,7 +21,7 @@ import os
 import sys
 from typing import Any, Dict, List, Optional, Sequence
 
-from bundle.paths import load_json
+from bundle.config.paths import load_json
 
 logger = logging.getLogger(__name__)
 

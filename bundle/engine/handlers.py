@@ -14,9 +14,9 @@ from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 from torch import nn
 
-from bundle.checks import stop
-from bundle.model_settings import settings_path, write_model_settings
-from bundle.network_optimization import optimize_for_inference
+from bundle.data.checks import stop
+from bundle.inference.model_settings import settings_path, write_model_settings
+from bundle.inference.optimization import optimize_for_inference
 
 #: infix of the temporary files that :func:`save_atomically` writes and renames.
 PARTIAL = ".partial-"
@@ -67,7 +67,7 @@ class ProgressLogger:
     user waiting on a CPU run wants to see.
     """
 
-    def __init__(self, max_iterations: int, interval: int = 10, name: str = "bundle.progress") -> None:
+    def __init__(self, max_iterations: int, interval: int = 10, name: str = "bundle.engine.progress") -> None:
         self.max_iterations = int(max_iterations)
         self.interval = max(1, int(interval))
         self.logger = logging.getLogger(name)
@@ -107,7 +107,7 @@ class SaveStateDictOnCompletion:
     with those of a crashed or interrupted run. The file is written under a temporary name and renamed
     (:func:`save_atomically`), so it is never half-written, and weights holding a NaN or an infinity are refused
     (``FloatingPointError`` naming the tensors; the previous file stays). With ``settings``
-    (:func:`bundle.model_settings.describe_model`), the model's settings file is written next to it, after it.
+    (:func:`bundle.inference.model_settings.describe_model`), the model's settings file is written next to it, after it.
     """
 
     def __init__(self, network: nn.Module, path: str, settings: Optional[Dict[str, Any]] = None) -> None:
@@ -124,7 +124,7 @@ class SaveStateDictOnCompletion:
         if bad:
             raise FloatingPointError(f"{self.path} not written: non-finite values in {', '.join(bad[:5])}")
         save_atomically(state, self.path)
-        logging.getLogger("bundle.progress").info(f"saved {self.path}")
+        logging.getLogger("bundle.engine.progress").info(f"saved {self.path}")
         if self.settings is not None:
             write_model_settings(self.settings, settings_path(self.path))
 
@@ -171,7 +171,7 @@ class AtomicCheckpointSaver:
     def attach(self, engine: Engine) -> None:
         os.makedirs(self.save_dir, exist_ok=True)
         for path in remove_partial_files(self.save_dir):
-            logging.getLogger("bundle.progress").info(f"removed {path}, left by an interrupted save")
+            logging.getLogger("bundle.engine.progress").info(f"removed {path}, left by an interrupted save")
         if self.save_interval > 0:
             engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.save_interval), self._save_interval)
         if self.save_final:
@@ -243,14 +243,14 @@ class ResumeLoader:
         Checkpoint.load_objects(to_load=self.load_dict, checkpoint=self.checkpoint)
         engine.state.max_epochs = prior_max_epochs
         self.checkpoint = None
-        logging.getLogger("bundle.progress").info(
+        logging.getLogger("bundle.engine.progress").info(
             f"resumed from {self.load_path} at iteration {engine.state.iteration}"
         )
 
 
 class OptimizeNetworkHandler:
     """At ``Events.STARTED``, after a ``CheckpointLoader`` listed before it has loaded the weights, rewrites ``network``
-    for inference (:func:`bundle.network_optimization.optimize_for_inference`: BatchNorms folded, channels-last
+    for inference (:func:`bundle.inference.optimization.optimize_for_inference`: BatchNorms folded, channels-last
     weights). Only for evaluation-only runs (``configs/evaluate.json``): the network can no longer be trained.
     """
 

@@ -29,14 +29,14 @@ from monai.transforms import (
     Zoomd,
 )
 
-from bundle.data import DatasetError, H5Reader
+from bundle.data.datalists import DatasetError, H5Reader
 
 #: largest difference (in the affine's units, mm) tolerated between an image's and its label's affine.
 AFFINE_TOLERANCE = 1e-3
 
 
 class LoadVolumed(MapTransform):
-    """``LoadImaged`` that reads LA ``.h5`` files with :class:`~bundle.data.H5Reader` (dataset = the key's name)
+    """``LoadImaged`` that reads LA ``.h5`` files with :class:`~bundle.data.datalists.H5Reader` (dataset = the key's name)
     and every other file with MONAI's default readers.
 
     Giving ``LoadImaged`` the h5 reader directly would make it try that reader first on every NIfTI file and log a
@@ -152,7 +152,7 @@ class ClipChanneld(MapTransform):
 
 
 def intensity_transforms(intensity: Union[str, Dict[str, Any], None] = None) -> list:
-    """The intensity normalisation of ``image`` (:mod:`bundle.data_settings`): ``"zscore"`` / ``{"scheme":
+    """The intensity normalisation of ``image`` (:mod:`bundle.data.settings`): ``"zscore"`` / ``{"scheme":
     "zscore"}`` / ``None``: each channel z-scored on its own (``NormalizeIntensityd``); ``{"scheme": "ct", "lower",
     "upper", "mean", "std"}`` (one value per channel): clipped to ``[lower, upper]``, then ``(x - mean) / std``."""
     scheme = intensity.get("scheme") if isinstance(intensity, dict) else (intensity or "zscore")
@@ -170,7 +170,7 @@ def intensity_transforms(intensity: Union[str, Dict[str, Any], None] = None) -> 
             ),
         ]
     raise DatasetError(
-        f"intensity {intensity!r}: expected 'zscore' or the CT statistics of a dataset (bundle.data_settings)."
+        f"intensity {intensity!r}: expected 'zscore' or the CT statistics of a dataset (bundle.data.settings)."
     )
 
 
@@ -196,7 +196,7 @@ def preprocessing(
         resample_factor: isotropic zoom applied after loading; 1.0 keeps the grid.
         num_classes: with ``check``, label values must lie in ``[0, num_classes)``; ``None`` skips that test.
         check: :class:`CheckVolumed` right after loading (finite voxels, label values, label affine); a failure
-            raises :class:`~bundle.data.DatasetError` naming the file.
+            raises :class:`~bundle.data.datalists.DatasetError` naming the file.
         spacing: target voxel size ``[x, y, z]`` (mm, RAS axes); ``None`` keeps the native grid.
         intensity: the intensity scheme and its statistics (:func:`intensity_transforms`).
     """

@@ -27,7 +27,7 @@ from ignite.engine import Engine
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-logger = logging.getLogger("bundle.distributed")
+logger = logging.getLogger("bundle.engine.distributed")
 
 #: environment variables that ``torchrun`` sets for every process and :func:`init_process_group` needs.
 TORCHRUN_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")

@@ -6,7 +6,7 @@
   the bottleneck that yields one L2-normalisable embedding per ``8^3`` input block.
 
 Both keep ``forward(x) -> logits (N, C, H, W, D)`` of the full-resolution head, so an inference wrapper
-(:class:`~bundle.networks.SoftmaxOutput`) sees an ordinary segmentation network; the extra outputs come from
+(:class:`~bundle.networks.subnets.SoftmaxOutput`) sees an ordinary segmentation network; the extra outputs come from
 ``forward_deep`` / ``forward_embedding``.
 """
 
@@ -20,7 +20,7 @@ from monai.networks.layers.utils import get_norm_layer
 from torch import nn
 from torch.nn import functional as F
 
-from bundle.networks import VNetSeg, check_spatial_shape, init_weights
+from bundle.networks.subnets import VNetSeg, check_spatial_shape, init_weights
 
 
 class DeepSupervisedVNet(VNetSeg):
@@ -37,7 +37,7 @@ class DeepSupervisedVNet(VNetSeg):
     """
 
     def __init__(self, **vnet_args: Any) -> None:
-        """``vnet_args``: those of :class:`~bundle.networks.VNetSeg`."""
+        """``vnet_args``: those of :class:`~bundle.networks.subnets.VNetSeg`."""
         super().__init__(**vnet_args)
         base_width, out_channels = self.head.in_channels, self.head.out_channels
         self.ds_heads = nn.ModuleList(
@@ -114,7 +114,8 @@ class ProjectionVNet(VNetSeg):
         use_aspp: bool = False,
         **vnet_args: Any,
     ) -> None:
-        """``vnet_args``: those of :class:`~bundle.networks.VNetSeg`; the others: see :class:`ProjectionHead`."""
+        """``vnet_args``: those of :class:`~bundle.networks.subnets.VNetSeg`; the others: see
+        :class:`ProjectionHead`."""
         super().__init__(**vnet_args)
         width = 16 * self.head.in_channels
         self.aspp: Optional[nn.Module] = None

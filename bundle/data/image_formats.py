@@ -17,7 +17,7 @@ import importlib.util
 import os
 from typing import Dict, List, Sequence, Tuple
 
-from bundle.errors import BundleError
+from bundle.config.errors import BundleError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 NRRD_SUFFIXES = (".nrrd", ".nhdr")

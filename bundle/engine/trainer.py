@@ -18,13 +18,13 @@ from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys
 
-from bundle.booleans import parse_bool
-from bundle.checks import check_batch_labels
+from bundle.config.booleans import parse_bool
+from bundle.data.checks import check_batch_labels
+from bundle.data.transforms import LABEL_FILE_KEY
+from bundle.engine.precision import autocast, guard_small_depth_convolutions, resolve_precision
+from bundle.engine.resume import ResumableStream, capture_rng, restore_rng
+from bundle.engine.runtime import tune_cpu_allocator
 from bundle.methods.base import SSLMethod
-from bundle.precision import autocast, guard_small_depth_convolutions, resolve_precision
-from bundle.resume import ResumableStream, capture_rng, restore_rng
-from bundle.runtime import tune_cpu_allocator
-from bundle.transforms import LABEL_FILE_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -48,20 +48,21 @@ class SSLTrainer(SupervisedTrainer):
         lr_scheduler: the per-iteration LR scheduler (stepped by a ``LrScheduleHandler``); the trainer only uses it
             to restart the schedule at a stage boundary (``method.stage_starts``).
         precision: ``auto`` (fp16 AMP with a gradient scaler on CUDA, bf16 autocast on a CPU with native bf16, fp32
-            on other CPUs) | ``fp32`` | ``bf16`` | ``fp16`` (:mod:`bundle.precision`). The resolved value is
+            on other CPUs) | ``fp32`` | ``bf16`` | ``fp16`` (:mod:`bundle.engine.precision`). The resolved value is
             :attr:`precision`; under CPU bf16 the method's convolutions that oneDNN gets wrong in bf16 run in fp32
-            (:func:`bundle.precision.guard_small_depth_convolutions`).
-        cpu_allocator_cache: on CPU, keep freed tensor memory in the process (``bundle.runtime.tune_cpu_allocator``):
-            fewer page faults, faster iterations, but a higher peak RSS from heap fragmentation (112x112x80, batch
-            2+2, activation checkpointing: 29 s and 9.4 GiB with it, 40 s and 6.1 GiB without; docs/RESULTS.md).
-            Off by default, so that training memory stays within half of the authors' code.
+            (:func:`bundle.engine.precision.guard_small_depth_convolutions`).
+        cpu_allocator_cache: on CPU, keep freed tensor memory in the process
+            (``bundle.engine.runtime.tune_cpu_allocator``): fewer page faults, faster iterations, but a higher peak RSS
+            from heap fragmentation (112x112x80, batch 2+2, activation checkpointing: 29 s and 9.4 GiB with it, 40 s and
+            6.1 GiB without; docs/RESULTS.md). Off by default, so that training memory stays within half of the authors'
+            code.
         channels_last: keep the networks' weights and the input batches channels-last (``torch.channels_last_3d``,
             NDHWC), on which oneDNN's fp32 3D convolutions run faster, their backward most (``auto``: on a CPU in
             fp32, i.e. a CPU without native bf16; measured on an AVX2-only AMD EPYC: 12 % less CPU time per 32³
             dual-network iteration, 1.8x faster backward of a 16-channel 32³ convolution). The numbers are the same
             up to float rounding. ``True`` / ``False`` force it.
         num_classes: when given, every labeled batch's label values must lie in ``[0, num_classes)``, else the run
-            stops naming the label files (:func:`bundle.checks.check_batch_labels`; with ``check_data`` off a bad
+            stops naming the label files (:func:`bundle.data.checks.check_batch_labels`; with ``check_data`` off a bad
             label would otherwise end in an ``IndexError`` of the cross-entropy, naming no file).
         kwargs: passed to ``SupervisedTrainer`` (``train_handlers``, ...); AMP is set by ``precision``.
             ``optim_set_to_none`` defaults to ``True`` (torch's own default, MONAI's is ``False``): gradients are
@@ -72,7 +73,7 @@ class SSLTrainer(SupervisedTrainer):
     ``engine.state.output`` holds ``image``, ``label``, ``loss`` (the weighted sum) and ``loss_<name>`` (each
     unweighted term), all detached.
 
-    Exact resume: both loaders are read through :class:`~bundle.resume.ResumableStream`, and :meth:`state_dict`
+    Exact resume: both loaders are read through :class:`~bundle.engine.resume.ResumableStream`, and :meth:`state_dict`
     (the ``trainer`` entry of a resume checkpoint) adds to ignite's iteration count every global generator
     (``rng``) and each stream's pass and position, so that a resumed run draws the same batches and random numbers
     as the uninterrupted one. The checkpoint must be written after every other ``ITERATION_COMPLETED`` handler
@@ -146,8 +147,8 @@ class SSLTrainer(SupervisedTrainer):
 
     def state_dict(self) -> OrderedDict:
         """Ignite's state (``iteration``, ``epoch_length``, ``max_epochs``) plus ``rng`` (every global generator,
-        :func:`~bundle.resume.capture_rng`), the ``labeled_stream`` / ``unlabeled_stream`` positions and, under fp16
-        AMP, the gradient ``scaler``."""
+        :func:`~bundle.engine.resume.capture_rng`), the ``labeled_stream`` / ``unlabeled_stream`` positions and, under
+        fp16 AMP, the gradient ``scaler``."""
         state = super().state_dict()
         if self.scaler is not None:  # fp16 AMP's loss scale
             state["scaler"] = self.scaler.state_dict()

@@ -15,7 +15,7 @@ from typing import Any, Dict, Iterator, List
 from monai.bundle import ConfigParser
 from monai.utils import optional_import
 
-from bundle.errors import BundleError
+from bundle.config.errors import BundleError
 
 #: ids a workflow runs or MONAI reads by name (bundle properties), although no other key references them.
 ENTRY_POINTS = frozenset(

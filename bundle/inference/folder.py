@@ -32,14 +32,14 @@ from monai.transforms import Compose, SaveImage
 from monai.utils import convert_data_type
 from torch import nn
 
-from bundle.checks import stop
-from bundle.data import DatasetError, check_items, group_channels, image_files
-from bundle.errors import BundleError
-from bundle.image_formats import VOLUME_SUFFIXES, FormatError, case_name, check_readable_format, is_dicom_series
-from bundle.manifest import STAGING_PREFIX, ManifestError, RunManifest, read_manifest, remove_previous_outputs
-from bundle.network_optimization import optimize_for_inference
-from bundle.paths import PathError, check_outputs_apart, is_pattern, list_files
-from bundle.precision import AutocastInference
+from bundle.config.errors import BundleError
+from bundle.config.paths import PathError, check_outputs_apart, is_pattern, list_files
+from bundle.data.checks import stop
+from bundle.data.datalists import DatasetError, check_items, group_channels, image_files
+from bundle.data.image_formats import VOLUME_SUFFIXES, FormatError, case_name, check_readable_format, is_dicom_series
+from bundle.engine.precision import AutocastInference
+from bundle.inference.manifest import STAGING_PREFIX, ManifestError, RunManifest, read_manifest, remove_previous_outputs
+from bundle.inference.optimization import optimize_for_inference
 
 logger = logging.getLogger(__name__)
 
@@ -140,8 +140,8 @@ INPUT_FORMATS = "(.nii / .nii.gz / .nrrd / .nhdr files, or DICOM series folders)
 def image_datalist(dataset_dir: str, in_channels: int = 1) -> List[Dict[str, Any]]:
     """``[{"image": path or [channel paths], "case": name}, ...]``, sorted by case, for the scans of a folder (not
     recursive; its name is literal, ``[`` ``]`` included) or matching a glob pattern (a path that is not a folder;
-    :func:`bundle.paths.list_files`). A scan is a NIfTI or NRRD file, or a DICOM series: a sub-folder of slice
-    files, or ``dataset_dir`` itself when it is one series (:mod:`bundle.image_formats`). ``case`` names the
+    :func:`bundle.config.paths.list_files`). A scan is a NIfTI or NRRD file, or a DICOM series: a sub-folder of slice
+    files, or ``dataset_dir`` itself when it is one series (:mod:`bundle.data.image_formats`). ``case`` names the
     outputs: the file name without its suffix, the series' folder name.
 
     nnU-Net names (``imagesTs/``): with ``in_channels`` > 1 the files ``<CASE>_0000 .. <CASE>_<C-1>`` are one case,
@@ -242,16 +242,16 @@ class FolderInference:
     codes and shape.
 
     Robustness: a file that fails at any step (unreadable, truncated, non-finite voxels: the preprocessing's
-    :class:`~bundle.transforms.CheckVolumed`) is logged with its reason and skipped, and the others are still
+    :class:`~bundle.data.transforms.CheckVolumed`) is logged with its reason and skipped, and the others are still
     written. Outputs are written into a hidden staging folder (``.partial-*``) inside ``output_dir`` and moved into
     place with ``os.replace``, so a final name never holds a half-written file; staging folders left by an
     interrupted run are removed at the start. After the last item, if any failed, :meth:`run` raises
-    :class:`~bundle.errors.BundleError` with the list of failures (exit status 1 on the command line).
+    :class:`~bundle.config.errors.BundleError` with the list of failures (exit status 1 on the command line).
 
     Inputs are never overwritten: before anything is read, an ``output_dir`` (or one of its sub-folders) that is a
     folder holding inputs, under any spelling, or whose outputs the input pattern would match, stops the run
-    (:func:`bundle.paths.check_outputs_apart`). Each run writes ``output_dir/manifest.json`` (inputs, outputs,
-    settings, model, times; :mod:`bundle.manifest`) and first removes the outputs listed in the previous run's
+    (:func:`bundle.config.paths.check_outputs_apart`). Each run writes ``output_dir/manifest.json`` (inputs, outputs,
+    settings, model, times; :mod:`bundle.inference.manifest`) and first removes the outputs listed in the previous run's
     manifest, and nothing else.
 
     Args:
@@ -266,9 +266,9 @@ class FolderInference:
         save_uncertainty: also compute ``entropy`` (of the averaged softmax) and ``disagreement`` (between the
             subnets; needs ``network.net_a`` / ``network.net_b``).
         optimize_network: after loading the weights, fold the BatchNorms into the convolutions and store the weights
-            channels-last (:func:`bundle.network_optimization.optimize_for_inference`): the same outputs within float
+            channels-last (:func:`bundle.inference.optimization.optimize_for_inference`): the same outputs within float
             rounding, about 1.7x faster on CPU (docs/RESULTS.md, speed table).
-        precision: ``fp32`` | ``bf16`` | ``fp16`` | ``auto`` (:mod:`bundle.precision`; resolved on the device of
+        precision: ``fp32`` | ``bf16`` | ``fp16`` | ``auto`` (:mod:`bundle.engine.precision`; resolved on the device of
             ``network``'s parameters): the autocast of each window's forward (:class:`AutocastInference`); the
             probabilities are fp32 and stitched in fp32 whatever it is.
         dataset_dir: the folder or glob the inputs were listed from; a folder counts as an input folder, and a
@@ -314,7 +314,7 @@ class FolderInference:
 
     def run(self) -> Dict[str, list]:
         """Segment all items. Returns ``{"written": [output paths], "failed": []}``; raises
-        :class:`~bundle.errors.BundleError` listing ``file: reason`` for each failed item when any failed."""
+        :class:`~bundle.config.errors.BundleError` listing ``file: reason`` for each failed item when any failed."""
         inputs = [path for item in getattr(self.dataset, "data", []) for path in image_files(item["image"])]
         self._check_output_dir(inputs)
         if self.ckpt_path is not None:
@@ -367,7 +367,7 @@ class FolderInference:
 
     def _check_output_dir(self, inputs: List[str]) -> None:
         """Stop, naming both paths, when ``output_dir`` would overwrite or mix with the inputs, or holds a manifest
-        that cannot be read, before anything is read (:func:`bundle.paths.check_outputs_apart`)."""
+        that cannot be read, before anything is read (:func:`bundle.config.paths.check_outputs_apart`)."""
         folder = self.dataset_dir if self.dataset_dir and os.path.isdir(self.dataset_dir) else None
         pattern = self.dataset_dir if self.dataset_dir and is_pattern(self.dataset_dir) else None
         try:

@@ -3,7 +3,7 @@
 A MONAI bundle describes its network in ``configs/metadata.json`` (``network_data_format``); a trained model here
 carries the same description of itself next to its weights, plus the preprocessing and window settings it was trained
 with, so that a model never meets data prepared differently. Written by training (:func:`describe_model`, saved by
-:class:`bundle.handlers.SaveStateDictOnCompletion`), read by ``configs/inference.json``, ``rank.json`` and
+:class:`bundle.engine.handlers.SaveStateDictOnCompletion`), read by ``configs/inference.json``, ``rank.json`` and
 ``evaluate.json`` (:func:`read_model_settings`), which refuse a setting that contradicts it
 (:func:`check_given_settings`).
 
@@ -24,8 +24,8 @@ import subprocess
 import tempfile
 from typing import Any, Dict, List, Optional, Sequence
 
-from bundle.data_settings import check_spacing, resolve_data_settings
-from bundle.errors import BundleError
+from bundle.config.errors import BundleError
+from bundle.data.settings import check_spacing, resolve_data_settings
 
 #: name of the settings file, in the folder of ``model.pt``.
 SETTINGS_FILE = "model_metadata.json"
@@ -88,7 +88,7 @@ def describe_model(
     labels: Optional[Dict[str, int]] = None,
 ) -> Dict[str, Any]:
     """The settings of a model being trained (module docstring). ``network``: the exported inference network (its
-    class name is stored); ``data_settings``: :func:`bundle.data_settings.resolve_data_settings`'s result. Channel and
+    class name is stored); ``data_settings``: :func:`bundle.data.settings.resolve_data_settings`'s result. Channel and
     label names default to ``image`` / ``channel_<i>`` and ``background`` / ``foreground`` / ``class_<i>``."""
     if not channel_names:
         channel_names = ["image"] if in_channels == 1 else [f"channel_{i}" for i in range(in_channels)]
@@ -226,7 +226,7 @@ def model_data_settings(
     ckpt_path: str, items: Sequence[Dict[str, Any]], spacing: Any = "median", intensity: str = "zscore"
 ) -> Dict[str, Any]:
     """For evaluation: the model's stored ``spacing`` and ``intensity`` when it has a settings file, else resolved
-    from ``items`` as training does (:func:`bundle.data_settings.resolve_data_settings`)."""
+    from ``items`` as training does (:func:`bundle.data.settings.resolve_data_settings`)."""
     settings = read_model_settings(ckpt_path)
     if settings["source"] is None:
         return resolve_data_settings(items, spacing, intensity)

@@ -2,7 +2,7 @@
 
 Each volume holds a bright ellipsoid (the target, label 1) and a dimmer sphere (a distractor, label 0) on smooth
 noise, so a segmenter must learn shape and contrast rather than a threshold. The dataset is an MSD-style folder
-(``dataset.json``, ``imagesTr/``, ``labelsTr/``) that :func:`bundle.data.build_datalists` reads like user data.
+(``dataset.json``, ``imagesTr/``, ``labelsTr/``) that :func:`bundle.data.datalists.build_datalists` reads like user data.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Checks that run before training starts: setting types, writable output folders, and every volume's voxels.
 
 Each check collects *all* problems it finds and raises them at once with :func:`stop`, a
-:class:`~bundle.errors.BundleError` (one line per file and problem). On the command line the report is the last thing
+:class:`~bundle.config.errors.BundleError` (one line per file and problem). On the command line the report is the last thing
 printed and the exit status is 1, instead of a traceback ending in MONAI's generic "Failed to instantiate
-component" (:mod:`bundle.errors`); in-process callers catch the exception.
+component" (:mod:`bundle.config.errors`); in-process callers catch the exception.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from monai.data import CacheDataset
 
-from bundle.booleans import BooleanSettingError, parse_bool
-from bundle.data import DatasetError, build_datalists, item_files
-from bundle.errors import BundleError
-from bundle.networks import SIZE_DIVISOR
-from bundle.transforms import LoadVolumed, check_volume_transforms
+from bundle.config.booleans import BooleanSettingError, parse_bool
+from bundle.config.errors import BundleError
+from bundle.data.datalists import DatasetError, build_datalists, item_files
+from bundle.data.transforms import LoadVolumed, check_volume_transforms
+from bundle.networks.subnets import SIZE_DIVISOR
 
 #: expected types of train.json's user-facing settings, by config path (each can be a ``--path value`` override).
 INT, FLOAT, BOOL, STR, INTS = (int,), (int, float), (bool,), (str,), "list of int"
@@ -52,8 +52,8 @@ OPTIONAL_SETTINGS = ("datalists#train_list", "datalists#val_list", "resume_from"
 
 
 def stop(title: str, lines: Sequence[str]) -> None:
-    """Raise :class:`~bundle.errors.BundleError` with ``title`` and one indented line per problem; the command line
-    turns it into that report as the last output and exit status 1 (:mod:`bundle.errors`)."""
+    """Raise :class:`~bundle.config.errors.BundleError` with ``title`` and one indented line per problem; the command line
+    turns it into that report as the last output and exit status 1 (:mod:`bundle.config.errors`)."""
     raise BundleError(title, lines)
 
 
@@ -77,7 +77,7 @@ def check_settings(settings: Dict[str, Any]) -> None:
     """Check the type of each setting (config path -> value) against :data:`SETTING_TYPES` (:data:`OPTIONAL_SETTINGS`:
     a string or null) and stop naming every wrong key, before anything is built (``--max_iterations abc`` would
     otherwise fail deep inside training with a ``TypeError`` naming no key). ``patch_size`` must also be positive
-    multiples of the networks' :data:`~bundle.networks.SIZE_DIVISOR` (else the first iteration fails, after the
+    multiples of the networks' :data:`~bundle.networks.subnets.SIZE_DIVISOR` (else the first iteration fails, after the
     data are read). Method arguments are checked by the method's own constructor."""
     problems = []
     for key, value in settings.items():
@@ -116,7 +116,7 @@ def check_writable(folders: Sequence[str]) -> None:
 def check_resume_file(path: Optional[str]) -> None:
     """Before anything is built or read: the ``resume_from`` checkpoint exists and is a complete zip archive (the
     format of ``torch.save``; its index is at the end, so a truncated or empty file fails here). ``None`` passes.
-    The full read, in :class:`bundle.handlers.ResumeLoader`, checks the content."""
+    The full read, in :class:`bundle.engine.handlers.ResumeLoader`, checks the content."""
     if path is None:
         return
     if not os.path.isfile(path):
@@ -174,7 +174,7 @@ def check_batch_labels(label: Any, num_classes: int, files: Optional[Sequence[st
 
 
 def datalists_or_exit(**kwargs: Any) -> Dict[str, List[Dict[str, str]]]:
-    """:func:`bundle.data.build_datalists`, stopping with its report (every header problem) instead of a traceback."""
+    """:func:`bundle.data.datalists.build_datalists`, stopping with its report (every header problem) instead of a traceback."""
     try:
         return build_datalists(**kwargs)
     except DatasetError as err:
@@ -197,7 +197,7 @@ def problem_lines(item: Dict[str, str], err: BaseException) -> List[str]:
 
 class CheckedCacheDataset(CacheDataset):
     """``CacheDataset`` whose up-front pass doubles as the data check: every item is read once, checked by the
-    transform chain (:class:`bundle.transforms.CheckVolumed`), and the result cached, so nothing is read twice.
+    transform chain (:class:`bundle.data.transforms.CheckVolumed`), and the result cached, so nothing is read twice.
 
     MONAI's ``CacheDataset`` stops at the first failing item with a traceback naming no file; here each failure is
     recorded in :attr:`problems` (``(index, lines)``) and the item is cached as ``None``, so that
@@ -249,7 +249,7 @@ def check_dataset(
     train_list: Optional[str] = None,
     val_list: Optional[str] = None,
 ) -> int:
-    """Check a whole dataset as training would, without training: every header (:func:`bundle.data.check_items`),
+    """Check a whole dataset as training would, without training: every header (:func:`bundle.data.datalists.check_items`),
     then every volume's voxels (readable to the end, finite, labels in ``[0, out_channels)``, label affine equal to
     the image's). Labels of every labeled item are checked (``num_labeled`` = all). Returns the number of items
     checked; stops with the report when anything is wrong."""

@@ -35,9 +35,9 @@ from monai.data.image_reader import _copy_compatible_dict, _stack_images
 from monai.transforms import LoadImage
 from monai.utils import MetaKeys, SpaceKeys, ensure_tuple
 
-from bundle.errors import BundleError
-from bundle.image_formats import NIFTI_SUFFIXES, case_name, image_format
-from bundle.paths import load_json
+from bundle.config.errors import BundleError
+from bundle.config.paths import load_json
+from bundle.data.image_formats import NIFTI_SUFFIXES, case_name, image_format
 
 LA_FILE_NAME = "mri_norm2.h5"
 #: an nnU-Net image file name without its ending: ``<CASE>_<XXXX>``, XXXX the 4-digit channel index.

@@ -8,8 +8,8 @@ Two entry points share :class:`MetricsReport`:
 * :class:`MetricsReportHandler` is an ignite handler for MONAI's ``SupervisedEvaluator``
   (``configs/evaluate.json``), scoring a trained model on a labeled list.
 
-Metrics are those of :mod:`bundle.metrics` (medpy semantics, papers' empty-prediction convention); HD95 and ASD are
-in voxels, and also in mm (``hd95_mm``, ``asd_mm``) when the label file carries a voxel size (NIfTI).
+Metrics are those of :mod:`bundle.inference.metrics` (medpy semantics, papers' empty-prediction convention); HD95 and
+ASD are in voxels, and also in mm (``hd95_mm``, ``asd_mm``) when the label file carries a voxel size (NIfTI).
 """
 
 from __future__ import annotations
@@ -27,13 +27,13 @@ from ignite.engine import Engine, Events
 from matplotlib.figure import Figure
 from monai.transforms import Compose, EnsureChannelFirstd
 
-from bundle.booleans import parse_bool
-from bundle.data import LA_FILE_NAME
-from bundle.errors import BundleError
-from bundle.image_formats import NIFTI_SUFFIXES, case_name
-from bundle.metrics import case_metrics
-from bundle.paths import check_outputs_apart
-from bundle.transforms import LoadVolumed
+from bundle.config.booleans import parse_bool
+from bundle.config.errors import BundleError
+from bundle.config.paths import check_outputs_apart
+from bundle.data.datalists import LA_FILE_NAME
+from bundle.data.image_formats import NIFTI_SUFFIXES, case_name
+from bundle.data.transforms import LoadVolumed
+from bundle.inference.metrics import case_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +111,8 @@ class MetricsReport:
     Args:
         output_dir: destination folder, created if needed.
         classes: ``None`` for the binary "any foreground" metrics (columns ``dice, jaccard, hd95, asd``), or the
-            class indices to score one by one (columns ``dice_1, ...``); see :func:`bundle.metrics.case_metrics`.
+            class indices to score one by one (columns ``dice_1, ...``); see
+            :func:`bundle.inference.metrics.case_metrics`.
         num_slices: slices per case figure; 0 writes no figures.
     """
 
@@ -224,8 +225,8 @@ def evaluate_folders(
     an error (a summary over another set of cases than the user meant would look like a result), unless
     ``allow_unpaired``: then the paired cases are scored and the others listed in the summary
     (``unpaired_predictions``, ``unpaired_labels``) and logged as warnings. ``output_dir`` (and ``figures/``) must
-    not be one of the input folders (:func:`bundle.paths.check_outputs_apart`); both checks run before any file is
-    read.
+    not be one of the input folders (:func:`bundle.config.paths.check_outputs_apart`); both checks run before any
+    file is read.
 
     Args:
         pred_dir: folder of predicted label maps (``.nii`` / ``.nii.gz``).
@@ -289,8 +290,8 @@ def score_mask_folders(
 ) -> None:
     """:func:`evaluate_folders` for the command line and ``configs/evaluate.json``'s ``score_masks`` (the command
     line's options are its arguments): prints the summary (``summary.json`` holds it), and raises
-    :class:`~bundle.errors.BundleError` ("Cannot evaluate: ...", one line per problem) for a missing folder, unpaired
-    files (naming both folders and the cases), files on different grids or an output folder that holds inputs.
+    :class:`~bundle.config.errors.BundleError` ("Cannot evaluate: ...", one line per problem) for a missing folder,
+    unpaired files (naming both folders and the cases), files on different grids or an output folder that holds inputs.
     ``allow_unpaired`` is a bool or one of its command-line spellings (``"true"``).
     """
     if not pred_dir or not label_dir:

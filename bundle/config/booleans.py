@@ -162,8 +162,8 @@ def normalize_config_booleans(config: Dict[str, Any]) -> Dict[str, bool]:
 def normalize_active_booleans() -> Dict[str, bool]:
     """:func:`normalize_config_booleans` on the configuration being run (the first ``initialize`` step of
     ``configs/train.json`` and ``configs/inference.json``); a bad value stops the run with one line per key."""
-    from bundle.checks import stop
-    from bundle.config_check import active_parser
+    from bundle.config.unread_keys import active_parser
+    from bundle.data.checks import stop
 
     parser = active_parser()
     try:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from bundle.networks import BasicBlock
+from bundle.networks.subnets import BasicBlock
 
 #: modules whose convolution -> norm pairs are attributes rather than consecutive ``nn.Sequential`` entries.
 ATTRIBUTE_PAIRS: Dict[Type[nn.Module], Sequence[Tuple[str, str]]] = {

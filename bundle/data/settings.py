@@ -10,8 +10,8 @@
   the mean and standard deviation of those voxels (nnU-Net's CT normalisation), the same numbers for every volume.
 
 The resolved values (``{"spacing": [x, y, z] | None, "intensity": {"scheme": ..., statistics}}``) go into the
-preprocessing (:func:`bundle.transforms.preprocessing`) and into the model's settings file
-(:mod:`bundle.model_settings`), so inference uses the same numbers.
+preprocessing (:func:`bundle.data.transforms.preprocessing`) and into the model's settings file
+(:mod:`bundle.inference.model_settings`), so inference uses the same numbers.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from monai.transforms import EnsureChannelFirstd
 
-from bundle.data import image_files
-from bundle.errors import BundleError
-from bundle.transforms import LoadVolumed
+from bundle.config.errors import BundleError
+from bundle.data.datalists import image_files
+from bundle.data.transforms import LoadVolumed
 
 #: foreground voxels sampled per image and channel for the CT statistics (nnU-Net samples 10,000 per case).
 FOREGROUND_SAMPLES = 10000

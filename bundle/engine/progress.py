@@ -22,7 +22,7 @@ from monai.inferers import SlidingWindowInferer
 from monai.inferers.utils import _get_scan_interval
 from monai.utils import ensure_tuple_rep, fall_back_tuple
 
-from bundle.trainer import loss_terms
+from bundle.engine.trainer import loss_terms
 
 
 def window_batches(spatial_shape: Sequence[int], roi_size: Any, overlap: Any, sw_batch_size: int) -> int:
@@ -46,7 +46,9 @@ class ProgressSlidingWindowInferer(SlidingWindowInferer):
         kwargs: those of ``SlidingWindowInferer``.
     """
 
-    def __init__(self, *args: Any, log_fraction: float = 0.25, name: str = "bundle.progress", **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, log_fraction: float = 0.25, name: str = "bundle.engine.progress", **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         if not 0.0 < log_fraction <= 1.0:
             raise ValueError(f"log_fraction must be in (0, 1], got {log_fraction}.")

@@ -2,7 +2,7 @@
 
 The ranking reuses the inference path of ``configs/inference.json`` unchanged (preprocessing, MONAI's
 ``SlidingWindowInferer``, ``Invertd`` back to each input's grid, the two subnets' disagreement of
-:class:`bundle.inference.SubnetDisagreement`); :class:`FolderRanking` replaces only the writing of masks by the
+:class:`bundle.inference.folder.SubnetDisagreement`); :class:`FolderRanking` replaces only the writing of masks by the
 scoring of each scan, and writes ``ranking.csv`` and ``ranking.png`` at the end.
 
 Scores of one scan, on its own (input) grid, with ``p̄`` the averaged softmax ``(C, *S)`` (the ensemble's output),
@@ -36,10 +36,10 @@ from matplotlib.figure import Figure
 from monai.transforms import Compose, EnsureChannelFirstd
 from monai.transforms.utils_morphological_ops import dilate
 
-from bundle.checks import stop
-from bundle.data import LA_FILE_NAME, DatasetError, read_case_list
-from bundle.inference import FolderInference, SubnetDisagreement, entropy_map, image_datalist
-from bundle.transforms import LoadVolumed
+from bundle.data.checks import stop
+from bundle.data.datalists import LA_FILE_NAME, DatasetError, read_case_list
+from bundle.data.transforms import LoadVolumed
+from bundle.inference.folder import FolderInference, SubnetDisagreement, entropy_map, image_datalist
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def scan_datalist(dataset_dir: str, case_list: Optional[str] = None, in_channels
     """The scans to rank, ``[{"image": path, "scan": name}, ...]``.
 
     Without ``case_list``: every NIfTI file of the folder (or glob) ``dataset_dir``
-    (:func:`bundle.inference.image_datalist`, nnU-Net channel files grouped by case), named by its case. With
+    (:func:`bundle.inference.folder.image_datalist`, nnU-Net channel files grouped by case), named by its case. With
     ``case_list`` (the LA layout): one item per line of the list file, ``<dataset_dir>/<case>/mri_norm2.h5``, named
     by the case; a relative ``case_list`` is looked up in ``dataset_dir`` first, then in the working folder. A listed
     case whose file is missing is kept, so that the runner reports and skips it like any broken scan.
@@ -227,7 +227,7 @@ class FolderRanking(FolderInference):
     """Scores every scan and writes ``output_dir/ranking.csv`` (:data:`CSV_COLUMNS`) and ``output_dir/ranking.png``;
     the ``evaluator`` of ``configs/rank.json``. No masks are written.
 
-    It is :class:`bundle.inference.FolderInference` (same checks, preprocessing, sliding window, inversion to the
+    It is :class:`bundle.inference.folder.FolderInference` (same checks, preprocessing, sliding window, inversion to the
     input grid, and the same handling of bad scans: each is logged and skipped, the others are ranked, and the
     command ends with exit status 1 listing them) with the writing step replaced by :func:`score_scan`. The
     postprocessing must keep the probabilities as ``prob`` (``save_probabilities: true``), and the disagreement is
@@ -238,7 +238,7 @@ class FolderRanking(FolderInference):
         rank_by: ``disagreement``, ``entropy``, or ``auto``: ``disagreement`` for a two-subnet model, else
             ``entropy``.
         figure_scans: how many top-ranked scans the figure shows (0: no figure).
-        **kwargs: the arguments of :class:`bundle.inference.FolderInference`.
+        **kwargs: the arguments of :class:`bundle.inference.folder.FolderInference`.
     """
 
     def __init__(self, band_voxels: int = 3, rank_by: str = "auto", figure_scans: int = 4, **kwargs) -> None:
@@ -264,8 +264,8 @@ class FolderRanking(FolderInference):
     def run(self) -> Dict[str, list]:
         """Score all scans, then write the ranking of those that succeeded (also when some failed). Returns
         ``{"written": [scan names], "failed": [...], "ranking": [ranked rows]}``; raises
-        :class:`~bundle.errors.BundleError` like :meth:`FolderInference.run` when a scan failed, after writing the
-        ranking."""
+        :class:`~bundle.config.errors.BundleError` like :meth:`FolderInference.run` when a scan failed, after writing
+        the ranking."""
         self.rows, self.previews, self.ranking = [], {}, []
         result = super().run()
         return {**result, "ranking": self.ranking}

@@ -130,7 +130,7 @@ def check_outputs_apart(
 
 def outputs_apart_or_exit(title: str, **kwargs: Any) -> None:
     """:func:`check_outputs_apart` for a config (``configs/evaluate.json``): stops with ``title`` and its line."""
-    from bundle.checks import stop
+    from bundle.data.checks import stop
 
     try:
         check_outputs_apart(**kwargs)

@@ -1,0 +1,2 @@
+"""What a user gives and what they get back when it is wrong: boolean settings, paths, unread config keys, and the
+bundle's one exception type (:class:`bundle.config.errors.BundleError`)."""
