@@ -10,6 +10,7 @@ import os
 from typing import Any, Dict, List, Tuple
 
 from benchmarking.conv_profile import conv_profile_sections
+from benchmarking.oracle_report import oracle_sections
 from benchmarking.precision import precision_sections
 from benchmarking.rank_payoff import payoff_sections
 from benchmarking.report import accuracy_sections, probe_sections, validation_sections
@@ -58,6 +59,7 @@ def report(results_dir: str = "docs/results", output: str = "docs/RESULTS.md", f
     ]
     targets = [target for _, r in records if r.get("kind") == "targets" for target in r["targets"]]
     lines += accuracy_sections(accuracy_records, figure_dir, os.path.dirname(output) or ".", targets)
+    lines += oracle_sections([(n, r) for n, r in records if r.get("kind") == "oracle"], accuracy_records)
     lines += payoff_sections([(n, r) for n, r in records if r.get("kind") == "rank_payoff"])
     agreements = [(n, r) for n, r in records if r.get("kind") == "precision_agreement"]
     defaults = [(n, r) for n, r in records if r.get("kind") == "precision_default"]
