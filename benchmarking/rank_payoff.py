@@ -45,7 +45,6 @@ from benchmarking.runs import (
 )
 from benchmarking.statistics import bootstrap_interval, format_interval, paired_differences, seed_summary
 from bundle.data.datalists import read_case_list
-from bundle.methods.presets import inference_overlays
 
 Record = Dict[str, Any]
 #: inference settings the ranking takes from the training configuration of the base run.
@@ -66,11 +65,8 @@ def network_norm(method_config: Dict[str, Any]) -> str:
     return norms.pop()
 
 
-def inference_configs(method: str) -> List[str]:
-    """Config files that rank with a model of ``method``: ``inference.json``, the inference overlay its method class
-    declares (:func:`bundle.methods.presets.inference_overlays`), then ``rank.json``."""
-    overlays = [f"{CONFIG_DIR}/{overlay}" for overlay in inference_overlays(method)]
-    return [f"{CONFIG_DIR}/inference.json"] + overlays + [f"{CONFIG_DIR}/rank.json"]
+#: config files that rank with a trained model (its ``model_metadata.json`` rebuilds its network).
+RANK_CONFIGS = [f"{CONFIG_DIR}/inference.json", f"{CONFIG_DIR}/rank.json"]
 
 
 def random_draw(pool: Sequence[str], count: int, seed: int, draw: int) -> List[str]:
@@ -212,7 +208,7 @@ def rank_pool(
     settings["norm"] = network_norm(training["method"])
     settings.update(dataset_dir=os.path.relpath(dataset_dir), case_list=pool_list, output_dir=rank_dir,
                     ckpt_path=os.path.join(base["config"]["model_dir"], "model.pt"), rank_by=rank_by)  # fmt: skip
-    command = bundle_command("run", inference_configs(method), settings)
+    command = bundle_command("run", RANK_CONFIGS, settings)
     csv_path = os.path.join(rank_dir, "ranking.csv")
     if not os.path.isfile(csv_path):
         run_logged(command, os.path.join(rank_dir, "rank.log"))

@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from monai.bundle import ConfigParser
 
-from bundle.methods.presets import inference_overlays, preset_names
+from bundle.methods.presets import preset_names
 
 BUNDLE_ROOT = str(Path(__file__).resolve().parents[1])
 CONFIGS = os.path.join(BUNDLE_ROOT, "configs")
@@ -115,9 +115,9 @@ class AppSettings:
         return files
 
     def inference_configs(self, extra: Sequence[str] = ()) -> List[str]:
-        """``configs/inference.json``, the method's inference overlay, then ``extra`` (names inside ``configs/``)."""
-        files = ["inference.json"] + (inference_overlays(self.method) if self.method != DEFAULT_METHOD else [])
-        return [os.path.join(CONFIGS, name) for name in files + list(extra)]
+        """``configs/inference.json`` then ``extra`` (names inside ``configs/``); the model's ``model_metadata.json``
+        rebuilds its network, whatever the method."""
+        return [os.path.join(CONFIGS, name) for name in ["inference.json", *extra]]
 
     def inference_parser(self, extra: Sequence[str] = (), **overrides: Any) -> ConfigParser:
         """A parser of :meth:`inference_configs` reading this app's ``model.pt``."""

@@ -94,11 +94,11 @@ def train_tiny_overlay(tmp_path_factory, method: str, overrides: Dict) -> Dict:
     return {"data": data, "out": out, "workflow": workflow, "history": history}
 
 
-def segment_with_inference_overlay(overlay: str, trained: Dict, out_dir: Path, **overrides) -> np.ndarray:
-    """Run ``inference.json`` + ``configs/methods/<overlay>`` on the trained fixture's images with its ``model.pt``;
-    assert every output is a NIfTI mask and return the first one as an array."""
+def segment_with_inference(trained: Dict, out_dir: Path, **overrides) -> np.ndarray:
+    """Run ``inference.json`` alone (the model's ``model_metadata.json`` rebuilds its network) on the trained
+    fixture's images with its ``model.pt``; assert every output is a NIfTI mask and return the first one."""
     workflow = ConfigWorkflow(
-        config_file=[str(REPO_ROOT / "configs" / "inference.json"), str(REPO_ROOT / "configs" / "methods" / overlay)],
+        config_file=str(REPO_ROOT / "configs" / "inference.json"),
         logging_file=False,
         workflow_type="infer",
         dataset_dir=str(trained["data"] / "imagesTr"),

@@ -480,13 +480,10 @@ def test_labels_of_unlabeled_items_change_no_loss(clean_run, tiny_dataset, tmp_p
         assert control[0]["loss_sup"] != pytest.approx(clean[0]["loss_sup"], rel=1e-4)
 
 
-def test_inference_overlay_loads_a_baseline_model(clean_run, tiny_dataset, tmp_path):
+def test_inference_json_alone_loads_a_baseline_model(clean_run, tiny_dataset, tmp_path):
     method, out_dir, _, _ = clean_run
     workflow = ConfigWorkflow(
-        config_file=[
-            str(REPO_ROOT / "configs" / "inference.json"),
-            str(REPO_ROOT / "configs" / "inference_single_net.json"),
-        ],
+        config_file=str(REPO_ROOT / "configs" / "inference.json"),
         logging_file=False,
         workflow_type="infer",
         dataset_dir=f"{tiny_dataset}/imagesTr",

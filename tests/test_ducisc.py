@@ -26,7 +26,7 @@ from tests.peer_helpers import (
     poisoned_la_dataset,
     record_iterations,
     run_workflow,
-    segment_with_inference_overlay,
+    segment_with_inference,
     train_tiny_overlay,
 )
 
@@ -264,10 +264,8 @@ def test_overlay_default_warmup_scales_with_short_runs(tmp_path):
     assert workflow.parser.get_parsed_content("method").warmup_iters == 2000
 
 
-def test_saved_model_runs_through_inference_json_with_overlay(trained, tmp_path):
-    mask = segment_with_inference_overlay(
-        "ducisc_inference.json", trained, tmp_path / "pred", base_width=4, patch_size=[16, 16, 16], sw_strides=[8, 8, 8]
-    )
+def test_saved_model_runs_through_inference_json_alone(trained, tmp_path):
+    mask = segment_with_inference(trained, tmp_path / "pred", sw_strides=[8, 8, 8])
     assert mask.ndim == 3 and set(np.unique(mask)) <= {0, 1}
 
 

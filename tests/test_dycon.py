@@ -22,7 +22,7 @@ from tests.peer_helpers import (
     poisoned_la_dataset,
     record_iterations,
     run_workflow,
-    segment_with_inference_overlay,
+    segment_with_inference,
     train_tiny_overlay,
 )
 
@@ -211,17 +211,8 @@ def test_overlay_trains_every_term_and_writes_model(trained):
     assert state and all(k.startswith("net.") for k in state) and any(k.startswith("net.projection") for k in state)
 
 
-def test_saved_model_runs_through_inference_json_with_overlay(trained, tmp_path):
-    mask = segment_with_inference_overlay(
-        "dycon_inference.json",
-        trained,
-        tmp_path / "pred",
-        base_width=4,
-        sw_strides=[8, 8, 8],
-        patch_size=TINY["patch_size"],
-        embed_channels=16,
-        projection_hidden_channels=32,
-    )
+def test_saved_model_runs_through_inference_json_alone(trained, tmp_path):
+    mask = segment_with_inference(trained, tmp_path / "pred", sw_strides=[8, 8, 8])
     assert mask.ndim == 3 and set(np.unique(mask)) <= {0, 1}
 
 

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from benchmarking.rank_payoff import inference_configs, payoff, payoff_sections, random_draw
+from benchmarking.rank_payoff import payoff, payoff_sections, random_draw
 from benchmarking.results_page import report
 from benchmarking.runs import accuracy, split_lists, write_json
 
@@ -41,12 +41,6 @@ def test_random_draws_are_distinct_reproducible_and_differ_between_draws():
     first = random_draw(pool, 4, 1337, 0)
     assert first == random_draw(pool, 4, 1337, 0) and len(set(first)) == 4 and set(first) <= set(pool)
     assert first != random_draw(pool, 4, 1337, 1) and first != random_draw(pool, 4, 7, 0)
-
-
-def test_inference_configs_per_method():
-    assert inference_configs("dual_journal") == ["configs/inference.json", "configs/rank.json"]
-    assert inference_configs("mean_teacher")[1] == "configs/inference_single_net.json"
-    assert inference_configs("ducisc")[1] == "configs/methods/ducisc_inference.json"
 
 
 def _arm(results, name, dice_by_case):

@@ -11,7 +11,9 @@ Keys (JSON): ``in_channels``, ``out_channels``, ``base_width``, ``network`` (cla
 ``SoftmaxEnsemble`` or ``SoftmaxOutput``), ``channel_names`` (list, channel order), ``labels`` (``{name: value}``),
 ``orientation`` (``"RAS"``), ``spacing`` (``[x, y, z]`` mm or ``null``), ``resample_factor``, ``intensity``
 (``{"scheme": "zscore"}`` or ``{"scheme": "ct", "lower", "upper", "mean", "std"}``, one value per channel),
-``patch_size``, ``sw_strides``, ``method`` (the training method's class), ``commit`` (git commit of the bundle, or
+``patch_size``, ``sw_strides``, ``network_def`` (the MONAI config that rebuilds the exported network:
+:func:`bundle.networks.described.network_config`; absent in models trained before it was stored), ``method`` (the
+training method's class), ``commit`` (git commit of the bundle, or
 ``null``), ``format_version``, and ``network_data_format`` (MONAI bundle metadata format: inputs/outputs with
 ``num_channels`` and ``channel_def``).
 """
@@ -26,6 +28,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from bundle.config.errors import BundleError
 from bundle.data.settings import check_spacing, resolve_data_settings
+from bundle.networks.described import build_network, network_config
 
 #: name of the settings file, in the folder of ``model.pt``.
 SETTINGS_FILE = "model_metadata.json"
@@ -88,8 +91,9 @@ def describe_model(
     labels: Optional[Dict[str, int]] = None,
 ) -> Dict[str, Any]:
     """The settings of a model being trained (module docstring). ``network``: the exported inference network (its
-    class name is stored); ``data_settings``: :func:`bundle.data.settings.resolve_data_settings`'s result. Channel and
-    label names default to ``image`` / ``channel_<i>`` and ``background`` / ``foreground`` / ``class_<i>``."""
+    class name and the config that rebuilds it are stored); ``data_settings``:
+    :func:`bundle.data.settings.resolve_data_settings`'s result. Channel and label names default to ``image`` /
+    ``channel_<i>`` and ``background`` / ``foreground`` / ``class_<i>``."""
     if not channel_names:
         channel_names = ["image"] if in_channels == 1 else [f"channel_{i}" for i in range(in_channels)]
     if not labels:
@@ -110,6 +114,7 @@ def describe_model(
         "out_channels": int(out_channels),
         "base_width": int(base_width),
         "network": type(network).__name__,
+        "network_def": _network_def(network),
         "channel_names": [str(c) for c in channel_names],
         "labels": {str(k): int(v) for k, v in labels.items()},
         "orientation": "RAS",
@@ -146,6 +151,15 @@ def describe_model(
             },
         },
     }
+
+
+def _network_def(network: Any) -> Optional[Dict[str, Any]]:
+    """:func:`~bundle.networks.described.network_config`, or ``None`` for a network that does not describe itself
+    (inference then builds the configs' V-Net or ensemble, as for models trained before ``network_def``)."""
+    try:
+        return network_config(network)
+    except TypeError:
+        return None
 
 
 def write_model_settings(settings: Dict[str, Any], path: str) -> None:
@@ -231,3 +245,12 @@ def model_data_settings(
     if settings["source"] is None:
         return resolve_data_settings(items, spacing, intensity)
     return {"spacing": settings["spacing"], "intensity": settings["intensity"]}
+
+
+def model_network(settings: Dict[str, Any], single: Any, ensemble: Any) -> Any:
+    """The inference network of a model (weights not loaded): rebuilt from its settings' ``network_def`` when it has
+    one; for older models, ``single`` when its settings name ``SoftmaxOutput``, else ``ensemble`` (the configs'
+    network definitions, which take the model's channels and width)."""
+    if settings.get("network_def"):
+        return build_network(settings["network_def"], f"{settings.get('source')}: network_def")
+    return single if settings.get("network") == "SoftmaxOutput" else ensemble

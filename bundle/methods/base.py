@@ -49,10 +49,6 @@ class SSLMethod(nn.Module):
     #: same networks and supervised loss on the labeled data only. The preset of that name is itself a reference.
     #: Read by the benchmark report (:mod:`bundle.methods.presets`).
     reference_preset: str = "supervised_vnet"
-    #: the overlay on ``configs/inference.json`` (a path inside ``configs/``) that builds the network of
-    #: ``models/model.pt`` where ``model_metadata.json`` cannot (a model trained before it existed, a network other
-    #: than the V-Net); ``None``: ``inference.json`` builds the two-subnet ensemble or reads the network kind.
-    inference_overlay: Optional[str] = "inference_single_net.json"
     #: whether :meth:`terms` changes state that later iterations read (thresholds, the training stage); such state
     #: lives in buffers, so that ``state_dict()`` and a resume checkpoint hold it.
     stateful_terms: bool = False

@@ -78,7 +78,6 @@ class DualNetworkMethod(SSLMethod):
 
     term_names = ("sup", "cr", "cps", "efs", "ue", "pgl", "cos")
     reference_preset = "supervised"
-    inference_overlay = None  # models/model.pt is the two-subnet SoftmaxEnsemble
     unlabeled_terms = UNLABELED_TERMS
 
     def __init__(

@@ -77,7 +77,6 @@ class DuCiSCMethod(StudentTeacherMethod):
     """
 
     term_names = ("sup", "cs_ulb", "cs_mix", "proto_ulb", "proto_mix")
-    inference_overlay = "methods/ducisc_inference.json"  # the deep-supervised V-Net
     stateful_terms = True  # the self-aware thresholds (EMA buffers)
     unlabeled_terms = UNLABELED_TERMS
 

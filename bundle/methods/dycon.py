@@ -68,7 +68,6 @@ class DyCONMethod(StudentTeacherMethod):
     """
 
     term_names = ("sup", "uncl", "fecl")
-    inference_overlay = "methods/dycon_inference.json"  # the V-Net with a projection head
     unlabeled_terms = UNLABELED_TERMS
 
     def __init__(

@@ -2,8 +2,10 @@
 
 A preset ``configs/methods/<name>.json`` sets ``method#_target_`` (e.g. ``dual_journal`` and ``supervised`` both use
 :class:`~bundle.methods.dual_network.DualNetworkMethod` with other weights). Facts about a method live on its class
-(:class:`~bundle.methods.base.SSLMethod`: ``reference_preset``, ``inference_overlay``, ``stateful_terms``); the
-benchmark report, rank-payoff, the MONAI Label app and the tests ask this module instead of keeping method lists.
+(:class:`~bundle.methods.base.SSLMethod`: ``reference_preset``, ``stateful_terms``); the benchmark report, the
+MONAI Label app and the tests ask this module instead of keeping method lists. A method's inference network needs
+no declaration: ``models/model_metadata.json`` carries the config that rebuilds it
+(:mod:`bundle.networks.described`).
 """
 
 from __future__ import annotations
@@ -43,9 +45,3 @@ def reference_of(preset: str) -> Optional[str]:
     """The supervised-only preset ``preset`` is measured against, or ``None`` when it is a reference itself."""
     reference = method_class(preset).reference_preset
     return None if reference == preset else reference
-
-
-def inference_overlays(preset: str) -> List[str]:
-    """The overlays (paths inside ``configs/``) that go after ``configs/inference.json`` for a model of ``preset``."""
-    overlay = method_class(preset).inference_overlay
-    return [] if overlay is None else [overlay]

@@ -28,6 +28,8 @@ from monai.networks.layers.utils import get_norm_layer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from bundle.networks.described import DescribedNetwork
+
 #: a MONAI norm spec: ``"batch"``, ``"instance"`` or a ``(name, kwargs)`` tuple, e.g. ``("group", {"num_groups": 8})``.
 NormSpec = Union[str, Tuple[str, Dict]]
 
@@ -264,7 +266,7 @@ class VNetEncoder(nn.Module):
         return features
 
 
-class EncoderDecoderSeg(nn.Module):
+class EncoderDecoderSeg(DescribedNetwork):
     """Encoder + :class:`AdditiveSkipDecoder` + ``1^3`` convolution head; the common body of both subnets.
 
     Subclasses choose the encoder (:meth:`build_encoder`), a module mapping ``(N, in_channels, H, W, D)`` to
@@ -346,7 +348,7 @@ class VNetSeg(EncoderDecoderSeg):
         return VNetEncoder(in_channels, base_width, norm, dropout)
 
 
-class SoftmaxEnsemble(nn.Module):
+class SoftmaxEnsemble(DescribedNetwork):
     """Inference network: the mean of the two subnets' softmax probabilities (docs/methods/dual_network.md §1).
 
     ``forward(x)``: ``(N, in_channels, H, W, D)`` -> ``(N, C, H, W, D)`` probabilities summing to 1 over ``C``, in
@@ -363,7 +365,7 @@ class SoftmaxEnsemble(nn.Module):
         return 0.5 * (torch.softmax(self.net_a(x).float(), dim=1) + torch.softmax(self.net_b(x).float(), dim=1))
 
 
-class SoftmaxOutput(nn.Module):
+class SoftmaxOutput(DescribedNetwork):
     """Inference network of a single-network method (the baselines' student, or one CPS branch): its softmax.
 
     ``forward(x)``: ``(N, in_channels, H, W, D)`` -> ``(N, C, H, W, D)`` fp32 probabilities ``softmax_C(net(x))``,
