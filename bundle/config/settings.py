@@ -18,12 +18,11 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from monai.utils import optional_import
 
-from bundle.config.booleans import BooleanSettingError, parse_bool
+from bundle.config.booleans import CONFIG_DIR, BooleanSettingError, parse_bool
 from bundle.config.errors import BundleError
 from bundle.data.datalists import DEFAULT_CHANNELS
 from bundle.networks.subnets import SIZE_DIVISOR
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 #: the types :func:`check_settings` knows: name -> the phrase of its error message.
 KINDS = {
     "int": "an integer",
