@@ -221,7 +221,7 @@ class Protocol:
 
 def protocol_settings(protocol: str = "cpu", max_iterations: Optional[int] = None) -> Protocol:
     """The settings of ``configs/benchmark/la_<protocol>.json`` for our Mean Teacher, resolved as an accuracy run
-    resolves them (its ``_method_args_`` included); ``max_iterations`` replaces the protocol's (a probe), the LR
+    resolves them (its ``method_args`` included); ``max_iterations`` replaces the protocol's (a probe), the LR
     milestones and the ramp stay the protocol's."""
     configs = method_configs("mean_teacher", protocol)
     parser = parse_bundle(configs, protocol_overrides(configs))

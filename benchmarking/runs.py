@@ -355,12 +355,12 @@ def method_configs(method: str, protocol: str) -> List[str]:
 
 
 def protocol_overrides(configs: Sequence[str]) -> Dict[str, Any]:
-    """``--method#<arg>`` overrides from the protocol file's ``_method_args_`` (the last of ``configs``), for the
+    """``--method#<arg>`` overrides from the protocol file's ``method_args`` (the last of ``configs``), for the
     arguments the configured method takes (e.g. ``rampup_iters`` for the methods that have a ramp); the others do
     not apply to that method, as in the records made before methods held their own arguments."""
     parser = parse_bundle(configs, {})
     taken = method_parameters(parser["method#_target_"])
-    return {f"method#{k}": v for k, v in parser.get().get("_method_args_", {}).items() if k in taken}
+    return {f"method#{k}": v for k, v in parser.get().get("method_args", {}).items() if k in taken}
 
 
 def json_value(value: Any) -> Any:

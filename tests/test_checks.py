@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+from bundle.config.settings import check_settings
 from bundle.data.checks import (
     CheckedCacheDataset,
     check_dataset,
-    check_settings,
     check_writable,
     datalists_or_exit,
     report_data_problems,

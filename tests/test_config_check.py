@@ -4,6 +4,7 @@ import inspect
 import json
 
 import pytest
+from monai.bundle import ConfigParser
 
 from bundle.config.unread_keys import check_config_keys, method_parameters, unread_keys
 from tests.conftest import REPO_ROOT
@@ -86,3 +87,19 @@ def test_embedded_dataset_honours_num_labeled(tmp_path):
     assert len(datalists["labeled"]) == 12 and len(datalists["unlabeled"]) == 24 and len(datalists["validation"]) == 4
     spec = json.loads((tmp_path / "data" / "synthetic" / "dataset.json").read_text())
     assert sum("label" in item for item in spec["training"]) == 12
+
+
+def test_protocol_method_args_are_a_known_key_applied_to_the_methods_that_take_them(monkeypatch):
+    """``method_args`` of a benchmark protocol is read by ``benchmarking/runs.py``, not by a component: the check
+    does not call it unread, and it becomes ``--method#<arg>`` only where the method takes the argument."""
+    from benchmarking.runs import method_configs, protocol_overrides
+    from bundle.config.unread_keys import PROTOCOL_KEYS
+
+    protocol = json.loads((REPO_ROOT / "configs" / "benchmark" / "la_cpu.json").read_text())
+    assert protocol["method_args"] == {"rampup_iters": 250} and "method_args" in PROTOCOL_KEYS
+    monkeypatch.chdir(REPO_ROOT)
+    config = ConfigParser.load_config_files(["configs/train.json", "configs/benchmark/la_cpu.json"])
+    assert unread_keys(config) == []
+    assert unread_keys({**config, "method_arg": 1}) == ["method_arg"]
+    assert protocol_overrides(method_configs("mean_teacher", "cpu")) == {"method#rampup_iters": 250}
+    assert protocol_overrides(method_configs("supervised_vnet", "cpu")) == {}

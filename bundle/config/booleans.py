@@ -26,7 +26,7 @@ from monai.utils import optional_import
 TRUE_SPELLINGS = ("true", "True", "1", "yes")
 FALSE_SPELLINGS = ("false", "False", "0", "no")
 SPELLINGS = "true/false, True/False, 1/0 or yes/no"
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"  # the bundle root's configs/
 
 
 class BooleanSettingError(ValueError):

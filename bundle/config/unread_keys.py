@@ -32,6 +32,9 @@ ENTRY_POINTS = frozenset(
         "network_def",
     }
 )
+#: keys of a benchmark protocol (``configs/benchmark/*.json``) that ``benchmarking/runs.py`` reads, not a component:
+#: ``method_args``, the protocol's method arguments, passed as ``--method#<arg>`` to the methods that take them.
+PROTOCOL_KEYS = frozenset({"method_args"})
 #: ``@id`` and ``%id`` references; the first id segment (before ``#`` or ``::``) is the top-level key.
 REFERENCE = re.compile(r"[@%]([A-Za-z_]\w*)")
 
@@ -50,9 +53,10 @@ def strings(node: Any) -> Iterator[str]:
 
 def unread_keys(config: Dict[str, Any]) -> List[str]:
     """Top-level keys of ``config`` that no string of ``config`` references (``@key...``, ``$...@key...``,
-    ``%key``), other than :data:`ENTRY_POINTS` and ``_``-prefixed keys (``_desc_``, ``_meta_``)."""
-    referenced = {match for text in strings(config) for match in REFERENCE.findall(text)}
-    return [key for key in config if key not in referenced and key not in ENTRY_POINTS and not str(key).startswith("_")]
+    ``%key``), other than :data:`ENTRY_POINTS`, :data:`PROTOCOL_KEYS` and ``_``-prefixed keys (``_desc_``,
+    ``_meta_``)."""
+    referenced = {match for text in strings(config) for match in REFERENCE.findall(text)} | ENTRY_POINTS | PROTOCOL_KEYS
+    return [key for key in config if key not in referenced and not str(key).startswith("_")]
 
 
 def method_parameters(target: str) -> Dict[str, inspect.Parameter]:

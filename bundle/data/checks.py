@@ -1,8 +1,9 @@
-"""Checks that run before training starts: setting types, writable output folders, and every volume's voxels.
+"""Checks that run before training starts: writable output folders, the resume file, and every volume's voxels
+(setting types: :func:`bundle.config.settings.check_settings`).
 
 Each check collects *all* problems it finds and raises them at once with :func:`stop`, a
-:class:`~bundle.config.errors.BundleError` (one line per file and problem). On the command line the report is the last thing
-printed and the exit status is 1, instead of a traceback ending in MONAI's generic "Failed to instantiate
+:class:`~bundle.config.errors.BundleError` (one line per file and problem). On the command line the report is the last
+thing printed and the exit status is 1, instead of a traceback ending in MONAI's generic "Failed to instantiate
 component" (:mod:`bundle.config.errors`); in-process callers catch the exception.
 """
 
@@ -16,86 +17,15 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from monai.data import CacheDataset
 
-from bundle.config.booleans import BooleanSettingError, parse_bool
 from bundle.config.errors import BundleError
 from bundle.data.datalists import DatasetError, build_datalists, item_files
 from bundle.data.transforms import LoadVolumed, check_volume_transforms
-from bundle.networks.subnets import SIZE_DIVISOR
-
-#: expected types of train.json's user-facing settings, by config path (each can be a ``--path value`` override).
-INT, FLOAT, BOOL, STR, INTS = (int,), (int, float), (bool,), (str,), "list of int"
-SETTING_TYPES: Dict[str, Any] = {
-    **dict.fromkeys(
-        (
-            "num_labeled in_channels out_channels base_width max_iterations val_interval seed train#log_interval "
-            "train#dataloader#batch_size train#unlabeled_dataloader#batch_size train#dataloader#num_workers "
-            "train#checkpoint_saver#save_interval validate#inferer#sw_batch_size"
-        ).split(),
-        INT,
-    ),
-    **dict.fromkeys(
-        (
-            "resample_factor optimizer#lr optimizer#momentum optimizer#weight_decay lr_scheduler#gamma "
-            "train#dataset#cache_rate"
-        ).split(),
-        FLOAT,
-    ),
-    **dict.fromkeys(
-        "activation_checkpointing check_data train#preprocessing#augment train#trainer#cpu_allocator_cache".split(),
-        BOOL,
-    ),
-    **dict.fromkeys("dataset_dir output_dir model_dir train#trainer#precision".split(), STR),
-    **dict.fromkeys("patch_size sw_strides lr_scheduler#milestones".split(), INTS),
-}
-#: settings that may also be ``null``.
-OPTIONAL_SETTINGS = ("datalists#train_list", "datalists#val_list", "resume_from")
 
 
 def stop(title: str, lines: Sequence[str]) -> None:
-    """Raise :class:`~bundle.config.errors.BundleError` with ``title`` and one indented line per problem; the command line
-    turns it into that report as the last output and exit status 1 (:mod:`bundle.config.errors`)."""
+    """Raise :class:`~bundle.config.errors.BundleError` with ``title`` and one indented line per problem; the command
+    line turns it into that report as the last output and exit status 1 (:mod:`bundle.config.errors`)."""
     raise BundleError(title, lines)
-
-
-def _type_problem(key: str, value: Any, expected: Any) -> Optional[str]:
-    if expected == BOOL:
-        try:
-            parse_bool(value, key)
-        except BooleanSettingError as err:
-            return str(err)
-        return None
-    if expected == INTS:
-        ok = isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-        name = "a list of integers, e.g. [96,96,96]"
-    else:
-        ok = isinstance(value, expected) and not isinstance(value, bool)
-        name = {INT: "an integer", FLOAT: "a number"}.get(expected, "a string")
-    return None if ok else f"{key}: expected {name}, got {value!r} ({type(value).__name__})"
-
-
-def check_settings(settings: Dict[str, Any]) -> None:
-    """Check the type of each setting (config path -> value) against :data:`SETTING_TYPES` (:data:`OPTIONAL_SETTINGS`:
-    a string or null) and stop naming every wrong key, before anything is built (``--max_iterations abc`` would
-    otherwise fail deep inside training with a ``TypeError`` naming no key). ``patch_size`` must also be positive
-    multiples of the networks' :data:`~bundle.networks.subnets.SIZE_DIVISOR` (else the first iteration fails, after the
-    data are read). Method arguments are checked by the method's own constructor."""
-    problems = []
-    for key, value in settings.items():
-        if key in OPTIONAL_SETTINGS:
-            if value is not None and not isinstance(value, str):
-                problems.append(f"{key}: expected a path or null, got {value!r} ({type(value).__name__})")
-        elif key in SETTING_TYPES:
-            problem = _type_problem(key, value, SETTING_TYPES[key])
-            if not problem and key == "patch_size" and any(v <= 0 or v % SIZE_DIVISOR for v in value):
-                problem = (
-                    f"{key}: expected sizes divisible by {SIZE_DIVISOR} (the networks' down-sampling), got {value}"
-                )
-            if problem:
-                problems.append(problem)
-        else:
-            raise KeyError(f"check_settings: no expected type for setting '{key}'.")
-    if problems:
-        stop("Invalid settings (config or command-line overrides):", problems)
 
 
 def check_writable(folders: Sequence[str]) -> None:
@@ -174,7 +104,8 @@ def check_batch_labels(label: Any, num_classes: int, files: Optional[Sequence[st
 
 
 def datalists_or_exit(**kwargs: Any) -> Dict[str, List[Dict[str, str]]]:
-    """:func:`bundle.data.datalists.build_datalists`, stopping with its report (every header problem) instead of a traceback."""
+    """:func:`bundle.data.datalists.build_datalists`, stopping with its report (every header problem) instead of a
+    traceback."""
     try:
         return build_datalists(**kwargs)
     except DatasetError as err:
@@ -249,10 +180,10 @@ def check_dataset(
     train_list: Optional[str] = None,
     val_list: Optional[str] = None,
 ) -> int:
-    """Check a whole dataset as training would, without training: every header (:func:`bundle.data.datalists.check_items`),
-    then every volume's voxels (readable to the end, finite, labels in ``[0, out_channels)``, label affine equal to
-    the image's). Labels of every labeled item are checked (``num_labeled`` = all). Returns the number of items
-    checked; stops with the report when anything is wrong."""
+    """Check a whole dataset as training would, without training: every header
+    (:func:`bundle.data.datalists.check_items`), then every volume's voxels (readable to the end, finite, labels in
+    ``[0, out_channels)``, label affine equal to the image's). Labels of every labeled item are checked
+    (``num_labeled`` = all). Returns the number of items checked; stops with the report when anything is wrong."""
     lists = datalists_or_exit(
         dataset_dir=dataset_dir,
         num_labeled=-1,
