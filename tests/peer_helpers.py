@@ -57,7 +57,7 @@ def poisoned_la_dataset(root: Path, poison: Optional[str], num_cases: int = 4, n
 
 
 def bundle_overrides(dataset_dir, out_dir: Path, **extra) -> Dict:
-    """The tiny-run overrides of ``tests/test_training.py`` (16^3 patches, base width 4, 3 iterations)."""
+    """The tiny-run overrides of ``tests/engine/test_training.py`` (16^3 patches, base width 4, 3 iterations)."""
     return tiny_overrides(str(dataset_dir), out_dir, **extra)
 
 

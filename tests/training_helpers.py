@@ -79,7 +79,7 @@ def train_and_record(configs, overrides):
     return workflow, records
 
 
-#: per preset, what differs from the tiny run of ``tests/test_training.py`` (BCP needs 32^3 patches for its half
+#: per preset, what differs from the tiny run of ``tests/engine/test_training.py`` (BCP needs 32^3 patches for its half
 #: batches at the bottleneck, DyCON a 32x32x16 patch for its 8^3 tokens and a small projection head).
 PRESET_OVERRIDES = {
     "dual_journal": {},

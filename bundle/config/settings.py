@@ -5,7 +5,7 @@ Each :class:`Setting` names a config path of ``configs/train.json`` (``--path va
 :func:`check_settings` expects, and where and how the README shows it. Defaults are never written here: the README
 shows the value in ``configs/train.json`` (or, for a method's network argument, the default of the class that
 ``train.json`` configures); only a default that ``train.json`` computes (an expression or reference) has a text.
-``tests/test_settings_table.py`` fails when the table, ``train.json`` and the README drift apart.
+``tests/config/test_settings_table.py`` fails when the table, ``train.json`` and the README drift apart.
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ class EntropyMinimization(SSLMethod):
 '''
 
 OVERLAY = {
-    "_desc_": "Entropy minimisation on one V-Net (written by tests/test_new_method.py).",
+    "_desc_": "Entropy minimisation on one V-Net (written by tests/methods/test_new_method.py).",
     "method": {
         "_target_": "entropy_minimization.EntropyMinimization",
         "network": {

@@ -92,7 +92,7 @@ def torchrun(configs, overrides, probe_dir: Path, timeout: int = 300) -> subproc
 
 
 def tiny_overrides(dataset_dir, out_dir, **extra):
-    """The tiny run of ``tests/test_training.py`` with 4 labeled items and ``ITERATIONS`` iterations."""
+    """The tiny run of ``tests/engine/test_training.py`` with 4 labeled items and ``ITERATIONS`` iterations."""
     settings = {"num_labeled": 4, "max_iterations": ITERATIONS, "val_interval": ITERATIONS, **extra}
     return training_overrides(dataset_dir, out_dir, **settings)
 

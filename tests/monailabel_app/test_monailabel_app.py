@@ -36,7 +36,7 @@ from monailabel_app.scoring import DISAGREEMENT, SCORE, image_scores, rank_image
 from monailabel_app.settings import AppConfigError, AppSettings  # noqa: E402
 from monailabel_app.train import datastore_items, training_length, training_workflow, usable_items  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 HOST = "127.0.0.1"
 AFFINE = np.array([[-1.5, 0, 0, 20.0], [0, 1.25, 0, -7.0], [0, 0, 2.0, 3.0], [0, 0, 0, 1]])
 LABELED = [f"case_l{i}" for i in range(3)]
