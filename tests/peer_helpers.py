@@ -96,7 +96,7 @@ def train_tiny_overlay(tmp_path_factory, method: str, overrides: Dict) -> Dict:
 
 def segment_with_inference(trained: Dict, out_dir: Path, **overrides) -> np.ndarray:
     """Run ``inference.json`` alone (the model's ``model_metadata.json`` rebuilds its network) on the trained
-    fixture's images with its ``model.pt``; assert every output is a NIfTI mask and return the first one."""
+    fixture's images with its ``model.pt``; assert every output is a NIfTI mask of 0/1 and return the first one."""
     workflow = ConfigWorkflow(
         config_file=str(REPO_ROOT / "configs" / "inference.json"),
         logging_file=False,
@@ -110,4 +110,6 @@ def segment_with_inference(trained: Dict, out_dir: Path, **overrides) -> np.ndar
     workflow.run()
     outputs = sorted(name for name in os.listdir(out_dir) if name != "manifest.json")
     assert outputs and all(name.endswith(".nii.gz") for name in outputs)
-    return np.asarray(nib.load(str(out_dir / outputs[0])).dataobj)
+    mask = np.asarray(nib.load(str(out_dir / outputs[0])).dataobj)
+    assert mask.ndim == 3 and set(np.unique(mask)) <= {0, 1}
+    return mask

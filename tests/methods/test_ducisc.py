@@ -3,7 +3,6 @@ label poisoning, inference of the saved model)."""
 
 import math
 
-import numpy as np
 import pytest
 import torch
 from torch.nn import functional as F
@@ -265,8 +264,7 @@ def test_overlay_default_warmup_scales_with_short_runs(tmp_path):
 
 
 def test_saved_model_runs_through_inference_json_alone(trained, tmp_path):
-    mask = segment_with_inference(trained, tmp_path / "pred", sw_strides=[8, 8, 8])
-    assert mask.ndim == 3 and set(np.unique(mask)) <= {0, 1}
+    segment_with_inference(trained, tmp_path / "pred", sw_strides=[8, 8, 8])
 
 
 def test_poisoned_unlabeled_labels_change_no_loss(tmp_path):
