@@ -102,7 +102,9 @@ def active_parser() -> ConfigParser:
     """The ``ConfigParser`` of the configuration being run, for a component of that configuration.
 
     MONAI gives a config component no handle on its parser, so the parser is found as the ``self`` of a calling
-    frame (``ConfigParser.get_parsed_content``)."""
+    frame (``ConfigParser.get_parsed_content``). The alternatives MONAI 1.6 offers do not serve: ``"%"`` (the raw
+    config) is parsed again into live components, ``"@"`` (the root) is a circular reference from ``initialize``, and
+    a ``ConfigWorkflow`` subclass would need ``--workflow_name`` on every user's command line."""
     frame = inspect.currentframe()
     while frame is not None:
         owner = frame.f_locals.get("self")
