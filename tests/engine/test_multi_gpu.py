@@ -76,7 +76,7 @@ def torchrun(configs, overrides, probe_dir: Path, timeout: int = 300) -> subproc
     """Run ``torchrun --standalone --nproc_per_node=2 -m monai.bundle run training`` (a free rendezvous port is
     picked by ``--standalone``) with ``configs`` + a probe overlay attaching :class:`DrawRecorder`."""
     probe = {
-        "draw_recorder": {"_target_": "tests.test_multi_gpu.DrawRecorder", "output_dir": str(probe_dir)},
+        "draw_recorder": {"_target_": "tests.engine.test_multi_gpu.DrawRecorder", "output_dir": str(probe_dir)},
         "+train#handlers": ["@draw_recorder"],
         "+finalize": ["$@draw_recorder.dump(@network)"],
     }
