@@ -30,7 +30,9 @@ pytest.importorskip("monailabel")
 requests = pytest.importorskip("requests")
 
 from bundle.data.synthetic import synthetic_volume  # noqa: E402
-from bundle.networks.subnets import SoftmaxOutput  # noqa: E402
+from bundle.inference.model_settings import LEGACY_SETTINGS, SETTINGS_FILE, write_model_settings  # noqa: E402
+from bundle.networks.described import network_config  # noqa: E402
+from bundle.networks.subnets import SoftmaxOutput, VNetSeg  # noqa: E402
 from monailabel_app.main import MODEL, STRATEGY  # noqa: E402
 from monailabel_app.scoring import DISAGREEMENT, SCORE, image_scores, rank_images  # noqa: E402
 from monailabel_app.settings import AppConfigError, AppSettings  # noqa: E402
@@ -194,10 +196,20 @@ def test_single_network_method_is_ranked_by_entropy(tmp_path):
     studies = make_datastore(tmp_path)
     conf = {**CONF, "method": "mean_teacher", "model_dir": str(tmp_path / "model"), "work_dir": str(tmp_path / "w")}
     settings = AppSettings.from_conf(conf)
+    os.makedirs(settings.model_dir)  # a trained single-V-Net model: weights and the settings that rebuild its network
+    trained = SoftmaxOutput(VNetSeg(out_channels=len(settings.labels), base_width=settings.base_width))
+    torch.save(trained.state_dict(), settings.model_path)
+    metadata = {
+        **LEGACY_SETTINGS,
+        "out_channels": len(settings.labels),
+        "base_width": settings.base_width,
+        "patch_size": list(settings.patch_size),
+        "network": "SoftmaxOutput",
+        "network_def": network_config(trained),
+    }
+    write_model_settings(metadata, os.path.join(settings.model_dir, SETTINGS_FILE))  # fmt: skip
     network = settings.inference_parser().get_parsed_content("network_def")
-    assert isinstance(network, SoftmaxOutput)
-    os.makedirs(settings.model_dir)
-    torch.save(network.state_dict(), settings.model_path)
+    assert isinstance(network, SoftmaxOutput) and isinstance(network.net, VNetSeg)
     images = {name: str(studies / f"{name}.nii.gz") for name in UNLABELED[:2] + [BROKEN]}
     rows, failures = rank_images(settings, images, str(tmp_path / "scoring"))
     assert sorted(rows) == UNLABELED[:2] and {row["ranked_by"] for row in rows.values()} == {"entropy"}
