@@ -16,7 +16,8 @@ from bundle.losses import (
     contrastive_ramp,
     sigmoid_rampup,
 )
-from bundle.losses.reliability import class_argmax, percentile, reliable_voxels, union_pseudo_label
+from bundle.losses.dual_network.reliability import percentile, reliable_voxels, union_pseudo_label
+from bundle.losses.functional import class_argmax
 
 SQRT2 = math.sqrt(2.0)
 #: d(u, c) between 2-D directions 45 degrees apart: sqrt(2 - 2 cos 45).

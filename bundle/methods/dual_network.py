@@ -8,9 +8,14 @@ from typing import Dict, Mapping, Optional
 import torch
 from torch import Tensor, nn
 
-from bundle.losses.consistency import CosineConsistencyLoss, MaskedConsistencyLoss
-from bundle.losses.prototype import PrototypeContrastiveLoss
-from bundle.losses.pseudo import CrossPseudoSupervisionLoss, EntropyFilteredLoss, UncertaintyRectifiedLoss
+from bundle.losses.dual_network import (
+    CosineConsistencyLoss,
+    CrossPseudoSupervisionLoss,
+    EntropyFilteredLoss,
+    MaskedConsistencyLoss,
+    PrototypeContrastiveLoss,
+    UncertaintyRectifiedLoss,
+)
 from bundle.losses.ramps import contrastive_ramp, sigmoid_rampup
 from bundle.losses.supervised import SupervisedLoss
 from bundle.methods.base import SSLMethod, Terms, Weights

@@ -13,7 +13,6 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from bundle.losses.tensor_ops import clipped_noise
 from bundle.methods.base import SSLMethod
 from bundle.networks.subnets import SoftmaxOutput
 
@@ -21,6 +20,12 @@ from bundle.networks.subnets import SoftmaxOutput
 STUDENT_TEACHER_INFER_NETS = ("student", "teacher")
 #: what happens to the teacher's buffers (BatchNorm running statistics) at an EMA update (docs/methods/README.md §4).
 EMA_BUFFER_RULES = ("own", "copy")
+
+
+def clipped_noise(images: torch.Tensor, std: float, clip: float) -> torch.Tensor:
+    """``xi = clip(N(0, std^2), -clip, clip)``, one fresh draw per voxel, shaped like ``images`` (the teacher input
+    noise of Mean Teacher, UA-MT and DyCON; docs/methods/mean_teacher.md, Eq. MT-2)."""
+    return torch.clamp(torch.randn_like(images) * std, -clip, clip)
 
 
 def ema_alpha(iteration: int, decay: float, warmup: bool = True) -> float:
@@ -127,7 +132,7 @@ class StudentTeacherMethod(SSLMethod):
 
     def noisy(self, images: torch.Tensor) -> torch.Tensor:
         """``images + xi``, ``xi = clip(N(0, noise_std^2), -noise_clip, noise_clip)`` drawn per voxel
-        (:func:`~bundle.losses.tensor_ops.clipped_noise`; docs/methods/mean_teacher.md, Eq. MT-2)."""
+        (:func:`clipped_noise`; docs/methods/mean_teacher.md, Eq. MT-2)."""
         return images + clipped_noise(images, self.noise_std, self.noise_clip)
 
     def teacher_logits(self, images: torch.Tensor) -> torch.Tensor:

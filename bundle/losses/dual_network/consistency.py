@@ -6,8 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bundle.losses.supervised import check_label
-from bundle.losses.tensor_ops import one_hot
+from bundle.losses.functional import check_label, one_hot
 
 #: CR mask rules: ``"xor"`` (released code) or ``"or"`` (J's text).
 CR_MASK_RULES = ("xor", "or")
