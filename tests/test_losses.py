@@ -6,19 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bundle.losses import (
-    CosineConsistencyLoss,
-    CrossPseudoSupervisionLoss,
-    EntropyFilteredLoss,
-    MaskedConsistencyLoss,
-    PrototypeContrastiveLoss,
-    SupervisedLoss,
-    UncertaintyRectifiedLoss,
-    contrastive_ramp,
-    sigmoid_rampup,
-)
+from bundle.losses.dual_network.consistency import CosineConsistencyLoss, MaskedConsistencyLoss
+from bundle.losses.dual_network.prototype import PrototypeContrastiveLoss
+from bundle.losses.dual_network.pseudo import CrossPseudoSupervisionLoss, EntropyFilteredLoss, UncertaintyRectifiedLoss
 from bundle.losses.dual_network.reliability import percentile, reliable_voxels, union_pseudo_label
 from bundle.losses.functional import class_argmax, masked_cross_entropy, soft_dice_loss, softmax_entropy
+from bundle.losses.ramps import contrastive_ramp, sigmoid_rampup
+from bundle.losses.supervised import SupervisedLoss
 
 SQRT2 = math.sqrt(2.0)
 #: d(u, c) between 2-D directions 45 degrees apart: sqrt(2 - 2 cos 45).

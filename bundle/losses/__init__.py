@@ -14,28 +14,6 @@ in a shared module named for what it is.**
 Losses are stateless functions of their inputs: state that a term updates across iterations (DuCiSC's thresholds,
 BCP's stage) and input transforms (teacher noise, mixup) belong to the method (:mod:`bundle.methods`), whose
 ``state_dict()`` holds them. A new method's terms go into ``bundle/losses/<method>.py``; a piece it shares with an
-existing family moves into a shared module.
+existing family moves into a shared module. Import a term from the module that defines it (this package re-exports
+nothing).
 """
-
-from bundle.losses.dual_network import (
-    CosineConsistencyLoss,
-    CrossPseudoSupervisionLoss,
-    EntropyFilteredLoss,
-    MaskedConsistencyLoss,
-    PrototypeContrastiveLoss,
-    UncertaintyRectifiedLoss,
-)
-from bundle.losses.ramps import contrastive_ramp, sigmoid_rampup
-from bundle.losses.supervised import SupervisedLoss
-
-__all__ = [
-    "CosineConsistencyLoss",
-    "CrossPseudoSupervisionLoss",
-    "EntropyFilteredLoss",
-    "MaskedConsistencyLoss",
-    "PrototypeContrastiveLoss",
-    "SupervisedLoss",
-    "UncertaintyRectifiedLoss",
-    "contrastive_ramp",
-    "sigmoid_rampup",
-]

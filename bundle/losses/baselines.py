@@ -50,7 +50,7 @@ class HalfCEDiceLoss(nn.Module):
 
     * ``fg_sq`` (UA-MT): ``1 - (2 sum p_1 y + eps) / (sum p_1^2 + sum y^2 + eps)`` over the whole sub-batch,
       foreground channel(s) only (averaged over them for ``C > 2``), ``eps = 1e-5``. Equal to half of
-      :class:`~bundle.losses.SupervisedLoss`.
+      :class:`~bundle.losses.supervised.SupervisedLoss`.
     * ``mean_sq`` (SSL4MIS ``DiceLoss(C)``): the same per class, background included, averaged over ``C``.
     * ``bcp``: :class:`RegionDiceLoss` with ``R = 1``.
 
@@ -120,7 +120,7 @@ class ArgmaxCrossPseudoLoss(nn.Module):
 
     each CE a mean over all voxels. The targets carry no gradient, so each net receives gradient only through its
     own prediction (one backward of the sum equals two separate backwards). Unlike the dual method's
-    :class:`~bundle.losses.CrossPseudoSupervisionLoss` there is no confidence threshold.
+    :class:`~bundle.losses.dual_network.pseudo.CrossPseudoSupervisionLoss` there is no confidence threshold.
 
     Args (forward):
         logits_1, logits_2: ``(B, C, *spatial)`` logits of the two nets on the same images.

@@ -2,16 +2,3 @@
 modules: :mod:`.reliability` (entropy-percentile masks and union pseudo-labels), :mod:`.pseudo` (CPS, EFS, UE),
 :mod:`.prototype` (PGL) and :mod:`.consistency` (CR, cosine). Its supervised term is the shared
 :class:`~bundle.losses.supervised.SupervisedLoss`."""
-
-from bundle.losses.dual_network.consistency import CosineConsistencyLoss, MaskedConsistencyLoss
-from bundle.losses.dual_network.prototype import PrototypeContrastiveLoss
-from bundle.losses.dual_network.pseudo import CrossPseudoSupervisionLoss, EntropyFilteredLoss, UncertaintyRectifiedLoss
-
-__all__ = [
-    "CosineConsistencyLoss",
-    "CrossPseudoSupervisionLoss",
-    "EntropyFilteredLoss",
-    "MaskedConsistencyLoss",
-    "PrototypeContrastiveLoss",
-    "UncertaintyRectifiedLoss",
-]
