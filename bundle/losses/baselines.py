@@ -13,7 +13,14 @@ import torch.nn.functional as F
 from monai.losses import DiceLoss
 from torch import nn
 
-from bundle.losses.functional import check_label, class_argmax, masked_cross_entropy, one_hot, soft_dice_loss
+from bundle.losses.functional import (
+    check_label,
+    check_option,
+    class_argmax,
+    masked_cross_entropy,
+    one_hot,
+    soft_dice_loss,
+)
 
 #: Dice variants of the baselines' supervised loss (docs/methods/README.md §3).
 DICE_VARIANTS = ("fg_sq", "mean_sq", "bcp")
@@ -60,8 +67,7 @@ class HalfCEDiceLoss(nn.Module):
 
     def __init__(self, dice_variant: str = "fg_sq") -> None:
         super().__init__()
-        if dice_variant not in DICE_VARIANTS:
-            raise ValueError(f"dice_variant must be one of {DICE_VARIANTS}, got {dice_variant!r}.")
+        check_option("dice_variant", dice_variant, DICE_VARIANTS)
         self.dice_variant = dice_variant
         if dice_variant == "bcp":
             self.dice: nn.Module = RegionDiceLoss()

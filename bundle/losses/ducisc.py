@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from bundle.losses.functional import masked_cross_entropy, soft_dice_loss
+from bundle.losses.functional import check_option, masked_cross_entropy, soft_dice_loss
 
 #: how the soft "CE" of the mixed consistency is computed: the released code's KL divergence, or soft-target CE.
 MIX_CE_MODES = ("kl", "ce")
@@ -76,8 +76,7 @@ class DeepSupervisedCEDiceLoss(nn.Module):
 
     def __init__(self, ce_mode: str = "ce", eps: float = 1e-8) -> None:
         super().__init__()
-        if ce_mode not in MIX_CE_MODES:
-            raise ValueError(f"ce_mode must be one of {MIX_CE_MODES}, got {ce_mode!r}.")
+        check_option("ce_mode", ce_mode, MIX_CE_MODES)
         self.ce_mode = ce_mode
         self.eps = eps
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from bundle.losses.functional import one_hot, softmax_entropy
+from bundle.losses.functional import check_option, one_hot, softmax_entropy
 
 #: the beta schedules of UnCL: the paper's exponential decay, the code's geometric decay, or a constant.
 BETA_SCHEDULES = ("exp_decay", "geometric", "constant")
@@ -34,8 +34,7 @@ def uncl_beta(progress: float, schedule: str = "exp_decay", beta_max: float = 1.
     * ``"geometric"`` (code, with ``beta_max=5, beta_min=0.5``): ``beta_max (beta_min / beta_max)^progress``.
     * ``"constant"``: ``beta_max``.
     """
-    if schedule not in BETA_SCHEDULES:
-        raise ValueError(f"beta schedule must be one of {BETA_SCHEDULES}, got {schedule!r}.")
+    check_option("beta schedule", schedule, BETA_SCHEDULES)
     progress = min(max(float(progress), 0.0), 1.0)
     if schedule == "exp_decay":
         return max(beta_min, beta_max * math.exp(-decay * progress))

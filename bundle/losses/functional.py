@@ -1,5 +1,5 @@
-"""Tensor functions every method family's losses share, each defined once: the label check, one-hot labels, the
-class arg-max, the entropy of class probabilities, the masked cross-entropy and the soft Dice loss.
+"""Functions every method family shares, each defined once: the argument checks (label shape, option names), one-hot
+labels, the class arg-max, the entropy of class probabilities, the masked cross-entropy and the soft Dice loss.
 
 Shapes: logits and probabilities ``(B, C, *spatial)``, integer labels ``(B, 1, *spatial)`` unless a function says
 otherwise. Constants that differ between the released codes the methods follow (an entropy's ``eps``, a Dice's
@@ -8,7 +8,7 @@ smoothing) are arguments without defaults: each caller passes the value of its c
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,13 @@ def check_label(logits: torch.Tensor, label: torch.Tensor) -> None:
         raise ValueError(
             f"label must have shape (B, 1, *spatial) matching logits {list(logits.shape)}, got {list(label.shape)}."
         )
+
+
+def check_option(name: str, value: object, options: Sequence[object]) -> None:
+    """Raise ``ValueError`` ("``name`` must be one of ``options``, got ``value``") unless ``value`` is among
+    ``options`` (the choices of a method's or a loss's string argument)."""
+    if value not in options:
+        raise ValueError(f"{name} must be one of {tuple(options)}, got {value!r}.")
 
 
 def one_hot(label: torch.Tensor, num_classes: int, dtype: Optional[torch.dtype] = None) -> torch.Tensor:

@@ -13,6 +13,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from bundle.losses.functional import check_option
 from bundle.methods.base import SSLMethod
 from bundle.networks.subnets import SoftmaxOutput
 
@@ -94,10 +95,8 @@ class StudentTeacherMethod(SSLMethod):
         self.noise_std, self.noise_clip = float(noise_std), float(noise_clip)
         if not 0.0 <= ema_decay <= 1.0:
             raise ValueError(f"ema_decay must be in [0, 1], got {ema_decay}.")
-        if ema_buffers not in EMA_BUFFER_RULES:
-            raise ValueError(f"ema_buffers must be one of {EMA_BUFFER_RULES}, got {ema_buffers!r}.")
-        if infer_net not in STUDENT_TEACHER_INFER_NETS:
-            raise ValueError(f"infer_net must be one of {STUDENT_TEACHER_INFER_NETS}, got {infer_net!r}.")
+        check_option("ema_buffers", ema_buffers, EMA_BUFFER_RULES)
+        check_option("infer_net", infer_net, STUDENT_TEACHER_INFER_NETS)
         self.student = student
         self.teacher = copy.deepcopy(student)
         self.teacher.requires_grad_(False)

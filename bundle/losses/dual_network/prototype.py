@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bundle.losses.dual_network.reliability import RELIABILITY_RULES, reliable_voxels
-from bundle.losses.functional import class_argmax
+from bundle.losses.functional import check_option, class_argmax
 
 
 def normalized_distance(u: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -72,8 +72,7 @@ class PrototypeContrastiveLoss(nn.Module):
         generator: Optional[torch.Generator] = None,
     ) -> None:
         super().__init__()
-        if reliability not in RELIABILITY_RULES:
-            raise ValueError(f"reliability must be one of {RELIABILITY_RULES}, got {reliability!r}.")
+        check_option("reliability", reliability, RELIABILITY_RULES)
         if not 0.0 < sample_fraction <= 1.0:
             raise ValueError(f"sample_fraction must be in (0, 1], got {sample_fraction}.")
         self.percentile = percentile

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bundle.losses.dual_network.reliability import UNDEFINED_LABEL, entropy_uncertain, union_pseudo_label
-from bundle.losses.functional import class_argmax, masked_cross_entropy
+from bundle.losses.functional import check_option, class_argmax, masked_cross_entropy
 
 #: CPS normalisations: mean over all voxels, or over the voxels that carry a confident pseudo-label.
 CPS_NORMALIZATIONS = ("all", "confident")
@@ -40,8 +40,7 @@ class CrossPseudoSupervisionLoss(nn.Module):
 
     def __init__(self, threshold: float = 0.6, normalization: str = "all") -> None:
         super().__init__()
-        if normalization not in CPS_NORMALIZATIONS:
-            raise ValueError(f"normalization must be one of {CPS_NORMALIZATIONS}, got {normalization!r}.")
+        check_option("normalization", normalization, CPS_NORMALIZATIONS)
         self.threshold = threshold
         self.normalization = normalization
 
@@ -85,8 +84,7 @@ class EntropyFilteredLoss(nn.Module):
 
     def __init__(self, percentile: float = 70.0, target: str = "union") -> None:
         super().__init__()
-        if target not in EFS_TARGETS:
-            raise ValueError(f"target must be one of {EFS_TARGETS}, got {target!r}.")
+        check_option("target", target, EFS_TARGETS)
         if not 0.0 <= percentile <= 100.0:
             raise ValueError(f"percentile must be in [0, 100], got {percentile}.")
         self.percentile = percentile
@@ -136,8 +134,7 @@ class UncertaintyRectifiedLoss(nn.Module):
 
     def __init__(self, target: str = "hard", temperature: float = 0.5) -> None:
         super().__init__()
-        if target not in UE_TARGETS:
-            raise ValueError(f"target must be one of {UE_TARGETS}, got {target!r}.")
+        check_option("target", target, UE_TARGETS)
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}.")
         self.target = target

@@ -11,7 +11,7 @@ from typing import Tuple
 
 import torch
 
-from bundle.losses.functional import class_argmax, softmax_entropy
+from bundle.losses.functional import check_option, class_argmax, softmax_entropy
 
 #: value of a pseudo-label that is undefined (both nets predict different non-background classes, ``C > 2`` only).
 UNDEFINED_LABEL = -1
@@ -70,8 +70,7 @@ def reliable_voxels(
     ``tau_X`` is the ``q``-th percentile of net X's entropy over the sub-batch. Returns bool ``R`` and long label,
     both ``(B, *spatial)``; the label is meaningful only inside ``R``.
     """
-    if rule not in RELIABILITY_RULES:
-        raise ValueError(f"reliability rule must be one of {RELIABILITY_RULES}, got {rule!r}.")
+    check_option("reliability rule", rule, RELIABILITY_RULES)
     uncertain_a, uncertain_b = entropy_uncertain(prob_a, q), entropy_uncertain(prob_b, q)
     pred_a, pred_b = class_argmax(prob_a), class_argmax(prob_b)
     if rule == "paper":
