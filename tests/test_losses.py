@@ -10,7 +10,13 @@ from bundle.losses.dual_network.consistency import CosineConsistencyLoss, Masked
 from bundle.losses.dual_network.prototype import PrototypeContrastiveLoss
 from bundle.losses.dual_network.pseudo import CrossPseudoSupervisionLoss, EntropyFilteredLoss, UncertaintyRectifiedLoss
 from bundle.losses.dual_network.reliability import percentile, reliable_voxels, union_pseudo_label
-from bundle.losses.functional import class_argmax, masked_cross_entropy, soft_dice_loss, softmax_entropy
+from bundle.losses.functional import (
+    check_option,
+    class_argmax,
+    masked_cross_entropy,
+    soft_dice_loss,
+    softmax_entropy,
+)
 from bundle.losses.ramps import contrastive_ramp, sigmoid_rampup
 from bundle.losses.supervised import SupervisedLoss
 
@@ -48,6 +54,12 @@ def linear_percentile(values, q):
 
 
 # ----------------------------------------------------------------------------------------- shared functions
+def test_check_option_accepts_a_choice_and_names_the_argument():
+    check_option("mask_rule", "or", ("xor", "or"))
+    with pytest.raises(ValueError, match=r"^mask_rule must be one of \('xor', 'or'\), got 'and'\.$"):
+        check_option("mask_rule", "and", ("xor", "or"))
+
+
 def test_softmax_entropy_uniform_one_hot_and_keepdim():
     uniform = torch.full((1, 2, 3, 1, 1), 0.5, dtype=torch.float64)
     assert torch.allclose(softmax_entropy(uniform, 0.0), torch.full((1, 3, 1, 1), math.log(2), dtype=torch.float64))
