@@ -35,7 +35,7 @@ from benchmarking.runs import (  # noqa: E402
 )
 from bundle.data.datalists import la_items, read_case_list  # noqa: E402
 from bundle.data.transforms import training_transforms  # noqa: E402
-from bundle.losses.reliability import entropy_uncertain, union_pseudo_label  # noqa: E402
+from bundle.losses.dual_network.reliability import entropy_uncertain, union_pseudo_label  # noqa: E402
 
 
 def dice(pred: torch.Tensor, truth: torch.Tensor) -> float:

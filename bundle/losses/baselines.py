@@ -13,9 +13,14 @@ import torch.nn.functional as F
 from monai.losses import DiceLoss
 from torch import nn
 
-from bundle.losses.reliability import class_argmax
-from bundle.losses.supervised import check_label
-from bundle.losses.tensor_ops import one_hot
+from bundle.losses.functional import (
+    check_label,
+    check_option,
+    class_argmax,
+    masked_cross_entropy,
+    one_hot,
+    soft_dice_loss,
+)
 
 #: Dice variants of the baselines' supervised loss (docs/methods/README.md §3).
 DICE_VARIANTS = ("fg_sq", "mean_sq", "bcp")
@@ -27,9 +32,8 @@ class RegionDiceLoss(nn.Module):
 
         ``D = 1 - mean_{n,c} (2 sum_v R_v p_{n,c,v} y_{n,c,v} + eps) / (sum_v R_v (p_{n,c,v} + y_{n,c,v}) + eps)``
 
-    with ``eps = 1e-5``, ``y`` the one-hot label and every class (background included) in the mean. Hand-written:
-    MONAI's ``MaskedDiceLoss`` gives the same value up to rounding only (it masks prediction and target before
-    summing; docs/methods/README.md §3), and the presets' losses are kept bit-identical.
+    with ``eps = 1e-5``, ``y`` the one-hot label and every class (background included) in the mean
+    (:func:`~bundle.losses.functional.soft_dice_loss`).
 
     Args (forward):
         logits: ``(B, C, *spatial)``.
@@ -45,26 +49,7 @@ class RegionDiceLoss(nn.Module):
     def forward(self, logits: torch.Tensor, label: torch.Tensor, region: Optional[torch.Tensor] = None) -> torch.Tensor:
         check_label(logits, label)
         prob = torch.softmax(logits, dim=1)
-        target = one_hot(label, logits.shape[1], prob.dtype)
-        weight = torch.ones_like(prob[:, :1]) if region is None else region.to(prob.dtype)
-        spatial_dims = tuple(range(2, logits.dim()))
-        intersection = (weight * prob * target).sum(spatial_dims)
-        denominator = (weight * (prob + target)).sum(spatial_dims)
-        return 1.0 - ((2.0 * intersection + self.eps) / (denominator + self.eps)).mean()
-
-
-def region_cross_entropy(
-    logits: torch.Tensor, label: torch.Tensor, region: Optional[torch.Tensor] = None, eps: float = 1e-16
-) -> torch.Tensor:
-    """``CE_R(z, y) = sum_{n,v} R_v ce_{n,v} / (sum_{n,v} R_v + eps)`` (docs/methods/README.md, Eq. S-3), ``ce_{n,v} =
-    -log p_{y}``; ``region`` ``(B or 1, 1, *spatial)`` is broadcast over the batch; ``None`` gives the plain voxel
-    mean."""
-    check_label(logits, label)
-    per_voxel = F.cross_entropy(logits, label[:, 0].long(), reduction="none")
-    if region is None:
-        return per_voxel.mean()
-    weight = region[:, 0].to(per_voxel.dtype).expand_as(per_voxel)
-    return (weight * per_voxel).sum() / (weight.sum() + eps)
+        return soft_dice_loss(prob, one_hot(label, logits.shape[1], prob.dtype), self.eps, region)
 
 
 class HalfCEDiceLoss(nn.Module):
@@ -72,7 +57,7 @@ class HalfCEDiceLoss(nn.Module):
 
     * ``fg_sq`` (UA-MT): ``1 - (2 sum p_1 y + eps) / (sum p_1^2 + sum y^2 + eps)`` over the whole sub-batch,
       foreground channel(s) only (averaged over them for ``C > 2``), ``eps = 1e-5``. Equal to half of
-      :class:`~bundle.losses.SupervisedLoss`.
+      :class:`~bundle.losses.supervised.SupervisedLoss`.
     * ``mean_sq`` (SSL4MIS ``DiceLoss(C)``): the same per class, background included, averaged over ``C``.
     * ``bcp``: :class:`RegionDiceLoss` with ``R = 1``.
 
@@ -82,8 +67,7 @@ class HalfCEDiceLoss(nn.Module):
 
     def __init__(self, dice_variant: str = "fg_sq") -> None:
         super().__init__()
-        if dice_variant not in DICE_VARIANTS:
-            raise ValueError(f"dice_variant must be one of {DICE_VARIANTS}, got {dice_variant!r}.")
+        check_option("dice_variant", dice_variant, DICE_VARIANTS)
         self.dice_variant = dice_variant
         if dice_variant == "bcp":
             self.dice: nn.Module = RegionDiceLoss()
@@ -142,7 +126,7 @@ class ArgmaxCrossPseudoLoss(nn.Module):
 
     each CE a mean over all voxels. The targets carry no gradient, so each net receives gradient only through its
     own prediction (one backward of the sum equals two separate backwards). Unlike the dual method's
-    :class:`~bundle.losses.CrossPseudoSupervisionLoss` there is no confidence threshold.
+    :class:`~bundle.losses.dual_network.pseudo.CrossPseudoSupervisionLoss` there is no confidence threshold.
 
     Args (forward):
         logits_1, logits_2: ``(B, C, *spatial)`` logits of the two nets on the same images.
@@ -160,7 +144,8 @@ class CopyPasteLoss(nn.Module):
 
         ``L = 1/2 [w_o D(p, y_o; M) + w_i D(p, y_i; 1 - M) + w_o CE_M(z, y_o) + w_i CE_{1-M}(z, y_i)]``
 
-    with ``D`` the :class:`RegionDiceLoss` and ``CE_R`` the :func:`region_cross_entropy`.
+    with ``D`` the :class:`RegionDiceLoss` and ``CE_R(z, y) = sum_{n,v} R_v ce_{n,v} / (sum_{n,v} R_v + 1e-16)`` the
+    region cross-entropy (docs/methods/README.md, Eq. S-3; :func:`~bundle.losses.functional.masked_cross_entropy`).
 
     Args (forward):
         logits: ``(B, C, *spatial)``.
@@ -182,7 +167,12 @@ class CopyPasteLoss(nn.Module):
         outside_weight: float,
         inside_weight: float,
     ) -> torch.Tensor:
-        inside = 1.0 - mask
-        outside_term = self.dice(logits, outside_label, mask) + region_cross_entropy(logits, outside_label, mask)
-        inside_term = self.dice(logits, inside_label, inside) + region_cross_entropy(logits, inside_label, inside)
+        outside_term = self._part(logits, outside_label, mask)
+        inside_term = self._part(logits, inside_label, 1.0 - mask)
         return 0.5 * (outside_weight * outside_term + inside_weight * inside_term)
+
+    def _part(self, logits: torch.Tensor, label: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+        """``D(p, y; R) + CE_R(z, y)`` of one part."""
+        dice = self.dice(logits, label, region)
+        ce = masked_cross_entropy(F.log_softmax(logits, dim=1), label[:, 0].long(), region[:, 0], eps=1e-16)
+        return dice + ce

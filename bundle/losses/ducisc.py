@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from bundle.losses.tensor_ops import one_hot
+from bundle.losses.functional import check_option, masked_cross_entropy, soft_dice_loss
 
 #: how the soft "CE" of the mixed consistency is computed: the released code's KL divergence, or soft-target CE.
 MIX_CE_MODES = ("kl", "ce")
@@ -53,91 +53,6 @@ def resize_soft(target: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return F.interpolate(target, size=tuple(size), mode="trilinear", align_corners=False)
 
 
-def mixup(
-    labeled: torch.Tensor, label_1hot: torch.Tensor, unlabeled: torch.Tensor, pseudo_1hot: torch.Tensor, sigma
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Eq. (5): ``x_k = sigma x_i + (1 - sigma) x_j`` and ``y_k = sigma y_i + (1 - sigma) ybar_j``.
-
-    Args:
-        labeled, unlabeled: ``(n, C_in, *sp)`` images of the ``n`` pairs (labeled ``k`` with unlabeled ``k``).
-        label_1hot, pseudo_1hot: ``(n, C, *sp)`` one-hot ground truth and teacher arg-max (full resolution).
-        sigma: ``(n,)`` mixing ratios (the code draws ``U(0.25, 0.75)`` per pair).
-
-    Returns:
-        ``x_mix (n, C_in, *sp)`` and the soft label ``y_mix (n, C, *sp)`` with values in ``{0, s, 1-s, 1}``.
-    """
-    s = sigma.view(-1, *([1] * (labeled.dim() - 1))).to(labeled)
-    return s * labeled + (1.0 - s) * unlabeled, s * label_1hot + (1.0 - s) * pseudo_1hot
-
-
-class SelfAwareThresholds(nn.Module):
-    """Self-aware class-wise confidence thresholds ``T[s, c]`` (Eq. 8-9; docs/methods/ducisc.md, Eq. DC-3), a saved
-    buffer.
-
-    * Init (Eq. 8, ``t = 0``): ``T = 1 / C``.
-    * Certainty mask at scale ``s``: ``M^s(v) = [max_c q_c(v) > T[s, argmax_c q_c(v)]]`` for the teacher
-      probabilities ``q^s``; for ``C = 2`` and ``T >= 0.5`` this is the code's ``q_bg > T_bg or q_fg > T_fg``.
-    * Update (Eq. 8-9, code semantics): ``P[s, c] = mean`` of the **student** probability of class ``c`` over every
-      voxel of the unlabeled sub-batch whose teacher arg-max is ``c`` (pooled over the batch, detached); where that
-      set is non-empty, ``T[s, c] <- clip(beta T[s, c] + (1 - beta) P[s, c], t_min, t_max)``. Empty classes keep
-      their threshold.
-
-    ``per_scale=False`` keeps one row shared by all scales (the paper's single ``T^c``), updated from the
-    full-resolution head only. The paper neither clips nor pools over the batch; ``t_min=0, t_max=1`` removes the
-    clip.
-
-    Args:
-        num_scales: ``S`` (4 heads).
-        num_classes: ``C``.
-        beta: EMA factor (0.99, paper Fig. 7a).
-        t_min, t_max: clip range (code: 0.5, 0.95).
-        per_scale: one row per scale (code) or one shared row.
-    """
-
-    def __init__(
-        self,
-        num_scales: int,
-        num_classes: int,
-        beta: float = 0.99,
-        t_min: float = 0.5,
-        t_max: float = 0.95,
-        per_scale: bool = True,
-    ) -> None:
-        super().__init__()
-        if not 0.0 <= beta <= 1.0:
-            raise ValueError(f"threshold beta must be in [0, 1], got {beta}.")
-        if t_min > t_max:
-            raise ValueError(f"threshold clip range is empty: [{t_min}, {t_max}].")
-        self.num_scales = int(num_scales)
-        self.per_scale = bool(per_scale)
-        self.beta = float(beta)
-        self.t_min = float(t_min)
-        self.t_max = float(t_max)
-        rows = self.num_scales if self.per_scale else 1
-        self.register_buffer("thresholds", torch.full((rows, int(num_classes)), 1.0 / num_classes))
-
-    def _row(self, scale: int) -> torch.Tensor:
-        return self.thresholds[scale if self.per_scale else 0]
-
-    def mask(self, prob: torch.Tensor, scale: int) -> torch.Tensor:
-        """``(B, C, *sp)`` teacher probabilities at scale ``scale`` (0-based) -> ``(B, 1, *sp)`` bool mask."""
-        confidence, pseudo = prob.max(dim=1, keepdim=True)
-        return confidence > self._row(scale).to(prob)[pseudo]
-
-    @torch.no_grad()
-    def update(self, student_prob: torch.Tensor, pseudo_label: torch.Tensor, scale: int) -> None:
-        """Eq. 8-9 at scale ``scale``: ``student_prob`` ``(B, C, *sp)``, ``pseudo_label`` ``(B, 1, *sp)``."""
-        if not self.per_scale and scale != self.num_scales - 1:
-            return
-        selector = one_hot(pseudo_label, student_prob.shape[1]).to(student_prob)
-        dims = [0] + list(range(2, student_prob.dim()))
-        count = selector.sum(dim=dims)
-        p_avg = (selector * student_prob.detach()).sum(dim=dims) / count.clamp_min(1.0)
-        row = self._row(scale)
-        updated = (self.beta * row + (1.0 - self.beta) * p_avg.to(row)).clamp(self.t_min, self.t_max)
-        row.copy_(torch.where(count.to(row.device) > 0, updated, row))
-
-
 class DeepSupervisedCEDiceLoss(nn.Module):
     """``L = 1/2 [ mean_s CE_s + mean_s Dice_s ]`` over the scales (docs/methods/ducisc.md, Eq. DC-1, DC-4, DC-5; Eq.
     10).
@@ -161,8 +76,7 @@ class DeepSupervisedCEDiceLoss(nn.Module):
 
     def __init__(self, ce_mode: str = "ce", eps: float = 1e-8) -> None:
         super().__init__()
-        if ce_mode not in MIX_CE_MODES:
-            raise ValueError(f"ce_mode must be one of {MIX_CE_MODES}, got {ce_mode!r}.")
+        check_option("ce_mode", ce_mode, MIX_CE_MODES)
         self.ce_mode = ce_mode
         self.eps = eps
 
@@ -183,18 +97,15 @@ class DeepSupervisedCEDiceLoss(nn.Module):
                 continue
             log_p = F.log_softmax(z, dim=1)
             if self.ce_mode == "ce":
-                ce = (-(target * log_p).sum(dim=1, keepdim=True) * weight).sum() / count
+                ce = masked_cross_entropy(log_p, target, weight[:, 0])
             else:
                 kl = (torch.xlogy(target, target) - target * log_p).sum(dim=1, keepdim=True)
                 ce = (kl * weight).sum() / (count * z.shape[1])
-            prob = log_p.exp()[:, 1:] * weight
-            fg = target[:, 1:] * weight
-            dims = [0] + list(range(2, z.dim()))
-            dice = 1.0 - (2.0 * (prob * fg).sum(dim=dims) + self.eps) / (
-                prob.sum(dim=dims) + fg.sum(dim=dims) + self.eps
+            dice = soft_dice_loss(
+                log_p.exp(), target, self.eps, weight, batch=True, include_background=False, split_denominator=True
             )
             ce_terms.append(ce)
-            dice_terms.append(dice.mean())
+            dice_terms.append(dice)
         if not ce_terms:
             return sum(z.sum() for z in logits) * 0.0
         return 0.5 * (torch.stack(ce_terms).mean() + torch.stack(dice_terms).mean())

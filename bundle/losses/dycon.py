@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from bundle.losses import tensor_ops
+from bundle.losses.functional import check_option, one_hot, softmax_entropy
 
 #: the beta schedules of UnCL: the paper's exponential decay, the code's geometric decay, or a constant.
 BETA_SCHEDULES = ("exp_decay", "geometric", "constant")
@@ -34,8 +34,7 @@ def uncl_beta(progress: float, schedule: str = "exp_decay", beta_max: float = 1.
     * ``"geometric"`` (code, with ``beta_max=5, beta_min=0.5``): ``beta_max (beta_min / beta_max)^progress``.
     * ``"constant"``: ``beta_max``.
     """
-    if schedule not in BETA_SCHEDULES:
-        raise ValueError(f"beta schedule must be one of {BETA_SCHEDULES}, got {schedule!r}.")
+    check_option("beta schedule", schedule, BETA_SCHEDULES)
     progress = min(max(float(progress), 0.0), 1.0)
     if schedule == "exp_decay":
         return max(beta_min, beta_max * math.exp(-decay * progress))
@@ -44,18 +43,13 @@ def uncl_beta(progress: float, schedule: str = "exp_decay", beta_max: float = 1.
     return float(beta_max)
 
 
-def softmax_entropy(prob: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """``H(v) = -sum_c p_c log(p_c + eps)`` (natural log, not normalised; the released code's ``eps``):
-    ``(B, C, *sp)`` -> ``(B, 1, *sp)`` (:func:`~bundle.losses.tensor_ops.entropy`)."""
-    return tensor_ops.entropy(prob, eps, keepdim=True)
-
-
 class UncertaintyAwareConsistencyLoss(nn.Module):
     """UnCL, Eq. (1): ``mean_v [ D(v) / (exp(beta H_s(v)) + exp(beta H_t(v))) + beta (H_s(v) + H_t(v)) ]``.
 
-    ``D(v) = sum_c (p_s,c - p_t,c)^2`` (squared error summed over classes, the code's "MSE"), ``H`` from
-    :func:`softmax_entropy`. Gradient flows through ``p_s`` and ``H_s`` (in the weight and the regulariser); the
-    teacher terms are constants (``beta H_t`` only shifts the value). The mean is over ``B x *sp``.
+    ``D(v) = sum_c (p_s,c - p_t,c)^2`` (squared error summed over classes, the code's "MSE"), ``H(v) = -sum_c p_c
+    ln(p_c + eps)`` with the released code's ``eps = 1e-6`` (:func:`~bundle.losses.functional.softmax_entropy`).
+    Gradient flows through ``p_s`` and ``H_s`` (in the weight and the regulariser); the teacher terms are constants
+    (``beta H_t`` only shifts the value). The mean is over ``B x *sp``.
 
     Args (forward):
         student_logits: ``(B, C, *sp)``.
@@ -72,7 +66,7 @@ class UncertaintyAwareConsistencyLoss(nn.Module):
             raise ValueError(f"student {list(student_logits.shape)} and teacher {list(teacher_prob.shape)} differ.")
         p_s = torch.softmax(student_logits, dim=1)
         p_t = teacher_prob.detach()
-        h_s, h_t = softmax_entropy(p_s, self.eps), softmax_entropy(p_t, self.eps)
+        h_s, h_t = softmax_entropy(p_s, self.eps, keepdim=True), softmax_entropy(p_t, self.eps, keepdim=True)
         distance = (p_s - p_t).pow(2).sum(dim=1, keepdim=True)
         weight = torch.exp(beta * h_s) + torch.exp(beta * h_t)
         return (distance / weight + beta * (h_s + h_t)).mean()
@@ -84,8 +78,7 @@ def token_labels(class_map: torch.Tensor, grid, num_classes: int) -> torch.Tenso
     The one-hot map is average-pooled to ``grid`` (the ``8^3`` blocks of the embedding grid) and the arg-max taken;
     for ``C = 2`` that is "foreground fraction > 0.5" (a tie goes to the background; docs/methods/dycon.md §2).
     """
-    one_hot = tensor_ops.one_hot(class_map, num_classes)
-    return F.adaptive_avg_pool3d(one_hot, tuple(grid)).argmax(dim=1).flatten(1)
+    return F.adaptive_avg_pool3d(one_hot(class_map, num_classes), tuple(grid)).argmax(dim=1).flatten(1)
 
 
 def gambling_entropy(prob: torch.Tensor, grid, temperature: float = 1.0, eps: float = 1e-6) -> torch.Tensor:
@@ -96,7 +89,7 @@ def gambling_entropy(prob: torch.Tensor, grid, temperature: float = 1.0, eps: fl
     """
     with torch.no_grad():
         p_h = torch.softmax(torch.log(prob.float() + eps) / temperature, dim=1)
-        entropy = softmax_entropy(p_h, eps) / math.log(prob.shape[1])
+        entropy = softmax_entropy(p_h, eps, keepdim=True) / math.log(prob.shape[1])
         return F.adaptive_avg_pool3d(entropy, tuple(grid)).flatten(1).clamp(0.0, 1.0)
 
 

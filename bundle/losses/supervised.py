@@ -9,13 +9,7 @@ import torch.nn.functional as F
 from monai.losses import DiceLoss
 from torch import nn
 
-
-def check_label(logits: torch.Tensor, label: torch.Tensor) -> None:
-    """Raise ``ValueError`` unless ``label`` is ``(B, 1, *spatial)`` matching ``logits`` ``(B, C, *spatial)``."""
-    if label.dim() != logits.dim() or label.shape[1] != 1 or label.shape[2:] != logits.shape[2:]:
-        raise ValueError(
-            f"label must have shape (B, 1, *spatial) matching logits {list(logits.shape)}, got {list(label.shape)}."
-        )
+from bundle.losses.functional import check_label
 
 
 class SupervisedLoss(nn.Module):

@@ -8,6 +8,7 @@ from typing import Dict, Mapping, Optional
 from torch import Tensor, nn
 
 from bundle.losses.baselines import ArgmaxCrossPseudoLoss, HalfCEDiceLoss
+from bundle.losses.functional import check_option
 from bundle.losses.ramps import ramp_schedule, stepped_rampup
 from bundle.methods.base import SSLMethod, Terms, Weights
 from bundle.networks.subnets import SoftmaxEnsemble, SoftmaxOutput
@@ -80,12 +81,9 @@ class CrossPseudoSupervisionMethod(SSLMethod):
         super().__init__(loss_weights, max_iterations)
         if net1 is net2:
             raise ValueError("net1 and net2 must be two network instances (CPS collapses with one).")
-        if cps_on not in CPS_TARGETS:
-            raise ValueError(f"cps_on must be one of {CPS_TARGETS}, got {cps_on!r}.")
-        if init not in CPS_INITS:
-            raise ValueError(f"init must be one of {CPS_INITS}, got {init!r}.")
-        if infer_net not in CPS_INFER_NETS:
-            raise ValueError(f"infer_net must be one of {CPS_INFER_NETS}, got {infer_net!r}.")
+        check_option("cps_on", cps_on, CPS_TARGETS)
+        check_option("init", init, CPS_INITS)
+        check_option("infer_net", infer_net, CPS_INFER_NETS)
         self.net1 = net1
         self.net2 = net2
         if init == "kaiming_xavier":

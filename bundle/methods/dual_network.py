@@ -8,9 +8,9 @@ from typing import Dict, Mapping, Optional
 import torch
 from torch import Tensor, nn
 
-from bundle.losses.consistency import CosineConsistencyLoss, MaskedConsistencyLoss
-from bundle.losses.prototype import PrototypeContrastiveLoss
-from bundle.losses.pseudo import CrossPseudoSupervisionLoss, EntropyFilteredLoss, UncertaintyRectifiedLoss
+from bundle.losses.dual_network.consistency import CosineConsistencyLoss, MaskedConsistencyLoss
+from bundle.losses.dual_network.prototype import PrototypeContrastiveLoss
+from bundle.losses.dual_network.pseudo import CrossPseudoSupervisionLoss, EntropyFilteredLoss, UncertaintyRectifiedLoss
 from bundle.losses.ramps import contrastive_ramp, sigmoid_rampup
 from bundle.losses.supervised import SupervisedLoss
 from bundle.methods.base import SSLMethod, Terms, Weights
@@ -29,16 +29,20 @@ class DualNetworkMethod(SSLMethod):
     Terms (each unweighted; the trainer multiplies by :meth:`term_weights` and sums), computed from **one** forward of
     each net on ``cat([labeled, unlabeled])``:
 
-    * ``sup`` = ``CE_A + Dice_A + CE_B + Dice_B`` (:class:`~bundle.losses.SupervisedLoss`); labeled; each net its own.
-    * ``cr`` = ``CR_A + CR_B`` (:class:`~bundle.losses.MaskedConsistencyLoss`); labeled; each net its own; its
-      weight is J's ``lambda`` (0.5 LA/BraTS, 0.6 Pancreas).
-    * ``cps`` (:class:`~bundle.losses.CrossPseudoSupervisionLoss`); unlabeled; both nets, through their own
-      prediction only.
-    * ``efs`` (:class:`~bundle.losses.EntropyFilteredLoss`); unlabeled; both nets.
-    * ``ue`` (:class:`~bundle.losses.UncertaintyRectifiedLoss`, student A, teacher B); labeled + unlabeled; A only.
-    * ``pgl`` (:class:`~bundle.losses.PrototypeContrastiveLoss`) on the loser's features; unlabeled; the loser only;
-      its weight is multiplied by ``lambda_c(t)`` (:func:`~bundle.losses.contrastive_ramp`).
-    * ``cos`` (:class:`~bundle.losses.CosineConsistencyLoss`); labeled + unlabeled; both nets.
+    * ``sup`` = ``CE_A + Dice_A + CE_B + Dice_B`` (:class:`~bundle.losses.supervised.SupervisedLoss`); labeled;
+      each net its own.
+    * ``cr`` = ``CR_A + CR_B`` (:class:`~bundle.losses.dual_network.consistency.MaskedConsistencyLoss`); labeled;
+      each net its own; its weight is J's ``lambda`` (0.5 LA/BraTS, 0.6 Pancreas).
+    * ``cps`` (:class:`~bundle.losses.dual_network.pseudo.CrossPseudoSupervisionLoss`); unlabeled; both nets,
+      through their own prediction only.
+    * ``efs`` (:class:`~bundle.losses.dual_network.pseudo.EntropyFilteredLoss`); unlabeled; both nets.
+    * ``ue`` (:class:`~bundle.losses.dual_network.pseudo.UncertaintyRectifiedLoss`, student A, teacher B); labeled +
+      unlabeled; A only.
+    * ``pgl`` (:class:`~bundle.losses.dual_network.prototype.PrototypeContrastiveLoss`) on the loser's features;
+      unlabeled; the loser only; its weight is multiplied by ``lambda_c(t)``
+      (:func:`~bundle.losses.ramps.contrastive_ramp`).
+    * ``cos`` (:class:`~bundle.losses.dual_network.consistency.CosineConsistencyLoss`); labeled + unlabeled; both
+      nets.
 
     Logits and features are cast to float32 before any term, so the terms are also safe under AMP.
 

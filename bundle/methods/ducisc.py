@@ -3,7 +3,7 @@ thresholds (docs/methods/ducisc.md)."""
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -11,13 +11,11 @@ from torch import Tensor, nn
 from bundle.losses.ducisc import (
     DeepSupervisedCEDiceLoss,
     PrototypeAlignmentLoss,
-    SelfAwareThresholds,
-    mixup,
     normalize_by_value,
-    one_hot,
     resize_label,
     resize_soft,
 )
+from bundle.losses.functional import one_hot
 from bundle.methods.base import Terms, Weights
 from bundle.methods.ema import StudentTeacherMethod
 
@@ -25,6 +23,91 @@ from bundle.methods.ema import StudentTeacherMethod
 UNLABELED_TERMS = ("cs_ulb", "cs_mix", "proto_ulb", "proto_mix")
 #: terms that need the mixed images.
 MIXED_TERMS = ("cs_mix", "proto_mix")
+
+
+def mixup(
+    labeled: torch.Tensor, label_1hot: torch.Tensor, unlabeled: torch.Tensor, pseudo_1hot: torch.Tensor, sigma
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Eq. (5): ``x_k = sigma x_i + (1 - sigma) x_j`` and ``y_k = sigma y_i + (1 - sigma) ybar_j``.
+
+    Args:
+        labeled, unlabeled: ``(n, C_in, *sp)`` images of the ``n`` pairs (labeled ``k`` with unlabeled ``k``).
+        label_1hot, pseudo_1hot: ``(n, C, *sp)`` one-hot ground truth and teacher arg-max (full resolution).
+        sigma: ``(n,)`` mixing ratios (the code draws ``U(0.25, 0.75)`` per pair).
+
+    Returns:
+        ``x_mix (n, C_in, *sp)`` and the soft label ``y_mix (n, C, *sp)`` with values in ``{0, s, 1-s, 1}``.
+    """
+    s = sigma.view(-1, *([1] * (labeled.dim() - 1))).to(labeled)
+    return s * labeled + (1.0 - s) * unlabeled, s * label_1hot + (1.0 - s) * pseudo_1hot
+
+
+class SelfAwareThresholds(nn.Module):
+    """Self-aware class-wise confidence thresholds ``T[s, c]`` (Eq. 8-9; docs/methods/ducisc.md, Eq. DC-3), a saved
+    buffer.
+
+    * Init (Eq. 8, ``t = 0``): ``T = 1 / C``.
+    * Certainty mask at scale ``s``: ``M^s(v) = [max_c q_c(v) > T[s, argmax_c q_c(v)]]`` for the teacher
+      probabilities ``q^s``; for ``C = 2`` and ``T >= 0.5`` this is the code's ``q_bg > T_bg or q_fg > T_fg``.
+    * Update (Eq. 8-9, code semantics): ``P[s, c] = mean`` of the **student** probability of class ``c`` over every
+      voxel of the unlabeled sub-batch whose teacher arg-max is ``c`` (pooled over the batch, detached); where that
+      set is non-empty, ``T[s, c] <- clip(beta T[s, c] + (1 - beta) P[s, c], t_min, t_max)``. Empty classes keep
+      their threshold.
+
+    ``per_scale=False`` keeps one row shared by all scales (the paper's single ``T^c``), updated from the
+    full-resolution head only. The paper neither clips nor pools over the batch; ``t_min=0, t_max=1`` removes the
+    clip.
+
+    Args:
+        num_scales: ``S`` (4 heads).
+        num_classes: ``C``.
+        beta: EMA factor (0.99, paper Fig. 7a).
+        t_min, t_max: clip range (code: 0.5, 0.95).
+        per_scale: one row per scale (code) or one shared row.
+    """
+
+    def __init__(
+        self,
+        num_scales: int,
+        num_classes: int,
+        beta: float = 0.99,
+        t_min: float = 0.5,
+        t_max: float = 0.95,
+        per_scale: bool = True,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= beta <= 1.0:
+            raise ValueError(f"threshold beta must be in [0, 1], got {beta}.")
+        if t_min > t_max:
+            raise ValueError(f"threshold clip range is empty: [{t_min}, {t_max}].")
+        self.num_scales = int(num_scales)
+        self.per_scale = bool(per_scale)
+        self.beta = float(beta)
+        self.t_min = float(t_min)
+        self.t_max = float(t_max)
+        rows = self.num_scales if self.per_scale else 1
+        self.register_buffer("thresholds", torch.full((rows, int(num_classes)), 1.0 / num_classes))
+
+    def _row(self, scale: int) -> torch.Tensor:
+        return self.thresholds[scale if self.per_scale else 0]
+
+    def mask(self, prob: torch.Tensor, scale: int) -> torch.Tensor:
+        """``(B, C, *sp)`` teacher probabilities at scale ``scale`` (0-based) -> ``(B, 1, *sp)`` bool mask."""
+        confidence, pseudo = prob.max(dim=1, keepdim=True)
+        return confidence > self._row(scale).to(prob)[pseudo]
+
+    @torch.no_grad()
+    def update(self, student_prob: torch.Tensor, pseudo_label: torch.Tensor, scale: int) -> None:
+        """Eq. 8-9 at scale ``scale``: ``student_prob`` ``(B, C, *sp)``, ``pseudo_label`` ``(B, 1, *sp)``."""
+        if not self.per_scale and scale != self.num_scales - 1:
+            return
+        selector = one_hot(pseudo_label, student_prob.shape[1]).to(student_prob)
+        dims = [0] + list(range(2, student_prob.dim()))
+        count = selector.sum(dim=dims)
+        p_avg = (selector * student_prob.detach()).sum(dim=dims) / count.clamp_min(1.0)
+        row = self._row(scale)
+        updated = (self.beta * row + (1.0 - self.beta) * p_avg.to(row)).clamp(self.t_min, self.t_max)
+        row.copy_(torch.where(count.to(row.device) > 0, updated, row))
 
 
 class DuCiSCMethod(StudentTeacherMethod):
@@ -35,7 +118,7 @@ class DuCiSCMethod(StudentTeacherMethod):
     1. student on ``x_l`` -> ``O_l^s, F_l^s``; ``y^s`` = nearest-resized ground truth;
     2. (after the warm-up) teacher, no gradient, train mode, on the same ``x_u``: ``q^s = softmax(O_t^s)``,
        ``ybar^s = argmax q^s``, certainty masks ``M^s`` from the self-aware thresholds
-       (:class:`~bundle.losses.ducisc.SelfAwareThresholds`); student on ``x_u`` -> ``O_u^s, F_u^s``;
+       (:class:`SelfAwareThresholds`); student on ``x_u`` -> ``O_u^s, F_u^s``;
     3. mixup of pair ``k`` (labeled ``k``, unlabeled ``k``), ``sigma_k ~ U(mix_low, mix_high)`` (Eq. 5) with the
        full-resolution ``ybar^4``; student on ``x_mix`` -> ``O_m^s, F_m^s``; ``y_mix^s`` = trilinear resize;
     4. terms (unweighted; :class:`~bundle.losses.ducisc.DeepSupervisedCEDiceLoss` is ``1/2 [mean_s CE + mean_s

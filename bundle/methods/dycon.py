@@ -16,6 +16,7 @@ from bundle.losses.dycon import (
     token_labels,
     uncl_beta,
 )
+from bundle.losses.functional import check_option
 from bundle.losses.supervised import SupervisedLoss
 from bundle.methods.base import Terms, Weights
 from bundle.methods.ema import StudentTeacherMethod
@@ -94,8 +95,7 @@ class DyCONMethod(StudentTeacherMethod):
         super().__init__(
             student, loss_weights, max_iterations, noise_std=noise_std, noise_clip=noise_clip, **student_teacher_args
         )
-        if beta_schedule not in BETA_SCHEDULES:
-            raise ValueError(f"beta_schedule must be one of {BETA_SCHEDULES}, got {beta_schedule!r}.")
+        check_option("beta_schedule", beta_schedule, BETA_SCHEDULES)
         if fecl_gs_temperature <= 0:
             raise ValueError(f"fecl_gs_temperature must be > 0, got {fecl_gs_temperature}.")
         self.num_classes = int(student.head.out_channels)

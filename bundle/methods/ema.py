@@ -13,7 +13,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from bundle.losses.tensor_ops import clipped_noise
+from bundle.losses.functional import check_option
 from bundle.methods.base import SSLMethod
 from bundle.networks.subnets import SoftmaxOutput
 
@@ -21,6 +21,12 @@ from bundle.networks.subnets import SoftmaxOutput
 STUDENT_TEACHER_INFER_NETS = ("student", "teacher")
 #: what happens to the teacher's buffers (BatchNorm running statistics) at an EMA update (docs/methods/README.md §4).
 EMA_BUFFER_RULES = ("own", "copy")
+
+
+def clipped_noise(images: torch.Tensor, std: float, clip: float) -> torch.Tensor:
+    """``xi = clip(N(0, std^2), -clip, clip)``, one fresh draw per voxel, shaped like ``images`` (the teacher input
+    noise of Mean Teacher, UA-MT and DyCON; docs/methods/mean_teacher.md, Eq. MT-2)."""
+    return torch.clamp(torch.randn_like(images) * std, -clip, clip)
 
 
 def ema_alpha(iteration: int, decay: float, warmup: bool = True) -> float:
@@ -89,10 +95,8 @@ class StudentTeacherMethod(SSLMethod):
         self.noise_std, self.noise_clip = float(noise_std), float(noise_clip)
         if not 0.0 <= ema_decay <= 1.0:
             raise ValueError(f"ema_decay must be in [0, 1], got {ema_decay}.")
-        if ema_buffers not in EMA_BUFFER_RULES:
-            raise ValueError(f"ema_buffers must be one of {EMA_BUFFER_RULES}, got {ema_buffers!r}.")
-        if infer_net not in STUDENT_TEACHER_INFER_NETS:
-            raise ValueError(f"infer_net must be one of {STUDENT_TEACHER_INFER_NETS}, got {infer_net!r}.")
+        check_option("ema_buffers", ema_buffers, EMA_BUFFER_RULES)
+        check_option("infer_net", infer_net, STUDENT_TEACHER_INFER_NETS)
         self.student = student
         self.teacher = copy.deepcopy(student)
         self.teacher.requires_grad_(False)
@@ -127,7 +131,7 @@ class StudentTeacherMethod(SSLMethod):
 
     def noisy(self, images: torch.Tensor) -> torch.Tensor:
         """``images + xi``, ``xi = clip(N(0, noise_std^2), -noise_clip, noise_clip)`` drawn per voxel
-        (:func:`~bundle.losses.tensor_ops.clipped_noise`; docs/methods/mean_teacher.md, Eq. MT-2)."""
+        (:func:`clipped_noise`; docs/methods/mean_teacher.md, Eq. MT-2)."""
         return images + clipped_noise(images, self.noise_std, self.noise_clip)
 
     def teacher_logits(self, images: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from bundle.losses.baselines import HalfCEDiceLoss, SoftmaxMSELoss
+from bundle.losses.functional import check_option
 from bundle.losses.ramps import ramp_schedule, stepped_rampup
 from bundle.methods.base import Terms, Weights
 from bundle.methods.ema import StudentTeacherMethod
@@ -77,8 +78,7 @@ class MeanTeacherMethod(StudentTeacherMethod):
         super().__init__(
             student, loss_weights, max_iterations, noise_std=noise_std, noise_clip=noise_clip, **student_teacher_args
         )
-        if consistency_on not in CONSISTENCY_TARGETS:
-            raise ValueError(f"consistency_on must be one of {CONSISTENCY_TARGETS}, got {consistency_on!r}.")
+        check_option("consistency_on", consistency_on, CONSISTENCY_TARGETS)
         self.rampup_iters, self.rampup_step = ramp_schedule(max_iterations, rampup_iters, rampup_step)
         self.consistency_on = consistency_on
         self.supervised = HalfCEDiceLoss(dice_variant)

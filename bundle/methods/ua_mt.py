@@ -8,9 +8,13 @@ from typing import Any, Optional
 
 import torch
 
+from bundle.losses.functional import softmax_entropy
 from bundle.losses.ramps import sigmoid_rampup
-from bundle.losses.tensor_ops import entropy
 from bundle.methods.mean_teacher import MeanTeacherMethod
+
+#: eps of the predictive entropy ``u = -sum_c mu_c ln(mu_c + eps)``, the released code's (so a one-hot ``mu`` gives
+#: ``u`` of about ``-1e-6``, not NaN).
+ENTROPY_EPS = 1e-6
 
 
 def uncertainty_threshold(iteration: int, rampup_iters: int, num_classes: int = 2) -> float:
@@ -18,14 +22,6 @@ def uncertainty_threshold(iteration: int, rampup_iters: int, num_classes: int = 
     **iterations** (not quantised). For ``C = 2``, ``t_max = 6000``: 0.521028 at ``t = 0``, 0.569508 at 3000 and ``ln 2
     = 0.693147`` from 6000 on (docs/methods/ua_mt.md, Eq. UA-3)."""
     return (0.75 + 0.25 * sigmoid_rampup(iteration, rampup_iters)) * math.log(num_classes)
-
-
-def predictive_entropy(mean_prob: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """``u = -sum_c mu_c ln(mu_c + eps)``: ``(B, C, *spatial)`` mean probabilities -> ``(B, 1, *spatial)``, nats
-    (:func:`~bundle.losses.tensor_ops.entropy`).
-
-    ``eps = 1e-6`` as in the released code (so a one-hot ``mu`` gives ``u`` of about ``-1e-6``, not NaN)."""
-    return entropy(mean_prob, eps, keepdim=True)
 
 
 class UncertaintyAwareMeanTeacherMethod(MeanTeacherMethod):
@@ -38,7 +34,7 @@ class UncertaintyAwareMeanTeacherMethod(MeanTeacherMethod):
     1. **Monte-Carlo uncertainty** with ``T = mc_samples`` (8): ``T / 2`` teacher passes under no_grad, each on the
        duplicated batch ``[x_u; x_u]`` (``2 B_u`` volumes) with a fresh clipped-Gaussian noise per voxel, dropout on:
        ``mu = 1/T sum_k softmax(f_theta_bar(x_u + xi_k))`` ``(B_u, C, *spatial)`` and
-       ``u = -sum_c mu_c ln(mu_c + 1e-6)`` ``(B_u, 1, *spatial)`` (:func:`predictive_entropy`);
+       ``u = -sum_c mu_c ln(mu_c + 1e-6)`` ``(B_u, 1, *spatial)`` (:func:`~bundle.losses.functional.softmax_entropy`);
     2. **threshold** ``tau(t) = (3/4 + 1/4 r(t, uncertainty_rampup_iters)) ln C`` (:func:`uncertainty_threshold`);
     3. **mask** ``m = 1[u < tau(t)]``, and ``cons = sum m (p_u - sg(pbar))^2 / (C sum m + 1e-16)`` (mean over the
        certain voxels and all channels; 0 for an empty mask), see :class:`~bundle.losses.baselines.SoftmaxMSELoss`.
@@ -91,11 +87,11 @@ class UncertaintyAwareMeanTeacherMethod(MeanTeacherMethod):
         return total / self.mc_samples
 
     def consistency_mask(self, images: torch.Tensor, iteration: int) -> torch.Tensor:
-        """``m = 1[u < tau(t)]`` ``(B, 1, *spatial)`` float, ``u`` the :func:`predictive_entropy` of
+        """``m = 1[u < tau(t)]`` ``(B, 1, *spatial)`` float, ``u`` the predictive entropy of
         :meth:`mc_mean_probabilities` of ``images`` and ``C`` read from it."""
         mean_prob = self.mc_mean_probabilities(images)
         threshold = self.threshold(iteration, mean_prob.shape[1])
-        mask = (predictive_entropy(mean_prob) < threshold).float()
+        mask = (softmax_entropy(mean_prob, ENTROPY_EPS, keepdim=True) < threshold).float()
         self.last_threshold = threshold
         self.last_mask_fraction = float(mask.mean())
         return mask

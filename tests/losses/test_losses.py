@@ -4,19 +4,21 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from bundle.losses import (
-    CosineConsistencyLoss,
-    CrossPseudoSupervisionLoss,
-    EntropyFilteredLoss,
-    MaskedConsistencyLoss,
-    PrototypeContrastiveLoss,
-    SupervisedLoss,
-    UncertaintyRectifiedLoss,
-    contrastive_ramp,
-    sigmoid_rampup,
+from bundle.losses.dual_network.consistency import CosineConsistencyLoss, MaskedConsistencyLoss
+from bundle.losses.dual_network.prototype import PrototypeContrastiveLoss
+from bundle.losses.dual_network.pseudo import CrossPseudoSupervisionLoss, EntropyFilteredLoss, UncertaintyRectifiedLoss
+from bundle.losses.dual_network.reliability import percentile, reliable_voxels, union_pseudo_label
+from bundle.losses.functional import (
+    check_option,
+    class_argmax,
+    masked_cross_entropy,
+    soft_dice_loss,
+    softmax_entropy,
 )
-from bundle.losses.reliability import class_argmax, percentile, reliable_voxels, union_pseudo_label
+from bundle.losses.ramps import contrastive_ramp, sigmoid_rampup
+from bundle.losses.supervised import SupervisedLoss
 
 SQRT2 = math.sqrt(2.0)
 #: d(u, c) between 2-D directions 45 degrees apart: sqrt(2 - 2 cos 45).
@@ -49,6 +51,71 @@ def linear_percentile(values, q):
     low = int(position)
     high = min(low + 1, len(ordered) - 1)
     return ordered[low] + (position - low) * (ordered[high] - ordered[low])
+
+
+# ----------------------------------------------------------------------------------------- shared functions
+def test_check_option_accepts_a_choice_and_names_the_argument():
+    check_option("mask_rule", "or", ("xor", "or"))
+    with pytest.raises(ValueError, match=r"^mask_rule must be one of \('xor', 'or'\), got 'and'\.$"):
+        check_option("mask_rule", "and", ("xor", "or"))
+
+
+def test_softmax_entropy_uniform_one_hot_and_keepdim():
+    uniform = torch.full((1, 2, 3, 1, 1), 0.5, dtype=torch.float64)
+    assert torch.allclose(softmax_entropy(uniform, 0.0), torch.full((1, 3, 1, 1), math.log(2), dtype=torch.float64))
+    three = torch.full((2, 3, 2, 2, 2), 1 / 3, dtype=torch.float64)
+    h = softmax_entropy(three, 0.0, keepdim=True)
+    assert h.shape == (2, 1, 2, 2, 2) and torch.allclose(h, torch.full_like(h, math.log(3)))
+    certain = torch.tensor([1.0, 0.0], dtype=torch.float64).view(1, 2, 1, 1, 1)
+    assert softmax_entropy(certain, 1e-6).item() == pytest.approx(-math.log(1 + 1e-6), rel=1e-12)  # eps, no NaN
+    p = [0.9, 0.1]
+    assert softmax_entropy(torch.tensor(p, dtype=torch.float64).view(1, 2, 1), 1e-10).item() == pytest.approx(
+        entropy(p)
+    )
+
+
+def test_masked_cross_entropy_equals_torch_ce_on_the_masked_voxels():
+    torch.manual_seed(0)
+    logits, target = torch.randn(2, 3, 4, 3, 2), torch.randint(0, 3, (2, 4, 3, 2))
+    mask = torch.rand(2, 4, 3, 2) > 0.5
+    log_prob = F.log_softmax(logits, dim=1)
+    expected = F.cross_entropy(logits.movedim(1, -1)[mask], target[mask])
+    assert masked_cross_entropy(log_prob, target, mask).item() == pytest.approx(expected.item(), rel=1e-6)
+    soft = F.one_hot(target, 3).movedim(-1, 1).float()  # a one-hot distribution gives the same CE
+    assert masked_cross_entropy(log_prob, soft, mask).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert masked_cross_entropy(log_prob, target).item() == pytest.approx(F.cross_entropy(logits, target).item())
+    weight = torch.rand(1, 4, 3, 2)  # broadcast over the batch: sum w ce / sum w
+    per_voxel = F.cross_entropy(logits, target, reduction="none")
+    weighted = (weight * per_voxel).sum() / (2 * weight.sum())
+    assert masked_cross_entropy(log_prob, target, weight).item() == pytest.approx(weighted.item(), rel=1e-6)
+    empty = torch.zeros(2, 4, 3, 2)
+    assert masked_cross_entropy(log_prob, target, empty, min_denominator=1.0).item() == 0.0
+    assert masked_cross_entropy(log_prob, target, empty, eps=1e-16).item() == 0.0
+
+
+def test_soft_dice_loss_identical_masks_and_by_hand():
+    target = F.one_hot(torch.tensor([[0, 1, 1, 0], [1, 1, 0, 0]]), 2).movedim(-1, 1).double()  # (2, 2, 4)
+    for batch in (False, True):
+        for background in (False, True):
+            assert soft_dice_loss(target, target, 1e-5, batch=batch, include_background=background).item() == 0.0
+    prob = torch.tensor([[[0.2, 0.6, 0.9, 0.5]], [[0.7, 0.4, 0.1, 0.0]]], dtype=torch.float64)
+    prob = torch.cat([1 - prob, prob], dim=1)  # foreground probabilities of two samples, (2, 2, 4)
+    fg_p, fg_y = [[0.2, 0.6, 0.9, 0.5], [0.7, 0.4, 0.1, 0.0]], [[0, 1, 1, 0], [1, 1, 0, 0]]
+    inter = sum(p * y for ps, ys in zip(fg_p, fg_y) for p, y in zip(ps, ys))
+    total = sum(map(sum, fg_p)) + sum(map(sum, fg_y))
+    batch_fg = 1 - (2 * inter + 1e-8) / (total + 1e-8)
+    for split in (False, True):
+        got = soft_dice_loss(prob, target, 1e-8, batch=True, include_background=False, split_denominator=split)
+        assert got.item() == pytest.approx(batch_fg, rel=1e-12)
+    ratios = []  # per sample and class, background included
+    for ps, ys in zip(fg_p, fg_y):
+        for cp, cy in ((ps, ys), ([1 - p for p in ps], [1 - y for y in ys])):
+            ratios.append((2 * sum(p * y for p, y in zip(cp, cy)) + 1e-5) / (sum(cp) + sum(cy) + 1e-5))
+    assert soft_dice_loss(prob, target, 1e-5).item() == pytest.approx(1 - sum(ratios) / 4, rel=1e-12)
+    region = torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=torch.float64).view(1, 1, 4)  # only the first two voxels count
+    assert soft_dice_loss(prob, target, 1e-5, region).item() == pytest.approx(
+        soft_dice_loss(prob[..., :2], target[..., :2], 1e-5).item(), rel=1e-12
+    )
 
 
 # ------------------------------------------------------------------------------------------------ supervised

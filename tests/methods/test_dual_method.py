@@ -4,7 +4,7 @@ import pytest
 import torch
 from monai.losses import DiceLoss
 
-from bundle.losses import contrastive_ramp
+from bundle.losses.ramps import contrastive_ramp
 from bundle.methods.dual_network import DualNetworkMethod
 from bundle.networks.subnets import ResNet34Seg, SoftmaxEnsemble, VNetSeg
 

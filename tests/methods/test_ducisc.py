@@ -10,14 +10,12 @@ from torch.nn import functional as F
 from bundle.losses.ducisc import (
     DeepSupervisedCEDiceLoss,
     PrototypeAlignmentLoss,
-    SelfAwareThresholds,
     masked_average_prototypes,
-    mixup,
     normalize_by_value,
-    one_hot,
     resize_label,
 )
-from bundle.methods.ducisc import DuCiSCMethod
+from bundle.losses.functional import one_hot
+from bundle.methods.ducisc import DuCiSCMethod, SelfAwareThresholds, mixup
 from bundle.networks.peer import DeepSupervisedVNet
 from tests.peer_helpers import (
     bundle_overrides,

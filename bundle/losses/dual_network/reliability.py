@@ -1,5 +1,5 @@
-"""Voxel reliability from the two subnets' predictions, shared by EFS (:mod:`bundle.losses.pseudo`) and PGL
-(:mod:`bundle.losses.prototype`).
+"""Voxel reliability from the two subnets' predictions, shared by EFS (:mod:`bundle.losses.dual_network.pseudo`) and
+PGL (:mod:`bundle.losses.dual_network.prototype`).
 
 Every function here works on *detached* probabilities and returns masks or labels without gradient. Shapes:
 probabilities ``(B, C, *spatial)``, masks and labels ``(B, *spatial)``. ``C >= 2``; class 0 is the background.
@@ -11,7 +11,7 @@ from typing import Tuple
 
 import torch
 
-from bundle.losses.tensor_ops import entropy
+from bundle.losses.functional import check_option, class_argmax, softmax_entropy
 
 #: value of a pseudo-label that is undefined (both nets predict different non-background classes, ``C > 2`` only).
 UNDEFINED_LABEL = -1
@@ -19,16 +19,6 @@ UNDEFINED_LABEL = -1
 RELIABILITY_RULES = ("paper", "code")
 #: eps inside the entropy's logarithm (as in the released code).
 ENTROPY_EPS = 1e-10
-
-
-def softmax_entropy(prob: torch.Tensor) -> torch.Tensor:
-    """Per-voxel entropy ``H = -sum_c p_c log(p_c + 1e-10)`` (:func:`~bundle.losses.tensor_ops.entropy`; natural
-    log, docs/methods/dual_network.md Eq. D-5: the base is irrelevant because every threshold is a percentile).
-    ``(B, C, *spatial)`` -> ``(B, *spatial)``.
-
-    ``prob`` must be softmax **probabilities**; the released code's PGL variant fed raw logits here, giving NaN.
-    """
-    return entropy(prob, ENTROPY_EPS)
 
 
 def percentile(values: torch.Tensor, q: float) -> torch.Tensor:
@@ -45,16 +35,13 @@ def percentile(values: torch.Tensor, q: float) -> torch.Tensor:
     return lower + (position - low) * (upper - lower)
 
 
-def class_argmax(scores: torch.Tensor, keepdim: bool = False) -> torch.Tensor:
-    """``scores.argmax(dim=1)``, the same indices (first maximum on ties, NaN counted as the maximum), through
-    ``torch.max``, whose CPU kernel is about 9x faster over a short class axis of a 3D batch (torch 2.13)."""
-    return scores.max(dim=1, keepdim=keepdim).indices
-
-
 def entropy_uncertain(prob: torch.Tensor, q: float) -> torch.Tensor:
-    """``H >= tau`` per voxel, with ``tau`` the ``q``-th percentile of ``H`` over **all** voxels of ``prob``
-    (the whole sub-batch; J eq 10). ``(B, C, *spatial)`` -> bool ``(B, *spatial)``."""
-    entropy = softmax_entropy(prob)
+    """``H >= tau`` per voxel, with ``H = -sum_c p_c ln(p_c + 1e-10)`` the entropy of the softmax **probabilities**
+    (:func:`~bundle.losses.functional.softmax_entropy`; the released code's PGL variant fed raw logits, giving NaN;
+    natural log, docs/methods/dual_network.md Eq. D-5: the base is irrelevant because ``tau`` is a percentile) and
+    ``tau`` the ``q``-th percentile of ``H`` over **all** voxels of ``prob`` (the whole sub-batch; J eq 10).
+    ``(B, C, *spatial)`` -> bool ``(B, *spatial)``."""
+    entropy = softmax_entropy(prob, ENTROPY_EPS)
     return entropy >= percentile(entropy, q)
 
 
@@ -83,8 +70,7 @@ def reliable_voxels(
     ``tau_X`` is the ``q``-th percentile of net X's entropy over the sub-batch. Returns bool ``R`` and long label,
     both ``(B, *spatial)``; the label is meaningful only inside ``R``.
     """
-    if rule not in RELIABILITY_RULES:
-        raise ValueError(f"reliability rule must be one of {RELIABILITY_RULES}, got {rule!r}.")
+    check_option("reliability rule", rule, RELIABILITY_RULES)
     uncertain_a, uncertain_b = entropy_uncertain(prob_a, q), entropy_uncertain(prob_b, q)
     pred_a, pred_b = class_argmax(prob_a), class_argmax(prob_b)
     if rule == "paper":

@@ -6,8 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bundle.losses.supervised import check_label
-from bundle.losses.tensor_ops import one_hot
+from bundle.losses.functional import check_label, check_option, one_hot
 
 #: CR mask rules: ``"xor"`` (released code) or ``"or"`` (J's text).
 CR_MASK_RULES = ("xor", "or")
@@ -37,8 +36,7 @@ class MaskedConsistencyLoss(nn.Module):
 
     def __init__(self, threshold: float = 0.6, mask_rule: str = "xor", eps: float = 1e-16) -> None:
         super().__init__()
-        if mask_rule not in CR_MASK_RULES:
-            raise ValueError(f"mask_rule must be one of {CR_MASK_RULES}, got {mask_rule!r}.")
+        check_option("mask_rule", mask_rule, CR_MASK_RULES)
         self.threshold = threshold
         self.mask_rule = mask_rule
         self.eps = eps

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bundle.losses.reliability import RELIABILITY_RULES, class_argmax, reliable_voxels
+from bundle.losses.dual_network.reliability import RELIABILITY_RULES, reliable_voxels
+from bundle.losses.functional import check_option, class_argmax
 
 
 def normalized_distance(u: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -28,9 +29,9 @@ class PrototypeContrastiveLoss(nn.Module):
     With ``e`` the features of the net whose features are used (the "own" net; the method picks the current loser,
     docs/methods/dual_network.md §7) and ``yhat`` its argmax:
 
-    1. Reliability (:func:`~bundle.losses.reliability.reliable_voxels`): ``"paper"`` (default, J eq 16) = both nets
-       agree and both have entropy below their ``percentile``-th percentile; ``"code"`` = the released rule (not
-       uncertain in both nets, labelled by the union pseudo-label). Uncertain set ``U`` = not reliable.
+    1. Reliability (:func:`~bundle.losses.dual_network.reliability.reliable_voxels`): ``"paper"`` (default, J eq 16)
+       = both nets agree and both have entropy below their ``percentile``-th percentile; ``"code"`` = the released
+       rule (not uncertain in both nets, labelled by the union pseudo-label). Uncertain set ``U`` = not reliable.
     2. Prototypes ``c_k = mean_{v in R, label_v = k} e_v`` for every class ``k`` with reliable voxels (J eq 19), with
        gradient unless ``detach_prototypes`` (the released code computed PGL under no-grad, docs/methods/dual_network.md
        §9 item 1).
@@ -71,8 +72,7 @@ class PrototypeContrastiveLoss(nn.Module):
         generator: Optional[torch.Generator] = None,
     ) -> None:
         super().__init__()
-        if reliability not in RELIABILITY_RULES:
-            raise ValueError(f"reliability must be one of {RELIABILITY_RULES}, got {reliability!r}.")
+        check_option("reliability", reliability, RELIABILITY_RULES)
         if not 0.0 < sample_fraction <= 1.0:
             raise ValueError(f"sample_fraction must be in (0, 1], got {sample_fraction}.")
         self.percentile = percentile

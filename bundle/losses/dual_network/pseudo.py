@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bundle.losses.reliability import UNDEFINED_LABEL, class_argmax, entropy_uncertain, union_pseudo_label
+from bundle.losses.dual_network.reliability import UNDEFINED_LABEL, entropy_uncertain, union_pseudo_label
+from bundle.losses.functional import check_option, class_argmax, masked_cross_entropy
 
 #: CPS normalisations: mean over all voxels, or over the voxels that carry a confident pseudo-label.
 CPS_NORMALIZATIONS = ("all", "confident")
@@ -39,8 +40,7 @@ class CrossPseudoSupervisionLoss(nn.Module):
 
     def __init__(self, threshold: float = 0.6, normalization: str = "all") -> None:
         super().__init__()
-        if normalization not in CPS_NORMALIZATIONS:
-            raise ValueError(f"normalization must be one of {CPS_NORMALIZATIONS}, got {normalization!r}.")
+        check_option("normalization", normalization, CPS_NORMALIZATIONS)
         self.threshold = threshold
         self.normalization = normalization
 
@@ -64,9 +64,9 @@ class EntropyFilteredLoss(nn.Module):
     * ``H_X`` = entropy of the **softmax probabilities** of net X; ``tau_X`` = its ``percentile``-th percentile over
       all voxels of the unlabeled sub-batch (per net).
     * ignored ``<=> (H_A >= tau_A) and (H_B >= tau_B)``.
-    * target (stop-grad): ``"union"`` = :func:`~bundle.losses.reliability.union_pseudo_label` (the code's OR of the
-      foreground argmaxes for ``C = 2``; for ``C > 2`` voxels where the nets predict two different foreground
-      classes are also ignored), used for both nets; or ``"own"`` = each net's own argmax (C eq 3).
+    * target (stop-grad): ``"union"`` = :func:`~bundle.losses.dual_network.reliability.union_pseudo_label` (the
+      code's OR of the foreground argmaxes for ``C = 2``; for ``C > 2`` voxels where the nets predict two different
+      foreground classes are also ignored), used for both nets; or ``"own"`` = each net's own argmax (C eq 3).
     * ``L_EFS = sum_{X in {A, B}} sum_{v valid} CE(z_X,v, t_v) / max(#valid, 1)``, CE on the **logits**, with
       gradient to each net.
 
@@ -84,17 +84,11 @@ class EntropyFilteredLoss(nn.Module):
 
     def __init__(self, percentile: float = 70.0, target: str = "union") -> None:
         super().__init__()
-        if target not in EFS_TARGETS:
-            raise ValueError(f"target must be one of {EFS_TARGETS}, got {target!r}.")
+        check_option("target", target, EFS_TARGETS)
         if not 0.0 <= percentile <= 100.0:
             raise ValueError(f"percentile must be in [0, 100], got {percentile}.")
         self.percentile = percentile
         self.target = target
-
-    @staticmethod
-    def _masked_ce(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        per_voxel = F.cross_entropy(logits, target.clamp(min=0), reduction="none")
-        return (per_voxel * valid).sum() / valid.sum().clamp(min=1)
 
     def forward(self, logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -107,7 +101,13 @@ class EntropyFilteredLoss(nn.Module):
                 target_a, target_b = pred_a, pred_b
         valid_a = (kept & (target_a != UNDEFINED_LABEL)).float()
         valid_b = (kept & (target_b != UNDEFINED_LABEL)).float()
-        return self._masked_ce(logits_a, target_a, valid_a) + self._masked_ce(logits_b, target_b, valid_b)
+        loss_a = masked_cross_entropy(
+            F.log_softmax(logits_a, dim=1), target_a.clamp(min=0), valid_a, min_denominator=1.0
+        )
+        loss_b = masked_cross_entropy(
+            F.log_softmax(logits_b, dim=1), target_b.clamp(min=0), valid_b, min_denominator=1.0
+        )
+        return loss_a + loss_b
 
 
 class UncertaintyRectifiedLoss(nn.Module):
@@ -134,8 +134,7 @@ class UncertaintyRectifiedLoss(nn.Module):
 
     def __init__(self, target: str = "hard", temperature: float = 0.5) -> None:
         super().__init__()
-        if target not in UE_TARGETS:
-            raise ValueError(f"target must be one of {UE_TARGETS}, got {target!r}.")
+        check_option("target", target, UE_TARGETS)
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}.")
         self.target = target
