@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 import torch
 from torch import nn
 
+from benchmarking.report import source_line
 from benchmarking.runs import CONFIG_DIR, git_commit, hardware, parse_bundle, write_json
 from bundle.engine.precision import AutocastInference
 from bundle.inference.optimization import optimize_for_inference
@@ -166,7 +167,7 @@ def conv_profile_sections(records: Sequence[Tuple[str, Record]], top: int = 6) -
                          f"| {layer['gflop'] / layer['seconds']:.0f} |")  # fmt: skip
     lines.append("")
     for name, r in records:
-        lines.append(f"- `{name}`: batch {r['batch']} of {'×'.join(map(str, r['patch']))} windows, {r['threads']} "
-                     f"torch threads; commit {r['commit']}, {r['hardware']}; command: `{r['command']}`")  # fmt: skip
+        lead = f"batch {r['batch']} of {'×'.join(map(str, r['patch']))} windows, {r['threads']} torch threads; "
+        lines.append(source_line(name, r, lead))
     lines.append("")
     return lines

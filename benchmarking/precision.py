@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 
-from benchmarking.report import failure_count, group_records, per_case
+from benchmarking.report import failure_count, group_records, per_case, source_line
 from benchmarking.runs import (
     CONFIG_DIR,
     bundle_command,
@@ -211,8 +211,7 @@ def precision_sections(
                              f"| {mean:.4f} | {dice} | {seconds} |")  # fmt: skip
         lines.append("")
         for name, r in agreements:
-            lines.append(f"- `{name}`: commit {r['commit']} (model trained at {r['model_commit']}), {r['hardware']};"
-                         f" command: `{r['command']}`")  # fmt: skip
+            lines.append(source_line(name, r, commit_note=f" (model trained at {r['model_commit']})"))
         lines.append("")
     return lines
 

@@ -170,6 +170,13 @@ def verdict(result: Dict[str, Any]) -> str:
     return "above" if result["low"] > 0 else "below"
 
 
+def source_line(name: str, record: Record, lead: str = "", commit_note: str = "", note: str = "") -> str:
+    """The line that names a record's source: ``- `name`: <lead>commit C<commit_note>, <hardware>; command: `...```
+    followed by ``note``."""
+    return (f"- `{name}`: {lead}commit {record['commit']}{commit_note}, {record['hardware']}; command: "
+            f"`{record['command']}`{note}")  # fmt: skip
+
+
 def record_lines(name: str, record: Record) -> List[str]:
     """The lines that name an accuracy record: commit, hardware, seed, the command to rerun it and its notes."""
     lines = [f"- `{name}`: commit {record['commit']}, {record['hardware']}, seed {record['seed']}; command:",

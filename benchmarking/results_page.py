@@ -13,7 +13,7 @@ from benchmarking.conv_profile import conv_profile_sections
 from benchmarking.oracle_report import oracle_sections
 from benchmarking.precision import precision_sections
 from benchmarking.rank_payoff import payoff_sections
-from benchmarking.report import accuracy_sections, probe_sections, validation_sections
+from benchmarking.report import accuracy_sections, probe_sections, source_line, validation_sections
 from benchmarking.runs import AUTHORS_REFERENCE, speed_reference
 from benchmarking.window_grid import window_grid_sections
 
@@ -113,7 +113,7 @@ def report(results_dir: str = "docs/results", output: str = "docs/RESULTS.md", f
         lines.append("")
         for name, r in speed_records:
             note = "".join(f" ({r[key]})" for key in ("reference_note", "cpu_note") if r.get(key))
-            lines.append(f"- `{name}`: commit {r['commit']}, {r['hardware']}; command: `{r['command']}`{note}")
+            lines.append(source_line(name, r, note=note))
         lines.append("")
     lines += conv_profile_sections([(n, r) for n, r in records if r.get("kind") == "conv_profile"])
     memory_records = [(n, r) for n, r in records if r.get("kind") == "memory"]
@@ -133,7 +133,7 @@ def report(results_dir: str = "docs/results", output: str = "docs/RESULTS.md", f
                          f"| {r['peak_rss_gib']:.2f} | {r['seconds']:.0f} |")  # fmt: skip
         lines.append("")
         for name, r in memory_records:
-            lines.append(f"- `{name}`: commit {r['commit']}, {r['hardware']}; command: `{r['command']}`")
+            lines.append(source_line(name, r))
         lines.append("")
     os.makedirs(os.path.dirname(output) or ".", exist_ok=True)
     with open(output + ".tmp", "w") as handle:

@@ -12,9 +12,10 @@ labeled items are checked, whatever ``num_labeled`` training will use. See :func
 
 from __future__ import annotations
 
+import functools
+import inspect
 import sys
 from pathlib import Path
-from typing import Optional
 
 import fire
 
@@ -24,16 +25,11 @@ from bundle.config.errors import cli  # noqa: E402
 from bundle.data.checks import check_dataset  # noqa: E402
 
 
-def main(
-    dataset_dir: str,
-    out_channels: int = 2,
-    in_channels: int = 1,
-    train_list: Optional[str] = None,
-    val_list: Optional[str] = None,
-) -> None:
-    """Check ``dataset_dir``; see the module docstring."""
-    count = check_dataset(dataset_dir, out_channels, in_channels, train_list, val_list)
-    print(f"{dataset_dir}: {count} items checked, no problem found.")
+@functools.wraps(check_dataset)  # its signature and options, for fire's --help
+def main(*args, **options) -> None:
+    """Check a dataset (:func:`bundle.data.checks.check_dataset`) and print how many items passed."""
+    dataset_dir = inspect.signature(check_dataset).bind(*args, **options).arguments["dataset_dir"]
+    print(f"{dataset_dir}: {check_dataset(*args, **options)} items checked, no problem found.")
 
 
 if __name__ == "__main__":

@@ -113,3 +113,26 @@ def segment_with_inference(trained: Dict, out_dir: Path, **overrides) -> np.ndar
     mask = np.asarray(nib.load(str(out_dir / outputs[0])).dataobj)
     assert mask.ndim == 3 and set(np.unique(mask)) <= {0, 1}
     return mask
+
+
+def poisoned_histories(method: str, tmp_path: Path, overrides: Dict) -> List:
+    """Two iterations of ``configs/methods/<method>.json`` on :func:`poisoned_la_dataset` with no poison, poisoned
+    unlabeled labels and poisoned labeled labels; asserts that no unlabeled item or batch carries a label, that the
+    first two runs' losses are bit-identical and that the third's differ (the check is sensitive). Returns the
+    three loss histories (:func:`record_iterations`)."""
+    histories = []
+    for poison in (None, "unlabeled", "labeled"):
+        data = poisoned_la_dataset(tmp_path / f"la_{poison}", poison)
+        workflow = make_workflow(
+            ["train.json", f"methods/{method}.json"],
+            bundle_overrides(data, tmp_path / f"out_{poison}", max_iterations=2, **overrides),
+        )
+        workflow.initialize()
+        datalists = workflow.parser.get_parsed_content("datalists")
+        assert datalists["unlabeled"] and all(set(item) == {"image"} for item in datalists["unlabeled"])
+        assert "label" not in next(iter(workflow.parser.get_parsed_content("train#unlabeled_dataloader")))
+        histories.append(record_iterations(workflow))
+        run_workflow(workflow)
+    assert len(histories[0]) == 2 and histories[0] == histories[1]
+    assert histories[0] != histories[2]
+    return histories

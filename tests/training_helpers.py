@@ -38,6 +38,19 @@ def make_workflow(configs, overrides):
     )
 
 
+def at_first_iteration(trainer, **probes):
+    """A dict filled when ``trainer`` starts its first iteration (of this run, e.g. after a resume): ``iteration``
+    (ignite's, from 1) and each probe's value (``name=callable``)."""
+    seen = {}
+
+    @trainer.on(Events.ITERATION_STARTED)
+    def _record(engine):
+        if not seen:
+            seen.update(iteration=engine.state.iteration, **{name: probe() for name, probe in probes.items()})
+
+    return seen
+
+
 def run_workflow(workflow):
     workflow.initialize()
     workflow.run()

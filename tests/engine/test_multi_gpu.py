@@ -23,6 +23,7 @@ from torch import nn
 from bundle.data.synthetic import ensure_synthetic_dataset
 from bundle.engine import distributed
 from tests.conftest import REPO_ROOT
+from tests.training_helpers import at_first_iteration
 from tests.training_helpers import tiny_overrides as training_overrides
 
 ITERATIONS = 3
@@ -176,13 +177,7 @@ def test_two_process_checkpoint_resumes_in_one_process(two_process_run, tiny_dat
     workflow.initialize()
     trainer = workflow.parser.get_parsed_content("train#trainer")
     method = workflow.parser.get_parsed_content("network")
-    seen = {}
-
-    @trainer.on(Events.ITERATION_STARTED)
-    def _record(engine):
-        if not seen:
-            seen["iteration"] = engine.state.iteration
-            seen["state"] = {k: v.clone() for k, v in method.state_dict().items()}
+    seen = at_first_iteration(trainer, state=lambda: {k: v.clone() for k, v in method.state_dict().items()})
 
     workflow.run()
     workflow.finalize()

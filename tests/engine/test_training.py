@@ -6,12 +6,18 @@ import sys
 
 import pytest
 import torch
-from ignite.engine import Events
 from monai.engines.utils import IterationEvents
 
 from bundle.data.synthetic import ensure_synthetic_dataset
 from tests.conftest import REPO_ROOT, raises_bundle_error
-from tests.training_helpers import flatten_state, make_workflow, run_workflow, same_value, tiny_overrides
+from tests.training_helpers import (
+    at_first_iteration,
+    flatten_state,
+    make_workflow,
+    run_workflow,
+    same_value,
+    tiny_overrides,
+)
 
 PRESETS = ["dual_journal", "dual_isbi", "supervised"]
 
@@ -89,18 +95,11 @@ def test_resume_continues_at_saved_iteration_with_saved_optimizer(tiny_dataset, 
     second.initialize()
     trainer = second.parser.get_parsed_content("train#trainer")
     optimizer = second.parser.get_parsed_content("optimizer")
-    seen = {}
-
-    @trainer.on(Events.ITERATION_STARTED)
-    def _record(engine):
-        if "first_iteration" not in seen:
-            seen["first_iteration"] = engine.state.iteration
-            seen["momentum"] = [
-                optimizer.state[p]["momentum_buffer"].clone() for p in optimizer.param_groups[0]["params"]
-            ]
+    params = optimizer.param_groups[0]["params"]
+    seen = at_first_iteration(trainer, momentum=lambda: [optimizer.state[p]["momentum_buffer"].clone() for p in params])
 
     second.run()
-    assert seen["first_iteration"] == 3  # ignite counts from 1: iterations 1-2 were done before the resume
+    assert seen["iteration"] == 3  # ignite counts from 1: iterations 1-2 were done before the resume
     assert trainer.state.iteration == 4
     for restored, original in zip(seen["momentum"], momentum):
         torch.testing.assert_close(restored, original)

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from ignite.engine import Events
 from monai.bundle import ConfigWorkflow
 from monai.engines.utils import IterationEvents
 from torch import nn
@@ -26,7 +25,7 @@ from bundle.methods.mean_teacher import MeanTeacherMethod
 from bundle.methods.ua_mt import UncertaintyAwareMeanTeacherMethod, uncertainty_threshold
 from bundle.networks.subnets import SoftmaxEnsemble, SoftmaxOutput
 from tests.conftest import REPO_ROOT
-from tests.training_helpers import make_workflow, tiny_conv_net, tiny_overrides, train_and_record
+from tests.training_helpers import at_first_iteration, make_workflow, tiny_conv_net, tiny_overrides, train_and_record
 
 METHODS = ["mean_teacher", "ua_mt", "cps", "bcp"]
 #: loss terms each overlay logs at its last test iteration (BCP is then self-training).
@@ -536,12 +535,7 @@ def test_resumed_bcp_knows_its_stage(tiny_dataset, tmp_path):
         workflow.initialize()
         trainer = workflow.parser.get_parsed_content("train#trainer")
         method = workflow.parser.get_parsed_content("network")
-        seen = {}
-
-        @trainer.on(Events.ITERATION_STARTED)
-        def _before(engine):
-            seen.setdefault("iteration", engine.state.iteration - 1)
-            seen.setdefault("stage", int(method.stage))
+        seen = at_first_iteration(trainer, stage=lambda: int(method.stage))
 
         @trainer.on(IterationEvents.FORWARD_COMPLETED)
         def _after_forward(engine):
@@ -551,7 +545,7 @@ def test_resumed_bcp_knows_its_stage(tiny_dataset, tmp_path):
                 )
 
         workflow.run()
-        assert seen["iteration"] == start
+        assert seen["iteration"] == start + 1  # ignite counts from 1
         assert seen["stage"] == (2 if start == 3 else 1)  # the restored buffer: the stage of the saved iteration
         assert int(method.stage) == 2 and set(trainer.state.output) >= {"loss_in", "loss_out"}
         assert "loss_pre" not in trainer.state.output
