@@ -150,23 +150,16 @@ def test_mean_teacher_teacher_is_frozen_saved_and_follows_ema():
 
 # ------------------------------------------------------------------------------------------------------- ramps
 @pytest.mark.parametrize(
-    "t, expected",
-    [(0, 0.000674), (150, 0.000862), (1500, 0.006005), (3000, 0.028650), (4500, 0.073162), (5850, 0.099688),
-     (5999, 0.099688), (6000, 0.1)],
+    "t, weight, threshold",
+    [(0, 0.000674, 0.521028), (150, 0.000862, 0.521355), (1500, 0.006005, 0.530267), (3000, 0.028650, 0.569508),
+     (4500, 0.073162, 0.646640), (5850, 0.099688, 0.692607), (5999, 0.099688, 0.693147), (6000, 0.1, 0.693147)],
 )  # fmt: skip
-def test_consistency_weight_fixtures(t, expected):
-    assert 0.1 * stepped_rampup(t, 6000, 150) == pytest.approx(expected, abs=1e-6)
+def test_ramp_fixtures(t, weight, threshold):
+    """Mean Teacher's consistency weight and UA-MT's uncertainty threshold on the authors' 6000-iteration schedule."""
+    assert 0.1 * stepped_rampup(t, 6000, 150) == pytest.approx(weight, abs=1e-6)
     method = MeanTeacherMethod(tiny_conv_net(), {"sup": 1.0, "cons": 0.1}, 6000, rampup_iters=6000, rampup_step=150)
-    assert method.term_weights(t) == pytest.approx({"sup": 1.0, "cons": expected}, abs=1e-6)
-
-
-@pytest.mark.parametrize(
-    "t, expected",
-    [(0, 0.521028), (150, 0.521355), (1500, 0.530267), (3000, 0.569508), (4500, 0.646640), (5850, 0.692607),
-     (5999, 0.693147), (6000, 0.693147)],
-)  # fmt: skip
-def test_uncertainty_threshold_fixtures(t, expected):
-    assert uncertainty_threshold(t, 6000, 2) == pytest.approx(expected, abs=1e-6)
+    assert method.term_weights(t) == pytest.approx({"sup": 1.0, "cons": weight}, abs=1e-6)
+    assert uncertainty_threshold(t, 6000, 2) == pytest.approx(threshold, abs=1e-6)
 
 
 def test_overlay_ramps_span_the_run_in_forty_steps():
