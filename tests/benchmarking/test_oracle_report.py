@@ -54,3 +54,12 @@ def test_finding_needs_an_interval_not_a_mean():
     assert "protocol explanation" in oracle_finding(unclear, unclear, 3)
     assert "not the weaker" in oracle_finding(unclear, above, 2)
     assert oracle_sections([], []) == []
+
+
+def test_a_stronger_supervised_pipeline_of_the_authors_is_named():
+    base = np.linspace(0.6, 0.9, 20)
+    noise = np.where(np.arange(20) % 2, 0.02, -0.02)
+    text = _sections(base + 0.05 + noise, base + 0.05, base, base)  # their pipeline 5 points above ours, no MT gain
+    assert "| authors' supervised | 1337 | 80.00 | 0/20 | our supervised_vnet | +5.00 [+5.00, +5.00] | 20/20" in text
+    assert "supports the protocol explanation" in text
+    assert "supervised-only run is above our supervised_vnet (+5.00 [+5.00, +5.00])" in text
