@@ -119,8 +119,8 @@ def oracle_sections(
             if pipeline_gap is not None and verdict(pipeline_gap[1]) != "not separable":
                 finding += (f" The authors' supervised-only run is {verdict(pipeline_gap[1])} {pipeline_gap[0]} "
                             f"({format_interval(pipeline_gap[1], 100)}): the two pipelines differ in what every "
-                            "single-V-Net method shares (sampling, augmentation, supervised loss, network), which "
-                            "moves every such row more than the unlabeled term does here.")  # fmt: skip
+                            "single-V-Net method shares (sampling, augmentation, supervised loss, network); which of "
+                            "these it is has not been measured.")  # fmt: skip
             findings.append(f"{method}, K = {k}: {finding}")
             lines += [f"**Finding.** {finding}", ""]
     for name, record in oracle_records:

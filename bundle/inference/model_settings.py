@@ -13,9 +13,8 @@ Keys (JSON): ``in_channels``, ``out_channels``, ``base_width``, ``network`` (cla
 (``{"scheme": "zscore"}`` or ``{"scheme": "ct", "lower", "upper", "mean", "std"}``, one value per channel),
 ``patch_size``, ``sw_strides``, ``network_def`` (the MONAI config that rebuilds the exported network:
 :func:`bundle.networks.described.network_config`; absent in models trained before it was stored), ``method`` (the
-training method's class), ``commit`` (git commit of the bundle, or
-``null``), ``format_version``, and ``network_data_format`` (MONAI bundle metadata format: inputs/outputs with
-``num_channels`` and ``channel_def``).
+training method's class), ``commit`` (git commit of the bundle, or ``null``), ``format_version``, and
+``network_data_format`` (MONAI bundle metadata format: inputs/outputs with ``num_channels`` and ``channel_def``).
 """
 
 from __future__ import annotations
