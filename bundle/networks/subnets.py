@@ -111,6 +111,12 @@ def conv_stack(in_channels: int, out_channels: int, num_convs: int, norm: NormSp
     )
 
 
+#: the weight initialisations an :class:`EncoderDecoderSeg` offers: ``"kaiming_normal"`` (:func:`init_weights`, the
+#: dual-network authors' choice) or ``"torch_default"`` (PyTorch's own per-layer initialisation, Kaiming-uniform with
+#: ``a = sqrt(5)``, which UA-MT's released V-Net keeps: its ``__init_weight`` call is commented out).
+WEIGHT_INITS = ("kaiming_normal", "torch_default")
+
+
 def init_weights(module: nn.Module) -> None:
     """Kaiming-normal on every Conv3d/ConvTranspose3d weight; norm-layer weight (gamma) 1 and bias (beta) 0.
 
@@ -279,6 +285,9 @@ class EncoderDecoderSeg(DescribedNetwork):
         norm: MONAI norm spec.
         dropout: ``Dropout3d`` probability on the decoder features ``x9`` (and wherever the encoder puts it).
         activation_checkpointing: see :meth:`set_activation_checkpointing`.
+        weight_init: one of :data:`WEIGHT_INITS`. With BatchNorm after every convolution the forward does not depend
+            on the weights' scale, but the step does: Kaiming-normal weights are about 2.4x larger than PyTorch's
+            default ones, so the same SGD learning rate moves them about 6x less relative to their size.
     """
 
     def __init__(
@@ -289,15 +298,19 @@ class EncoderDecoderSeg(DescribedNetwork):
         norm: NormSpec = "batch",
         dropout: float = 0.5,
         activation_checkpointing: bool = False,
+        weight_init: str = "kaiming_normal",
     ) -> None:
         super().__init__()
+        if weight_init not in WEIGHT_INITS:
+            raise ValueError(f"weight_init must be one of {list(WEIGHT_INITS)}, got {weight_init!r}.")
         encoder = self.build_encoder(in_channels, base_width, norm, dropout)
         if out_channels < 2:
             raise ValueError(f"out_channels must be >= 2 (softmax over classes), got {out_channels}.")
         self.encoder = encoder
         self.decoder = AdditiveSkipDecoder(base_width, norm, dropout)
         self.head = nn.Conv3d(base_width, out_channels, kernel_size=1)
-        init_weights(self)
+        if weight_init == "kaiming_normal":
+            init_weights(self)
         self.set_activation_checkpointing(activation_checkpointing)
 
     def build_encoder(self, in_channels: int, base_width: int, norm: NormSpec, dropout: float) -> nn.Module:

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from bundle.networks.described import network_config
 from bundle.networks.subnets import ResNet34Seg, SoftmaxEnsemble, VNetSeg
 
 
@@ -71,6 +72,23 @@ def test_initialisation(cls):
     for conv in convs:  # Kaiming normal (fan_in, gain sqrt(2))
         fan_in = conv.weight[0].numel()
         assert conv.weight.std().item() == pytest.approx(math.sqrt(2.0 / fan_in), rel=0.05)
+
+
+@pytest.mark.parametrize("cls", [ResNet34Seg, VNetSeg])
+def test_torch_default_initialisation_is_kept_and_recorded(cls):
+    """``weight_init="torch_default"`` keeps PyTorch's Kaiming-uniform (a = sqrt(5)): std 1 / sqrt(3 fan_in), about
+    sqrt(6) times smaller than Kaiming-normal; the choice is part of the network's recorded config."""
+    torch.manual_seed(0)
+    net = cls(base_width=8, weight_init="torch_default")
+    convs = [m for m in net.modules() if isinstance(m, nn.Conv3d) and m.weight.numel() > 50_000]
+    assert convs
+    for conv in convs:
+        fan_in = conv.weight[0].numel()
+        assert conv.weight.std().item() == pytest.approx(1.0 / math.sqrt(3.0 * fan_in), rel=0.05)
+        assert conv.weight.abs().max().item() <= 1.0 / math.sqrt(fan_in)
+    assert network_config(net)["weight_init"] == "torch_default"
+    with pytest.raises(ValueError, match="weight_init must be one of"):
+        cls(base_width=4, weight_init="xavier")
 
 
 def test_resnet_convs_have_no_bias_and_no_encoder_dropout():
