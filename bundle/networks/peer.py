@@ -43,7 +43,8 @@ class DeepSupervisedVNet(VNetSeg):
         self.ds_heads = nn.ModuleList(
             [nn.Conv3d(base_width * m, out_channels, kernel_size=1) for m in (8, 4, 2)]
         )  # on u4, u3, u2
-        init_weights(self.ds_heads)
+        if self.weight_init == "kaiming_normal":
+            init_weights(self.ds_heads)
 
     def forward_deep(self, x: torch.Tensor) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
         """``(N, in_channels, H, W, D)`` -> ``([O^1, O^2, O^3, O^4], [u4, u3, u2, u1])``, both coarse to fine."""
@@ -125,7 +126,8 @@ class ProjectionVNet(VNetSeg):
                 nn.Conv3d(4 * width, width, kernel_size=1),
             )
         self.projection = ProjectionHead(width, hidden_channels, embed_channels, upsample=2, variant=head_variant)
-        init_weights(self.projection)
+        if self.weight_init == "kaiming_normal":
+            init_weights(self.projection)
 
     def forward_embedding(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(N, in_channels, H, W, D)`` -> ``(logits (N, C, H, W, D), z (N, embed_channels, H/8, W/8, D/8))``."""

@@ -286,8 +286,9 @@ class EncoderDecoderSeg(DescribedNetwork):
         dropout: ``Dropout3d`` probability on the decoder features ``x9`` (and wherever the encoder puts it).
         activation_checkpointing: see :meth:`set_activation_checkpointing`.
         weight_init: one of :data:`WEIGHT_INITS`. With BatchNorm after every convolution the forward does not depend
-            on the weights' scale, but the step does: Kaiming-normal weights are about 2.4x larger than PyTorch's
-            default ones, so the same SGD learning rate moves them about 6x less relative to their size.
+            on the weights' scale, but the step does: Kaiming-normal weights are sqrt(6) times larger than PyTorch's
+            default ones, so the same SGD learning rate moves them less relative to their size and a short
+            schedule fits the labeled data more slowly (docs/RESULTS.md, "Choosing settings on a validation split").
     """
 
     def __init__(
@@ -309,6 +310,7 @@ class EncoderDecoderSeg(DescribedNetwork):
         self.encoder = encoder
         self.decoder = AdditiveSkipDecoder(base_width, norm, dropout)
         self.head = nn.Conv3d(base_width, out_channels, kernel_size=1)
+        self.weight_init = weight_init  # subclasses that add layers initialise them the same way
         if weight_init == "kaiming_normal":
             init_weights(self)
         self.set_activation_checkpointing(activation_checkpointing)

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from bundle.networks.described import network_config
+from bundle.networks.peer import DeepSupervisedVNet, ProjectionVNet
 from bundle.networks.subnets import ResNet34Seg, SoftmaxEnsemble, VNetSeg
 
 
@@ -89,6 +90,19 @@ def test_torch_default_initialisation_is_kept_and_recorded(cls):
     assert network_config(net)["weight_init"] == "torch_default"
     with pytest.raises(ValueError, match="weight_init must be one of"):
         cls(base_width=4, weight_init="xavier")
+
+
+@pytest.mark.parametrize("cls, added", [(DeepSupervisedVNet, "ds_heads"), (ProjectionVNet, "projection")])
+def test_peer_networks_initialise_their_added_layers_as_the_backbone(cls, added):
+    """The deep-supervision heads (DuCiSC) and the projection head (DyCON) follow ``weight_init``: Kaiming-normal
+    with it, PyTorch's own draw (bounded by 1 / sqrt(fan_in)) with ``torch_default``."""
+    for weight_init in ("kaiming_normal", "torch_default"):
+        torch.manual_seed(0)
+        net = cls(base_width=8, weight_init=weight_init)
+        convs = [m for m in getattr(net, added).modules() if isinstance(m, nn.Conv3d)]
+        assert convs
+        bounded = [conv.weight.abs().max().item() <= 1.0 / math.sqrt(conv.weight[0].numel()) for conv in convs]
+        assert all(bounded) == (weight_init == "torch_default")
 
 
 def test_resnet_convs_have_no_bias_and_no_encoder_dropout():
