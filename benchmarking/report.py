@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -355,10 +355,22 @@ def write_figure(groups, keys: Sequence[GroupKey], compared: Dict[GroupKey, Dict
     return path
 
 
+def reference_variant(variant: str, variants: Iterable[str]) -> Optional[str]:
+    """The variant a validation ``variant`` is compared with: the longest other name of ``variants`` that, followed
+    by ``_``, starts it (``fp32_torch_init`` -> ``fp32``), else the default ``""`` when there is one; ``None`` for the
+    default itself or when there is nothing to compare with."""
+    if not variant:
+        return None
+    bases = [base for base in variants if base and base != variant and variant.startswith(base + "_")]
+    if bases:
+        return max(bases, key=len)
+    return "" if "" in variants else None
+
+
 def validation_sections(records: Sequence[Tuple[str, Record]]) -> List[str]:
     """Markdown lines of the validation runs (``accuracy`` records with ``"evaluation": "validation"``): per protocol,
-    K, method and split, each variant against the method's default (no variant) run, paired by seed and validation
-    case. These runs choose settings; the benchmark's test cases play no part in them."""
+    K, method and split, each variant against its reference (:func:`reference_variant`), paired by seed and
+    validation case. These runs choose settings; the benchmark's test cases play no part in them."""
     groups: Dict[Tuple[str, int, str, str], Dict[str, Dict[int, Tuple[str, Record]]]] = {}
     for name, record in records:
         key = (record["protocol"], record["num_labeled"], record["method"], record["split"])
@@ -372,28 +384,31 @@ def validation_sections(records: Sequence[Tuple[str, Record]]) -> List[str]:
         "training cases of `train.list` (the first K labeled) and are scored on the next ones, all within the",
         "benchmark's 60 training cases; each table names its split (e.g. `python scripts/benchmark.py accuracy ...",
         "--train_cases 48 --test_cases 12 --results_dir docs/results/validation` scores cases 48-59). Each variant",
-        "is compared with the method's default run, paired by seed and validation case (95 % bootstrap interval over",
-        "cases within seeds).",
+        "is compared with its reference run, paired by seed and validation case (95 % bootstrap interval over cases",
+        "within seeds): the method's default, or for a variant named `<base>_<change>` the `<base>` variant (e.g.",
+        "`fp32_torch_init` against `fp32`).",
         "",
     ]
     for (protocol, k, method, split), variants in sorted(groups.items()):
         lines += [
             f"### {method}, K = {k}, `{protocol}` protocol ({split})",
             "",
-            "| variant | overrides | seeds | Dice | failures: Dice < 50 (per seed) | Δ Dice vs default [95 % CI] "
+            "| variant | overrides | seeds | Dice | failures: Dice < 50 (per seed) | Δ Dice vs reference [95 % CI] "
             "| wins | verdict | Δ Dice where neither fails [95 % CI] (pairs) |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
-        default = variants.get("")
         for variant, by_seed in sorted(variants.items()):
             overrides = by_seed[min(by_seed)][1].get("overrides") or {}
             cells = ", ".join(f"`{key} {value}`" for key, value in overrides.items()) or "– (default)"
+            base = reference_variant(variant, variants)
+            reference = variants.get(base) if base is not None else None
             result = None
-            if variant and default and set(by_seed) & set(default):
-                result = paired_result(per_case(by_seed), per_case(default))
+            if reference and set(by_seed) & set(reference):
+                result = paired_result(per_case(by_seed), per_case(reference))
             wins = f"{result['wins']}/{result['cases']}" if result else "–"
+            name = f"{variant} (vs {base or 'default'})" if variant and base else variant or "default"
             lines.append(
-                f"| {variant or 'default'} | {cells} | {', '.join(map(str, sorted(by_seed)))} "
+                f"| {name} | {cells} | {', '.join(map(str, sorted(by_seed)))} "
                 f"| {_seed_cell(by_seed, 'dice', 100)} | {failure_cell(by_seed)} "
                 f"| {format_interval(result, 100) if result else '–'} "
                 f"| {wins} | {verdict(result) if result else '–'} | {without_failures_cell(result)} |"

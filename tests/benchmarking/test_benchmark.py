@@ -6,6 +6,7 @@ import shlex
 import numpy as np
 import pytest
 
+from benchmarking.report import reference_variant
 from benchmarking.results_page import report
 from benchmarking.runs import (
     AUTHORS_REFERENCE,
@@ -327,6 +328,28 @@ def test_report_compares_validation_variants_with_the_default_in_their_own_secti
                                              "0/12", "below", "-2.00 [-2.00, -2.00] (12/12)"]  # fmt: skip
     assert _row(section, "default")[4:] == ["0/12", "–", "–", "–", "–"]
     assert "dual_journal [unramped]" not in text[: text.index("## Choosing")]  # never mixed into the test tables
+
+
+def test_a_validation_variant_is_compared_with_the_variant_its_name_extends(tmp_path):
+    """``fp32_torch_init`` is paired with ``fp32`` (no default run here); a variant with no base and no default has
+    no comparison."""
+    results = tmp_path / "results"
+    for variant, dice, overrides in (("fp32", 0.75, {"precision": "fp32"}),
+                                     ("fp32_torch_init", 0.80, {"precision": "fp32", "weight_init": "torch_default"}),
+                                     ("bf16", 0.70, {"precision": "bf16"})):  # fmt: skip
+        record = _accuracy_record("supervised_vnet", dice, 1, variant)
+        record.update(evaluation="validation", split="train: first 48 (8 labeled); validation: the next 12",
+                      overrides=overrides)  # fmt: skip
+        record["per_case"] = record["per_case"][:12]
+        write_json(record, str(results / "validation"), f"la_cpu_val48_supervised_vnet_{variant}_k8_seed1")
+    text = open(report(str(results), str(tmp_path / "RESULTS.md"), None)).read()
+    section = text[text.index("## Choosing settings on a validation split") :]
+    assert _row(section, "fp32_torch_init (vs fp32)")[4:7] == ["0/12", "+5.00 [+5.00, +5.00]", "12/12"]
+    assert _row(section, "bf16")[4:7] == ["0/12", "–", "–"]
+    assert _row(section, "fp32")[4:7] == ["0/12", "–", "–"]
+    assert reference_variant("fp32_torch_init", ["", "fp32", "fp32_torch"]) == "fp32_torch"
+    assert reference_variant("unramped", ["", "unramped"]) == ""
+    assert reference_variant("", ["", "fp32"]) is None
 
 
 def test_report_tabulates_term_probes(tmp_path):
