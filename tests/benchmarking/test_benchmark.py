@@ -385,6 +385,7 @@ def test_a_speed_record_carries_the_authors_row_of_its_kind_of_cpu(tmp_path, mon
         with open(path) as handle:
             record = json.load(handle)
         assert record["cpu"]["kind"] == record["reference_machine"] == kind
+        assert record["command"].endswith('speed --method dual_journal --patches "[[64,64,32]]" --with_baselines false')
         if seconds is None:
             assert record["reference"] is None and f"no figure for {kind}" in record["reference_note"]
         else:
