@@ -53,6 +53,11 @@ def report(results_dir: str = "docs/results", output: str = "docs/RESULTS.md", f
         "on the (seed, case) pairs where neither the row nor its reference fails (pairs kept of all), so a gain made",
         "of rescued failures is told apart from one spread over the cases.",
         "",
+        "Since 2026-12-07 the V-Nets of `supervised_vnet`, Mean Teacher, UA-MT, BCP, DuCiSC and DyCON start from",
+        "PyTorch's own initialisation (`weight_init` `torch_default` in their presets, as their released code leaves",
+        "it; chosen on the validation split below). Their rows whose variant does not name `torch_init` were trained",
+        "with Kaiming-normal V-Nets, the earlier default, and stay as the record of that default.",
+        "",
     ]
     accuracy_records = [
         (n, r) for n, r in records if r.get("kind") == "accuracy" and r.get("evaluation") != "validation"
