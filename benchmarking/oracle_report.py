@@ -142,10 +142,26 @@ def oracle_sections(
                 their_scores, our_scores = _scores(their_reference, common), _scores(ours_ref, common)
                 lines.append(_row("authors' supervised", their_scores, label, our_scores))
                 pipeline_gaps[variant] = (label, paired_result(their_scores, our_scores))
+        init_gain = None
+        kaiming_ref, init_ref = ours.get((protocol, k, reference, "fp32")), ours.get(
+            (protocol, k, reference, INIT_VARIANT)
+        )
+        if kaiming_ref and init_ref and set(kaiming_ref) & set(init_ref):
+            common = sorted(set(kaiming_ref) & set(init_ref))
+            run, other = _scores(init_ref, common), _scores(kaiming_ref, common)
+            lines.append(_row(f"our {reference} [{INIT_VARIANT}]", run, f"our {reference} [fp32]", other))
+            init_gain = (f"our {reference} [{INIT_VARIANT}]", f"our {reference} [fp32]", paired_result(run, other))
         lines.append("")
         if oracle_gain is not None:
             finding = oracle_finding(oracle_gain, our_gain, len(oracle_gain["differences"]))
             finding += pipeline_finding(pipeline_gaps)
+            if init_gain is not None:
+                label, other, result = init_gain
+                seeds_used = len(result["differences"])
+                finding += (
+                    f" On its own, the initialisation puts {label} {verdict(result)} {other} "
+                    f"({format_interval(result, 100)}, {seeds_used} seed{'s' if seeds_used > 1 else ''})."
+                )
             findings.append(f"{method}, K = {k}: {finding}")
             lines += [f"**Finding.** {finding}", ""]
     for name, record in oracle_records:

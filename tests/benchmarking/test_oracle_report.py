@@ -81,14 +81,20 @@ def test_our_run_with_the_authors_initialisation_is_paired_and_named_in_the_find
             name, record = _record("accuracy", method, dice)
             record["variant"] = "fp32_torch_init"
             runs.append((name.replace(".json", "_init.json"), record))
-        return runs
+        name, record = _record("accuracy", "supervised_vnet", base - 0.01)
+        record["variant"] = "fp32"
+        return runs + [(name.replace(".json", "_fp32.json"), record)]
 
     text = "\n".join(oracle_sections(oracle, init_runs(sup_gap=0.0)))
+    assert "| our supervised_vnet [fp32_torch_init] | 1337 | 80.00 | 0/20 | our supervised_vnet [fp32] | +6.00" in text
+    assert (
+        "the initialisation puts our supervised_vnet [fp32_torch_init] above our supervised_vnet [fp32] (+6.00" in text
+    )
     assert (
         "| our mean_teacher [fp32_torch_init] | 1337 | 80.00 | 0/20 | our supervised_vnet [fp32_torch_init] |" in text
     )
     assert "| authors' supervised | 1337 | 80.00 | 0/20 | our supervised_vnet [fp32_torch_init] | +0.00" in text
-    assert "supervised-only run is above our supervised_vnet (+5.00 [+5.00, +5.00])" in text
+    assert "supervised-only run is above our supervised_vnet [fp32] (+6.00 [+6.00, +6.00])" in text
     assert "the initialisation accounts for the gap" in text
     text = "\n".join(oracle_sections(oracle, init_runs(sup_gap=0.03)))
     assert "theirs is above our supervised_vnet [fp32_torch_init] (+3.00 [+3.00, +3.00])" in text
