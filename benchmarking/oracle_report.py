@@ -65,6 +65,11 @@ def oracle_finding(oracle_gain: Dict[str, Any], our_gain: Optional[Dict[str, Any
 INIT_VARIANT = "fp32_torch_init"
 
 
+def _relation(result: Dict[str, Any]) -> str:
+    """``above`` / ``below`` / ``not separable from``: the verdict of a paired result, as a preposition."""
+    return "not separable from" if verdict(result) == "not separable" else verdict(result)
+
+
 def pipeline_finding(gaps: Dict[str, Tuple[str, Dict[str, Any]]]) -> str:
     """What the authors' supervised-only run against ours says (``gaps``: our variant -> (label, paired result of
     theirs minus ours)): nothing when our Kaiming-initialised runs are not separable from theirs; else the gap, and
@@ -79,7 +84,7 @@ def pipeline_finding(gaps: Dict[str, Tuple[str, Dict[str, Any]]]) -> str:
         return text + " Which of these it is has not been measured."
     label, result = gaps[INIT_VARIANT]
     text += (f" With our V-Net initialised as their code leaves it (PyTorch's default, `weight_init torch_default`), "
-             f"theirs is {verdict(result)} {label} ({format_interval(result, 100)})")  # fmt: skip
+             f"theirs is {_relation(result)} {label} ({format_interval(result, 100)})")  # fmt: skip
     if verdict(result) == "not separable":
         return text + ": the initialisation accounts for the gap, as far as this interval tells."
     return text + ": the initialisation explains part of the gap at most; the rest has not been measured."
@@ -159,7 +164,7 @@ def oracle_sections(
                 label, other, result = init_gain
                 seeds_used = len(result["differences"])
                 finding += (
-                    f" On its own, the initialisation puts {label} {verdict(result)} {other} "
+                    f" On its own, the initialisation puts {label} {_relation(result)} {other} "
                     f"({format_interval(result, 100)}, {seeds_used} seed{'s' if seeds_used > 1 else ''})."
                 )
             findings.append(f"{method}, K = {k}: {finding}")

@@ -95,6 +95,7 @@ def test_our_run_with_the_authors_initialisation_is_paired_and_named_in_the_find
     )
     assert "| authors' supervised | 1337 | 80.00 | 0/20 | our supervised_vnet [fp32_torch_init] | +0.00" in text
     assert "supervised-only run is above our supervised_vnet [fp32] (+6.00 [+6.00, +6.00])" in text
+    assert "theirs is not separable from our supervised_vnet [fp32_torch_init] (+0.00" in text
     assert "the initialisation accounts for the gap" in text
     text = "\n".join(oracle_sections(oracle, init_runs(sup_gap=0.03)))
     assert "theirs is above our supervised_vnet [fp32_torch_init] (+3.00 [+3.00, +3.00])" in text
