@@ -91,6 +91,7 @@ def test_a_method_written_outside_the_package_trains_segments_and_is_listed(tiny
         "norm": ["group", {"num_groups": 2}],
         "dropout": 0.1,
         "activation_checkpointing": False,
+        "weight_init": "kaiming_normal",
     }
 
     inference = ConfigWorkflow(  # nothing repeated: the norm and width come from the model's settings
