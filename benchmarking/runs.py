@@ -7,6 +7,7 @@ overlay) in a subprocess, so the benchmark has no training loop of its own.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import platform
@@ -636,24 +637,19 @@ def same_run_reference(path: str) -> Dict[str, Any]:
             "source_commits": {repo: src["commit"] for repo, src in bench["sources"].items()}}  # fmt: skip
 
 
-def speed_arguments(
-    patches: Sequence[Sequence[int]],
-    volume: Sequence[int],
-    inference_patch: Sequence[int],
-    strides: Sequence[int],
-    iterations: int,
-    with_baselines: bool,
-) -> str:
-    """The command-line flags of :func:`speed` that differ from its defaults, so a record's command reproduces it."""
-    given = {"patches": [list(p) for p in patches], "volume": list(volume), "inference_patch": list(inference_patch),
-             "strides": list(strides), "iterations": iterations, "with_baselines": with_baselines}  # fmt: skip
-    defaults = {"patches": [[64, 64, 32], [112, 112, 80]], "volume": [175, 132, 88], "inference_patch": [112, 112, 80],
-                "strides": [18, 18, 4], "iterations": 3, "with_baselines": True}  # fmt: skip
+def speed_arguments(**given: Any) -> str:
+    """The command-line flags of :func:`speed` among ``given`` (its arguments by name) that differ from its defaults,
+    so a record's command reproduces the run."""
+    defaults = inspect.signature(speed).parameters
     flags = ""
     for name, value in given.items():
-        if value != defaults[name]:
-            text = json.dumps(value).replace(" ", "") if isinstance(value, list) else str(value).lower()
-            flags += f' --{name} "{text}"' if isinstance(value, list) else f" --{name} {text}"
+        plain = json.loads(json.dumps(value))  # tuples and lists alike
+        if plain != json.loads(json.dumps(defaults[name].default)):
+            if isinstance(plain, list):
+                text = json.dumps(plain).replace(" ", "")
+                flags += f' --{name} "{text}"'
+            else:
+                flags += f" --{name} {str(plain).lower() if isinstance(plain, bool) else plain}"
     return flags
 
 
@@ -707,7 +703,12 @@ def speed(
     cpu = cpu_description()
     machine = cpu["kind"] if device == "cpu" else None
     command = f"python scripts/benchmark.py speed --method {method}" + speed_arguments(
-        patches, volume, inference_patch, strides, iterations, with_baselines
+        patches=patches,
+        volume=volume,
+        inference_patch=inference_patch,
+        strides=strides,
+        iterations=iterations,
+        with_baselines=with_baselines,
     )
     reference = AUTHORS_REFERENCE.get(machine) if machine else None
     if same_run:
