@@ -702,14 +702,9 @@ def speed(
                      **result})  # fmt: skip
     cpu = cpu_description()
     machine = cpu["kind"] if device == "cpu" else None
-    command = f"python scripts/benchmark.py speed --method {method}" + speed_arguments(
-        patches=patches,
-        volume=volume,
-        inference_patch=inference_patch,
-        strides=strides,
-        iterations=iterations,
-        with_baselines=with_baselines,
-    )
+    given = dict(patches=patches, volume=volume, inference_patch=inference_patch, strides=strides,
+                 iterations=iterations, with_baselines=with_baselines)  # fmt: skip
+    command = f"python scripts/benchmark.py speed --method {method}" + speed_arguments(**given)
     reference = AUTHORS_REFERENCE.get(machine) if machine else None
     if same_run:
         reference = same_run
