@@ -20,7 +20,7 @@ from monai.networks.layers.utils import get_norm_layer
 from torch import nn
 from torch.nn import functional as F
 
-from bundle.networks.subnets import VNetSeg, check_spatial_shape, init_weights
+from bundle.networks.subnets import VNetSeg, check_spatial_shape
 
 
 class DeepSupervisedVNet(VNetSeg):
@@ -43,8 +43,7 @@ class DeepSupervisedVNet(VNetSeg):
         self.ds_heads = nn.ModuleList(
             [nn.Conv3d(base_width * m, out_channels, kernel_size=1) for m in (8, 4, 2)]
         )  # on u4, u3, u2
-        if self.weight_init == "kaiming_normal":
-            init_weights(self.ds_heads)
+        self.initialise(self.ds_heads)
 
     def forward_deep(self, x: torch.Tensor) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
         """``(N, in_channels, H, W, D)`` -> ``([O^1, O^2, O^3, O^4], [u4, u3, u2, u1])``, both coarse to fine."""
@@ -126,8 +125,7 @@ class ProjectionVNet(VNetSeg):
                 nn.Conv3d(4 * width, width, kernel_size=1),
             )
         self.projection = ProjectionHead(width, hidden_channels, embed_channels, upsample=2, variant=head_variant)
-        if self.weight_init == "kaiming_normal":
-            init_weights(self.projection)
+        self.initialise(self.projection)
 
     def forward_embedding(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(N, in_channels, H, W, D)`` -> ``(logits (N, C, H, W, D), z (N, embed_channels, H/8, W/8, D/8))``."""

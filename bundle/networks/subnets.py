@@ -310,10 +310,15 @@ class EncoderDecoderSeg(DescribedNetwork):
         self.encoder = encoder
         self.decoder = AdditiveSkipDecoder(base_width, norm, dropout)
         self.head = nn.Conv3d(base_width, out_channels, kernel_size=1)
-        self.weight_init = weight_init  # subclasses that add layers initialise them the same way
-        if weight_init == "kaiming_normal":
-            init_weights(self)
+        self.weight_init = weight_init
+        self.initialise(self)
         self.set_activation_checkpointing(activation_checkpointing)
+
+    def initialise(self, module: nn.Module) -> None:
+        """Apply this network's ``weight_init`` to ``module`` (itself, or layers a subclass adds, e.g. heads):
+        :func:`init_weights` for ``kaiming_normal``; nothing for ``torch_default`` (the layers keep PyTorch's draw)."""
+        if self.weight_init == "kaiming_normal":
+            init_weights(module)
 
     def build_encoder(self, in_channels: int, base_width: int, norm: NormSpec, dropout: float) -> nn.Module:
         """The encoder of the subclass (:class:`ResNet34Seg`, :class:`VNetSeg`)."""
