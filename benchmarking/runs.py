@@ -653,6 +653,31 @@ def speed_arguments(**given: Any) -> str:
     return flags
 
 
+def training_speed_variants(
+    checkpointing_default: bool, with_baselines: bool, on_cpu: bool, low_precision: bool
+) -> Dict[str, Dict[str, Any]]:
+    """The training probes of :func:`speed`, by name: the bundle's defaults first (named by their activation
+    checkpointing, ``checkpointing_default``, which is explicit in every variant so a row's name always says what
+    ran); with ``with_baselines`` also the other checkpointing setting, the CPU allocator cache (``on_cpu``) and fp32
+    (where ``auto`` resolves to a lower precision), each on top of the defaults."""
+
+    def name(checkpointing: bool) -> str:
+        return "activation checkpointing" if checkpointing else "activations kept"
+
+    default = {"activation_checkpointing": checkpointing_default}
+    variants = {name(checkpointing_default): default}
+    if with_baselines:
+        variants[name(not checkpointing_default)] = {"activation_checkpointing": not checkpointing_default}
+        if on_cpu:  # the allocator cache is a CPU setting
+            variants[name(checkpointing_default) + " + allocator cache"] = {
+                **default,
+                "train#trainer#cpu_allocator_cache": True,
+            }
+        if low_precision:
+            variants[name(checkpointing_default) + ", fp32"] = {**default, "train#trainer#precision": "fp32"}
+    return variants
+
+
 def speed(
     method: str = "dual_journal",
     patches: Sequence[Sequence[int]] = ((64, 64, 32), (112, 112, 80)),
@@ -665,10 +690,11 @@ def speed(
     reference_json: Optional[str] = None,
 ) -> str:
     """Training seconds/iteration and peak memory per patch size (batch 2+2), and inference seconds and peak memory
-    for one volume at the given strides, each probe in its own process. The defaults (``precision`` auto, activation
-    checkpointing in training, the inference rewrite) are timed; ``with_baselines`` also times each probe without
-    them (fp32 where auto is not fp32) and training with the CPU allocator cache, in the same run, so each trade-off
-    is measured on the same machine state. ``reference_json``: the output of
+    for one volume at the given strides, each probe in its own process. The bundle's defaults (``precision`` auto,
+    train.json's activation checkpointing, the inference rewrite) are timed; ``with_baselines`` also times the other
+    checkpointing setting, plain-eager inference, fp32 where auto is not fp32, and training with the CPU allocator
+    cache (:func:`training_speed_variants`), in the same run, so each trade-off is measured on the same machine
+    state; a training row's ``defaults`` says whether it ran train.json's settings. ``reference_json``: the output of
     ``../shared/tools/reference_bench/bench_reference.py`` timed on this machine just before (the authors' code in
     the same run), used as the reference instead of the stored figures for the CPU model. Writes
     ``speed_<device>_<cpu model>_<method>_<commit>.json`` with the CPU model, its bf16/AMX flags, the precision of
@@ -677,22 +703,21 @@ def speed(
     configs = [f"{CONFIG_DIR}/train.json", f"{CONFIG_DIR}/methods/{method}.json"]
     device = "gpu" if torch.cuda.is_available() else "cpu"
     low_precision = resolve_precision("auto", "cuda" if device == "gpu" else "cpu") != "fp32"
-    training_variants: Dict[str, Dict[str, Any]] = {"activation checkpointing": {}}  # train.json's defaults
+    training_variants = training_speed_variants(
+        bool(parse_bundle(configs, {})["activation_checkpointing"]), with_baselines, device == "cpu", low_precision
+    )
     inference_variants: Dict[str, Dict[str, Any]] = {"norms folded, channels-last": {}}  # inference.json's
     if with_baselines:
-        training_variants["activations kept"] = {"activation_checkpointing": False}
-        if device == "cpu":  # the allocator cache is a CPU setting
-            training_variants["checkpointing + allocator cache"] = {"train#trainer#cpu_allocator_cache": True}
         inference_variants["plain eager"] = {"optimize_network": False}
         if low_precision:
-            training_variants["activation checkpointing, fp32"] = {"train#trainer#precision": "fp32"}
             inference_variants["norms folded, channels-last, fp32"] = {"validate#precision": "fp32"}
     rows = []
     for patch in patches:
         for variant, settings in training_variants.items():
             overrides = {"patch_size": list(patch), **settings}
             result = run_isolated("time_training", config_files=configs, overrides=overrides, iterations=iterations)
-            rows.append({"probe": "train_" + "x".join(map(str, patch)), "batch": "2+2", "variant": variant, **result})
+            rows.append({"probe": "train_" + "x".join(map(str, patch)), "batch": "2+2", "variant": variant,
+                         "defaults": variant == next(iter(training_variants)), **result})  # fmt: skip
     for variant, settings in inference_variants.items():
         overrides = {"patch_size": list(inference_patch), **settings}
         optimize = overrides.pop("optimize_network", True)

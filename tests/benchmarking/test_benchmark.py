@@ -391,3 +391,34 @@ def test_a_speed_record_carries_the_authors_row_of_its_kind_of_cpu(tmp_path, mon
         else:
             assert record["reference"]["seconds"]["train_64x64x32"] == seconds and "reference_note" not in record
         assert speed_reference(record) == (kind if seconds else f"{kind}: no figure", record["reference"])
+
+
+def test_each_training_speed_row_is_named_by_the_checkpointing_it_ran(tmp_path, monkeypatch):
+    """A training row's variant says whether activation checkpointing ran, whatever train.json's default is, and
+    ``defaults`` marks the row with train.json's settings (at 9d3d668 the row called ``activation checkpointing``
+    had run train.json's default, which had become ``false``)."""
+    import benchmarking.runs as runs
+
+    monkeypatch.setattr(runs.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(runs, "git_commit", lambda: "abc1234")
+    monkeypatch.setattr(runs, "resolve_precision", lambda setting, device: "bf16")
+    ran = []
+
+    def fake(kind, **kwargs):
+        ran.append(kwargs["overrides"])
+        return {"seconds_per_iteration": 1.0, "seconds_per_volume": 1.0, "peak_rss_gib": 1.0, "precision": "x"}
+
+    monkeypatch.setattr(runs, "run_isolated", fake)
+    with open(runs.speed(patches=[[64, 64, 32]], results_dir=str(tmp_path))) as handle:
+        rows = [row for row in json.load(handle)["rows"] if row["probe"].startswith("train")]
+    default = json.load(open("configs/train.json"))["activation_checkpointing"]
+    assert [row["defaults"] for row in rows] == [True, False, False, False]
+    for row, overrides in zip(rows, ran):
+        assert row["variant"].startswith("activation checkpointing" if overrides["activation_checkpointing"]
+                                         else "activations kept")  # fmt: skip
+    assert [overrides["activation_checkpointing"] for overrides in ran[:4]] == [default, not default, default, default]
+    assert ran[2]["train#trainer#cpu_allocator_cache"] is True and ran[3]["train#trainer#precision"] == "fp32"
+    assert list(runs.training_speed_variants(True, False, True, False)) == ["activation checkpointing"]
+    assert list(runs.training_speed_variants(False, True, True, False)) == [
+        "activations kept", "activation checkpointing", "activations kept + allocator cache"
+    ]  # fmt: skip
