@@ -93,8 +93,8 @@ def report(results_dir: str = "docs/results", output: str = "docs/RESULTS.md", f
             "(`../shared/tools/reference_bench/bench_reference.py`, passed as `--reference_json`), the other",
             "benchmark jobs paused for both.",
             "Variants: `activation checkpointing` is `--activation_checkpointing true`, `activations kept` is",
-            "`--activation_checkpointing false` (train.json's default since ce5e427; records from then on mark the",
-            "row that ran train.json's settings with `defaults`); `+ allocator cache` adds",
+            "`--activation_checkpointing false` (train.json's default since ce5e427; the row that ran train.json's",
+            "settings says so where its record marks it); `+ allocator cache` adds",
             "`--train#trainer#cpu_allocator_cache true`;",
             "`fp32` sets `--train#trainer#precision fp32` (training) or `--validate#precision fp32`. For inference,",
             "`norms folded,",
@@ -113,8 +113,9 @@ def report(results_dir: str = "docs/results", output: str = "docs/RESULTS.md", f
                 their_gb = reference["peak_gib"].get(row["probe"]) if reference else None
                 ratio = "–" if theirs is None else f"{seconds / theirs:.2f}"
                 memory_ratio = "–" if their_gb is None else f"{row['peak_rss_gib'] / their_gb:.2f}"
+                variant = row.get("variant", "–") + (" (train.json's settings)" if row.get("defaults") else "")
                 lines.append(f"| `{name}` | {r['device']}: {machine} | {row['probe']} "
-                             f"| {row.get('variant', '–')} | {row.get('precision', 'fp32')} | {seconds:.2f} "
+                             f"| {variant} | {row.get('precision', 'fp32')} | {seconds:.2f} "
                              f"| {row['peak_rss_gib']:.2f} | {theirs if theirs is not None else '–'} | {ratio} "
                              f"| {their_gb if their_gb is not None else '–'} | {memory_ratio} |")  # fmt: skip
         lines.append("")

@@ -112,7 +112,8 @@ def test_report_summarises_seeds_and_compares_each_row_with_its_reference(tmp_pa
              "rows": [{"probe": "train_64x64x32", "variant": "activation checkpointing", "seconds_per_iteration": 4.4,
                        "peak_rss_gib": 2.0}]}  # fmt: skip
     write_json(speed, str(results), "speed_cpu_a_dual_journal")  # from before the CPU fields: no figure to compare
-    avx2 = {**speed, "cpu": {"model": "AMD EPYC", "vendor": "AMD", "flags": ["avx2"]}}
+    avx2 = {**speed, "cpu": {"model": "AMD EPYC", "vendor": "AMD", "flags": ["avx2"]},
+            "rows": [{**speed["rows"][0], "defaults": True}]}  # fmt: skip
     write_json(avx2, str(results), "speed_cpu_b_amd_avx2_dual_journal")
     avx512 = {**speed, "cpu": {"model": "AMD EPYC 9B14", "flags": ["avx2", "avx512f", "avx512_bf16"]},
               "rows": [{**speed["rows"][0], "precision": "bf16", "seconds_per_iteration": 1.465}]}  # fmt: skip
@@ -151,8 +152,8 @@ def test_report_summarises_seeds_and_compares_each_row_with_its_reference(tmp_pa
     assert speed_rows == [
         ["cpu: CPU flags not recorded: no figure", "train_64x64x32", "activation checkpointing", "fp32", "4.40",
          "2.00", "–", "–", "–", "–"],
-        ["cpu: AMD, AVX2, no AVX-512", "train_64x64x32", "activation checkpointing", "fp32", "4.40", "2.00", "8.8",
-         "0.50", "2.4", "0.83"],
+        ["cpu: AMD, AVX2, no AVX-512", "train_64x64x32", "activation checkpointing (train.json's settings)", "fp32",
+         "4.40", "2.00", "8.8", "0.50", "2.4", "0.83"],
         ["cpu: AMD, AVX-512 BF16", "train_64x64x32", "activation checkpointing", "bf16", "1.47", "2.00", "2.93",
          "0.50", "2.4", "0.83"],
         ["cpu: AMD, AVX-512 BF16, timed in this run", "train_64x64x32", "activation checkpointing", "bf16", "1.47",
