@@ -86,8 +86,9 @@ def pipeline_finding(gaps: Dict[str, Tuple[str, Dict[str, Any]]]) -> str:
     text += (f" With our V-Net initialised as their code leaves it (PyTorch's default, `weight_init torch_default`), "
              f"theirs is {_relation(result)} {label} ({format_interval(result, 100)})")  # fmt: skip
     if verdict(result) == "not separable":
-        return text + (
-            ": the initialisation accounts for the gap within this interval (what remains is at most its " "upper end)."
+        return (
+            text
+            + ": the initialisation accounts for the gap within this interval (what remains is at most its upper end)."
         )
     return text + ": the initialisation explains part of the gap at most; the rest has not been measured."
 
