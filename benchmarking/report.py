@@ -437,7 +437,9 @@ def probe_sections(records: Sequence[Tuple[str, Record]]) -> List[str]:
         "the norm of its weighted gradient relative to the supervised gradient (‖g‖ / ‖g_sup‖) and the cosine",
         "between the two; then, on the unlabeled crops, the foreground Dice of the predictions each method learns",
         "from (their labels are read for this diagnostic only). A term with a small relative norm barely moves",
-        "the weights; a cosine near 0 means it pushes in a direction the labeled data do not.",
+        "the weights; a cosine near 0 means it pushes in a direction the labeled data do not. Both are summed in",
+        "float64; records made while they were summed in fp32 (those whose `sup` row reads a cosine above 1)",
+        "carry rounding of up to ~0.3 % in those two columns.",
         "",
     ]
     for name, r in records:
