@@ -55,7 +55,8 @@ def per_case(by_seed: Dict[int, Tuple[str, Record]], metric: str = "dice") -> Di
     return {seed: {row["case"]: row[metric] for row in r["per_case"]} for seed, (_, r) in by_seed.items()}
 
 
-def _label(method: str, variant: str) -> str:
+def row_label(method: str, variant: str) -> str:
+    """A row's name in the tables: the method, with its variant in brackets (``ducisc [fp32]``)."""
     return f"{method} [{variant}]" if variant else method
 
 
@@ -104,7 +105,7 @@ def comparison(groups, key: GroupKey) -> Optional[Dict[str, Any]]:
     method_scores, reference_scores = per_case(groups[key]), per_case(groups[reference])
     if not set(method_scores) & set(reference_scores):
         return None
-    return {"reference": _label(reference[2], reference[3]), "reference_key": reference,
+    return {"reference": row_label(reference[2], reference[3]), "reference_key": reference,
             **paired_result(method_scores, reference_scores)}  # fmt: skip
 
 
@@ -131,7 +132,7 @@ def reference_cell(groups, key: GroupKey, result: Optional[Dict[str, Any]]) -> s
     reference = reference_key(groups, key)
     if reference is None:
         return "–"
-    label = _label(reference[2], reference[3])
+    label = row_label(reference[2], reference[3])
     return f"{label} (no common seed)" if reference in groups else f"{label} (not run)"
 
 
@@ -223,7 +224,7 @@ def accuracy_sections(
                 minutes = sum(r["train_seconds"] for _, r in by_seed.values()) / len(by_seed) / 60
                 paper = PAPER_LA_DICE.get((key[2], k)) if not key[3] else None
                 lines.append(
-                    f"| {_label(key[2], key[3])} | {', '.join(str(s) for s in sorted(by_seed))} "
+                    f"| {row_label(key[2], key[3])} | {', '.join(str(s) for s in sorted(by_seed))} "
                     f"| {_seed_cell(by_seed, 'dice', 100)} | {failure_cell(by_seed)} "
                     f"| {_seed_cell(by_seed, 'jaccard', 100)} "
                     f"| {_seed_cell(by_seed, 'hd95', 1)} | {_seed_cell(by_seed, 'asd', 1)} "
@@ -234,7 +235,7 @@ def accuracy_sections(
                     f"| {'–' if paper is None else f'{paper:.2f}'} |"
                 )
             lines.append("")
-            lines += failure_lines([(_label(key[2], key[3]), groups[key]) for key in keys])
+            lines += failure_lines([(row_label(key[2], key[3]), groups[key]) for key in keys])
             lines += target_lines(targets, protocol, k, compared)
             lines += gap_lines(groups, protocol, k, compared)
             if figure_dir and compared:
@@ -258,7 +259,7 @@ def target_lines(targets: Sequence[Record], protocol: str, k: int, compared: Dic
     from above), ``source`` (who set it) and optionally ``why``: where the report shows what explains a miss, printed
     after a missed target. A row without runs is reported as not measured."""
     lines = []
-    by_method = {_label(key[2], key[3]): result for key, result in compared.items()}
+    by_method = {row_label(key[2], key[3]): result for key, result in compared.items()}
     for target in targets:
         if target["protocol"] != protocol or target["k"] != k:
             continue
@@ -302,10 +303,10 @@ def gap_lines(groups, protocol: str, k: int, compared: Dict[GroupKey, Dict[str, 
             continue
         bound_key = max(bounds, key=lambda key: key[1])
         bound, base = _mean_dice(groups[bound_key]), _mean_dice(groups[reference_key_])
-        shares = [f"{_label(key[2], key[3])} {100 * result['mean'] * 100 / (bound - base):.0f} %"
+        shares = [f"{row_label(key[2], key[3])} {100 * result['mean'] * 100 / (bound - base):.0f} %"
                   for key, result in sorted(compared.items()) if result["reference_key"] == reference_key_]  # fmt: skip
         seeds = ", ".join(str(s) for s in sorted(groups[bound_key]))
-        label = _label(reference, variant)
+        label = row_label(reference, variant)
         lines += [
             f"Upper bound: `{label}` with all {bound_key[1]} training cases labeled reaches {bound:.2f} Dice",
             f"(seeds {seeds}), {bound - base:+.2f} over `{label}` at K = {k}; share of that gap closed by the",
@@ -323,7 +324,7 @@ def write_figure(groups, keys: Sequence[GroupKey], compared: Dict[GroupKey, Dict
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [_label(key[2], key[3]) for key in keys]
+    labels = [row_label(key[2], key[3]) for key in keys]
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [1, 1]})
     for x, key in enumerate(keys):
         dice = [r["summary"]["dice"]["mean"] * 100 for _, r in groups[key].values()]
@@ -342,7 +343,7 @@ def write_figure(groups, keys: Sequence[GroupKey], compared: Dict[GroupKey, Dict
         right.plot([x, x], [result["low"] * 100, result["high"] * 100], color="#cb181d", lw=3, zorder=3)
         right.scatter([x], [result["mean"] * 100], color="#cb181d", s=30, zorder=4)
     right.axhline(0.0, color="black", lw=0.8)
-    ticks = [f"{_label(key[2], key[3])}\n− {compared[key]['reference']}" for key in compared_keys]
+    ticks = [f"{row_label(key[2], key[3])}\n− {compared[key]['reference']}" for key in compared_keys]
     right.set_xticks(range(len(compared_keys)), ticks, rotation=35, ha="right", fontsize=8)
     right.set_xlim(-0.6, max(len(compared_keys), 3) - 0.4)
     right.set_ylabel("Δ Dice per test case (points)\nred: mean and 95 % CI")

@@ -1,7 +1,8 @@
 """``docs/RESULTS.md``: generated from the JSON records of ``docs/results/`` by ``python scripts/benchmark.py
 report``. Each kind of record has its section in the module that makes the records (accuracy: :mod:`.report`,
-rank-payoff, precision, window grid, convolution profile); this module reads the records and puts the page together,
-so that the modules that run benchmarks never import the page (no import cycle)."""
+rank-payoff, precision, window grid, convolution profile, sensitivity and precision: :mod:`.overlap`); this module
+reads the records and puts the page together, so that the modules that run benchmarks never import the page (no
+import cycle)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any, Dict, List, Tuple
 
 from benchmarking.conv_profile import conv_profile_sections
 from benchmarking.oracle_report import oracle_sections
+from benchmarking.overlap import overlap_sections
 from benchmarking.precision import precision_sections
 from benchmarking.rank_payoff import payoff_sections
 from benchmarking.report import accuracy_sections, probe_sections, source_line, validation_sections
@@ -64,6 +66,7 @@ def report(results_dir: str = "docs/results", output: str = "docs/RESULTS.md", f
     ]
     targets = [target for _, r in records if r.get("kind") == "targets" for target in r["targets"]]
     lines += accuracy_sections(accuracy_records, figure_dir, os.path.dirname(output) or ".", targets)
+    lines += overlap_sections(accuracy_records, [(n, r) for n, r in records if r.get("kind") == "rescore"])
     lines += oracle_sections([(n, r) for n, r in records if r.get("kind") == "oracle"], accuracy_records)
     lines += payoff_sections([(n, r) for n, r in records if r.get("kind") == "rank_payoff"])
     agreements = [(n, r) for n, r in records if r.get("kind") == "precision_agreement"]

@@ -7,6 +7,7 @@ Run from the bundle root, e.g.::
     python scripts/benchmark.py memory --volume "[512,512,300]"
     python scripts/benchmark.py agreement --record docs/results/la_cpu_dual_journal_k8_seed1337.json
     python scripts/benchmark.py window_grid --record docs/results/la_cpu_dual_journal_k8_seed1337.json
+    python scripts/benchmark.py rescore --record docs/results/la_cpu_dycon_fp32_torch_init_k8_seed7.json
     python scripts/benchmark.py default_precision --seed 0
     python scripts/benchmark.py conv_profile --patch "[112,112,80]"
     python scripts/benchmark.py gpu --dataset_dir /path/to/LA
@@ -24,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarking.conv_profile import conv_profile  # noqa: E402
 from benchmarking.gpu_check import gpu_check  # noqa: E402
 from benchmarking.oracle import oracle  # noqa: E402
+from benchmarking.overlap import rescore  # noqa: E402
 from benchmarking.precision import agreement, default_precision  # noqa: E402
 from benchmarking.results_page import report  # noqa: E402
 from benchmarking.runs import accuracy, inference_memory, speed  # noqa: E402
@@ -41,6 +43,7 @@ if __name__ == "__main__":
                 "report": report,
                 "agreement": agreement,
                 "window_grid": window_grid,
+                "rescore": rescore,
                 "default_precision": default_precision,
                 "conv_profile": conv_profile,
                 "gpu": gpu_check,

@@ -9,7 +9,8 @@ Two entry points share :class:`MetricsReport`:
   (``configs/evaluate.json``), scoring a trained model on a labeled list.
 
 Metrics are those of :mod:`bundle.inference.metrics` (medpy semantics, papers' empty-prediction convention); HD95 and
-ASD are in voxels, and also in mm (``hd95_mm``, ``asd_mm``) when the label file carries a voxel size (NIfTI).
+ASD are in voxels, and also in mm (``hd95_mm``, ``asd_mm``) when the label file carries a voxel size (NIfTI);
+sensitivity and precision come last.
 """
 
 from __future__ import annotations
@@ -110,8 +111,8 @@ class MetricsReport:
 
     Args:
         output_dir: destination folder, created if needed.
-        classes: ``None`` for the binary "any foreground" metrics (columns ``dice, jaccard, hd95, asd``), or the
-            class indices to score one by one (columns ``dice_1, ...``); see
+        classes: ``None`` for the binary "any foreground" metrics (columns ``dice, jaccard, hd95, asd, sensitivity,
+            precision``), or the class indices to score one by one (columns ``dice_1, ...``); see
             :func:`bundle.inference.metrics.case_metrics`.
         num_slices: slices per case figure; 0 writes no figures.
     """

@@ -1,6 +1,8 @@
 """Segmentation metrics with the semantics of ``medpy.metric.binary`` 0.5.2, as the papers report them.
 
-Dice, Jaccard, HD95 and ASD of one binary mask pair, in voxels (``spacing=None``, the papers' unit) or in mm.
+Dice, Jaccard, HD95 and ASD of one binary mask pair, in voxels (``spacing=None``, the papers' unit) or in mm; beside
+them sensitivity and precision, which tell under-segmentation (low sensitivity) from over-segmentation (low
+precision) where Dice alone cannot.
 
 * **Surfaces** are ``mask XOR binary_erosion(mask)`` with the connectivity-1 structuring element; voxels outside the
   array count as background. MONAI's :func:`monai.metrics.utils.get_mask_edges` (``spacing=None``) computes exactly
@@ -25,6 +27,8 @@ Empty masks, handled by :func:`binary_metrics` (the per-case numbers of the pape
   which is why the count of empty predictions is reported with every summary;
 * non-empty prediction, empty ground truth: Dice = Jaccard = 0; HD95 and ASD are undefined (no reference surface)
   and are ``nan``, left out of the means (medpy raises ``RuntimeError`` here).
+* sensitivity ``|P∩G| / |G|`` is ``nan`` when the ground truth is empty, precision ``|P∩G| / |P|`` when the
+  prediction is (no zero convention: they are not papers' columns, and ``nan`` is left out of the means).
 
 Multi-class label maps are scored per foreground class (:func:`case_metrics` with ``classes``), or as one binary
 "any foreground" mask (``classes=None``, the papers' binary tasks: LA, pancreas, BraTS whole tumour).
@@ -121,7 +125,8 @@ def asd(pred: np.ndarray, gt: np.ndarray, spacing: Optional[Sequence[float]] = N
 
 
 def binary_metrics(pred: np.ndarray, gt: np.ndarray, spacing: Optional[Sequence[float]] = None) -> Dict[str, float]:
-    """Dice, Jaccard, HD95 and ASD of one binary mask pair with the papers' empty-mask conventions (module docstring).
+    """Dice, Jaccard, HD95 and ASD of one binary mask pair with the papers' empty-mask conventions, then sensitivity
+    and precision (module docstring).
 
     Args:
         pred: predicted mask ``(*S)``, nonzero = foreground.
@@ -130,13 +135,15 @@ def binary_metrics(pred: np.ndarray, gt: np.ndarray, spacing: Optional[Sequence[
             are always in voxels.
 
     Returns:
-        ``{"dice", "jaccard", "hd95", "asd"}`` (+ ``"hd95_mm", "asd_mm"``) as floats.
+        ``{"dice", "jaccard", "hd95", "asd"}`` (+ ``"hd95_mm", "asd_mm"``) + ``{"sensitivity", "precision"}`` as
+        floats.
     """
     pred, gt = _as_bool(pred), _as_bool(gt)
     _check_pair(pred, gt)
     units = {"": None} if spacing is None else {"": None, "_mm": spacing}
     if not pred.any():
-        return {"dice": 0.0, "jaccard": 0.0, **{f"{m}{u}": 0.0 for u in units for m in DISTANCE_METRICS}}
+        result = {"dice": 0.0, "jaccard": 0.0, **{f"{m}{u}": 0.0 for u in units for m in DISTANCE_METRICS}}
+        return {**result, **overlap_rates(pred, gt)}
     result = {"dice": dice(pred, gt), "jaccard": jaccard(pred, gt)}
     edges = _surfaces(pred, gt) if gt.any() else None
     for suffix, unit_spacing in units.items():
@@ -146,7 +153,18 @@ def binary_metrics(pred: np.ndarray, gt: np.ndarray, spacing: Optional[Sequence[
         to_gt, to_pred = _distances(*edges, unit_spacing)
         result[f"hd95{suffix}"] = float(np.percentile(np.concatenate([to_gt, to_pred]), 95))
         result[f"asd{suffix}"] = float(to_gt.mean())
-    return result
+    return {**result, **overlap_rates(pred, gt)}
+
+
+def overlap_rates(pred: np.ndarray, gt: np.ndarray) -> Dict[str, float]:
+    """``sensitivity`` ``|P∩G| / |G|`` and ``precision`` ``|P∩G| / |P|`` of two boolean masks of one shape, each
+    ``nan`` when its denominator is empty."""
+    overlap = float(np.count_nonzero(pred & gt))
+    truth, predicted = np.count_nonzero(gt), np.count_nonzero(pred)
+    return {
+        "sensitivity": overlap / truth if truth else float("nan"),
+        "precision": overlap / predicted if predicted else float("nan"),
+    }
 
 
 def case_metrics(

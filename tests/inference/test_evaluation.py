@@ -43,6 +43,8 @@ def _medpy_row(pred, gt, spacing):
         "asd": medpy.asd(pred, gt),
         "hd95_mm": medpy.hd95(pred, gt, spacing),
         "asd_mm": medpy.asd(pred, gt, spacing),
+        "sensitivity": medpy.sensitivity(pred, gt),
+        "precision": medpy.precision(pred, gt),
     }
 
 
@@ -69,13 +71,14 @@ def test_folders_metrics_csv_summary_and_figures(folders):
         str(root / "pred"), str(root / "label"), str(root / "out"), image_dir=str(root / "image"), allow_unpaired=True
     )
     rows = _read_csv(root / "out" / "metrics.csv")
-    assert list(rows[0]) == ["case", "dice", "jaccard", "hd95", "asd", "hd95_mm", "asd_mm"]
+    assert list(rows[0]) == ["case", "dice", "jaccard", "hd95", "asd", "hd95_mm", "asd_mm", "sensitivity", "precision"]
     assert [row["case"] for row in rows] == ["a", "b"]
-    expected = {"a": _medpy_row(blobs[0] > 0, blobs[1] > 0, SPACING), "b": dict.fromkeys(rows[0], 0.0)}
+    empty = {**dict.fromkeys(rows[0], 0.0), "precision": float("nan")}  # an empty prediction has no precision
+    expected = {"a": _medpy_row(blobs[0] > 0, blobs[1] > 0, SPACING), "b": empty}
     for row in rows:
         for column, value in expected[row["case"]].items():
             if column != "case":
-                assert float(row[column]) == pytest.approx(value, abs=TOL), (row["case"], column)
+                assert float(row[column]) == pytest.approx(value, abs=TOL, nan_ok=True), (row["case"], column)
 
     on_disk = json.loads((root / "out" / "summary.json").read_text())
     assert on_disk == json.loads(json.dumps(summary))

@@ -27,6 +27,8 @@ def test_equal_to_medpy(seed, spacing):
         "jaccard": medpy.jc(pred, gt),
         "hd95": medpy.hd95(pred, gt),
         "asd": medpy.asd(pred, gt),
+        "sensitivity": medpy.sensitivity(pred, gt),
+        "precision": medpy.precision(pred, gt),
     }
     if spacing is not None:
         expected.update(hd95_mm=medpy.hd95(pred, gt, spacing), asd_mm=medpy.asd(pred, gt, spacing))
@@ -73,21 +75,37 @@ def test_overlap_closed_form():
     assert jaccard(pred, gt) == pytest.approx(1 / 3, abs=TOL)
 
 
+def test_sensitivity_and_precision_closed_form():
+    """Prediction 4x4x4 = 64 voxels inside a 6x4x4 = 96-voxel truth: sensitivity 64/96, precision 1 (an
+    under-segmentation); swapped, an over-segmentation: sensitivity 1, precision 64/96. Columns come last."""
+    pred, gt = np.zeros((10, 6, 6), bool), np.zeros((10, 6, 6), bool)
+    pred[2:6, 1:5, 1:5], gt[1:7, 1:5, 1:5] = True, True
+    under, over = binary_metrics(pred, gt, spacing=(1, 1, 1)), binary_metrics(gt, pred)
+    assert under["sensitivity"] == pytest.approx(64 / 96) and under["precision"] == 1.0
+    assert over["sensitivity"] == 1.0 and over["precision"] == pytest.approx(64 / 96)
+    assert under["dice"] == over["dice"] == pytest.approx(128 / 160)  # Dice alone does not tell them apart
+    assert list(under)[-2:] == ["sensitivity", "precision"] and list(under)[-3] == "asd_mm"
+
+
 def test_empty_prediction_scores_zero_papers_convention():
     gt = np.zeros((6, 6, 6), bool)
     gt[2:4, 2:4, 2:4] = True
     empty = np.zeros_like(gt)
     expected = {"dice": 0.0, "jaccard": 0.0, "hd95": 0.0, "asd": 0.0, "hd95_mm": 0.0, "asd_mm": 0.0}
-    assert binary_metrics(empty, gt, spacing=(1, 1, 2)) == expected
-    assert binary_metrics(empty, empty, spacing=(1, 1, 2)) == expected  # both empty: also zeros (papers' rule)
+    result = binary_metrics(empty, gt, spacing=(1, 1, 2))
+    assert {k: result.pop(k) for k in expected} == expected and result.pop("sensitivity") == 0.0
+    assert list(result) == ["precision"] and math.isnan(result["precision"])  # no predicted voxel to be precise
+    result = binary_metrics(empty, empty, spacing=(1, 1, 2))
+    assert {k: result[k] for k in expected} == expected  # both empty: also zeros (papers' rule)
+    assert math.isnan(result["sensitivity"]) and math.isnan(result["precision"])
 
 
 def test_empty_ground_truth_gives_zero_overlap_and_undefined_distances():
     pred = np.zeros((6, 6, 6), bool)
     pred[1:3, 1:3, 1:3] = True
     result = binary_metrics(pred, np.zeros_like(pred))
-    assert result["dice"] == 0.0 and result["jaccard"] == 0.0
-    assert math.isnan(result["hd95"]) and math.isnan(result["asd"])
+    assert result["dice"] == 0.0 and result["jaccard"] == 0.0 and result["precision"] == 0.0
+    assert math.isnan(result["hd95"]) and math.isnan(result["asd"]) and math.isnan(result["sensitivity"])
     with pytest.raises(ValueError, match="empty"):
         hd95(pred, np.zeros_like(pred))
 
@@ -104,9 +122,11 @@ def test_multiclass_per_class_and_binary_foreground():
     pred[1:5, 1:6, 1:6], pred[6:10, 2:7, 2:6] = 1, 2
     gt[2:6, 1:6, 1:6], gt[6:11, 2:7, 2:7] = 1, 2
     per_class = case_metrics(pred, gt, classes=[1, 2])
-    assert list(per_class) == [f"{m}_{c}" for c in (1, 2) for m in ("dice", "jaccard", "hd95", "asd")]
+    metrics = ("dice", "jaccard", "hd95", "asd", "sensitivity", "precision")
+    assert list(per_class) == [f"{m}_{c}" for c in (1, 2) for m in metrics]
     for c in (1, 2):
         assert per_class[f"dice_{c}"] == pytest.approx(medpy.dc(pred == c, gt == c), abs=TOL)
+        assert per_class[f"sensitivity_{c}"] == pytest.approx(medpy.sensitivity(pred == c, gt == c), abs=TOL)
         assert per_class[f"hd95_{c}"] == pytest.approx(medpy.hd95(pred == c, gt == c), abs=TOL)
         assert per_class[f"asd_{c}"] == pytest.approx(medpy.asd(pred == c, gt == c), abs=TOL)
     foreground = case_metrics(pred, gt)
