@@ -1,11 +1,12 @@
 """Sensitivity / precision section of the report on hand-made records: rates taken from the records or from rescore
 records, paired differences against the reference with ``nan`` (undefined) cases left out."""
 
+import json
 import math
 
 import pytest
 
-from benchmarking.overlap import overlap_rows, overlap_sections, paired_rate, with_rates
+from benchmarking.overlap import overlap_rows, overlap_sections, paired_rate, rescore, with_rates
 
 
 def _record(method, seed, sensitivity, precision=None, variant="", k=8):
@@ -75,3 +76,16 @@ def test_section_lists_rescore_sources_and_is_empty_without_rates():
     text = "\n".join(overlap_sections([old], [rescore]))
     assert "### `cpu` protocol, K = 8" in text and "| dycon | 7 | 55.0 | 95.0 | – | – | – |" in text
     assert "`rescore_la_cpu_dycon_k8_seed7.json`: model of `la_cpu_dycon_k8_seed7.json` (commit abc1234)" in text
+
+
+def test_rescore_refuses_other_records_and_missing_runs_before_scoring(tmp_path):
+    probe = tmp_path / "term_probe.json"
+    probe.write_text(json.dumps({"kind": "term_probe"}))
+    with pytest.raises(ValueError, match="term_probe.json: not an accuracy record"):
+        rescore(str(probe), results_dir=str(tmp_path))
+    record = tmp_path / "la_cpu_dycon_k8_seed7.json"
+    run = tmp_path / "runs" / "la_cpu_dycon_k8_seed7"
+    record.write_text(json.dumps({**_record("dycon", 7, [0.5]), "config": {"model_dir": str(run / "models")}}))
+    with pytest.raises(FileNotFoundError, match="la_cpu_dycon_k8_seed7.json: the run's files are not here"):
+        rescore(str(record), results_dir=str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["la_cpu_dycon_k8_seed7.json", "term_probe.json"]
