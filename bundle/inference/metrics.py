@@ -44,8 +44,7 @@ from monai.metrics import compute_dice, compute_iou
 from monai.metrics.utils import get_mask_edges
 from scipy.ndimage import distance_transform_edt
 
-#: metric names in output order; ``hd95`` and ``asd`` also get an ``_mm`` variant when the spacing is known.
-METRIC_NAMES = ("dice", "jaccard", "hd95", "asd")
+#: distance metrics; they also get an ``_mm`` variant when the spacing is known.
 DISTANCE_METRICS = ("hd95", "asd")
 
 
