@@ -24,8 +24,15 @@ from ignite.engine import Events
 from monai.bundle import ConfigParser
 from monai.inferers import SlidingWindowInferer
 
+from benchmarking.resume import finish_part, read_parts, resumed_note, start_part
 from bundle.config.unread_keys import method_parameters
-from bundle.engine.precision import AutocastInference, cpu_flags, cpu_has_native_bf16, resolve_precision
+from bundle.engine.precision import (
+    AutocastInference,
+    cpu_flags,
+    cpu_has_native_bf16,
+    emulated_bf16,
+    resolve_precision,
+)
 from bundle.engine.trainer import SSLTrainer
 from bundle.inference.folder import strides_to_overlap
 from bundle.inference.optimization import optimize_for_inference
@@ -478,6 +485,19 @@ def rescored_header(kind: str, record: str, source: Dict[str, Any], command: str
     }
 
 
+def check_training_precision(parser: ConfigParser) -> None:
+    """Refuse, before any work, a benchmark that would train in emulated bf16
+    (:func:`~bundle.engine.precision.emulated_bf16`): the ``cpu`` protocol trains in bf16 autocast, which a CPU
+    without native bf16 runs tens of times slower than fp32; its fp32 runs are their own variant."""
+    device = parser.get_parsed_content("device")
+    if emulated_bf16(resolve_precision(parser.get_parsed_content("train#trainer#precision"), device), device):
+        raise ValueError(
+            "this protocol trains in bf16 autocast, which this CPU (no AVX-512 BF16 / AMX) emulates tens of times "
+            "slower than fp32: add --variant fp32 --train#trainer#precision fp32 (records of that variant are "
+            "compared with the reference's fp32 runs)."
+        )
+
+
 def accuracy(
     dataset_dir: str,
     method: str = "dual_journal",
@@ -500,8 +520,9 @@ def accuracy(
     Split: the first ``train_cases`` cases of ``list_file`` train (the first ``num_labeled`` labeled, the rest
     unlabeled); the remaining cases are the test set. No validation runs during training and no checkpoint is
     chosen: the last iteration's weights are scored (the papers' protocol). A finished training is reused unless
-    ``retrain``. ``overrides`` are passed to every bundle command (e.g. ``--loss_weights#pgl 0``); an ablation names
-    itself with ``variant`` (e.g. ``no_pgl``), which goes into the record's name and the report's method column.
+    ``retrain``; an interrupted one resumes from its newest interval checkpoint (:mod:`benchmarking.resume`).
+    ``overrides`` are passed to every bundle command (e.g. ``--loss_weights#pgl 0``); an ablation names itself with
+    ``variant`` (e.g. ``no_pgl``), which goes into the record's name and the report's method column.
     ``notes`` (e.g. how the machine was shared during training) go into the record and the report.
     ``labeled_cases`` (``num_labeled`` training cases) replace the first ``num_labeled`` as the labeled set (the
     payoff experiment of ``scripts/rank_payoff.py``); such a run needs a ``variant`` and its record lists them.
@@ -526,22 +547,31 @@ def accuracy(
     split = f"val{train_cases}_" if test_cases is not None else ""
     name = f"la_{protocol}_{split}{method}{'_' + variant if variant else ''}_k{num_labeled}_seed{seed}"
     run_dir = os.path.relpath(os.path.join(runs_dir, name))  # records keep repository-relative paths
-    lists = split_lists(dataset_dir, list_file, train_cases, run_dir, labeled_cases, test_cases)
     configs = method_configs(method, protocol)
     train_overrides = run_settings(configs, dataset_dir, run_dir, num_labeled, seed, overrides)
+    parser = parse_bundle(configs, train_overrides)
+    check_training_precision(parser)
+    lists = split_lists(dataset_dir, list_file, train_cases, run_dir, labeled_cases, test_cases)
     log_path = os.path.join(run_dir, "benchmark.log")
     info_path = os.path.join(run_dir, "train_info.json")
     train_command = bundle_command("training", configs, train_overrides)
     if retrain or not os.path.isfile(info_path):
         commit = git_commit()  # the code that trains: taken before training, as HEAD may move during a long run
-        seconds = run_logged(train_command, log_path)
-        write_json({"train_seconds": seconds, "hardware": hardware(), "commit": commit}, run_dir, "train_info")
+        if retrain and os.path.isfile(info_path):
+            os.remove(info_path)  # an interrupted retraining must not pass for the earlier, finished one
+        resume_from = start_part(run_dir, train_command, commit, hardware(), retrain)  # an interrupted one continues
+        part_command = train_command
+        if resume_from is not None:
+            part_command = bundle_command("training", configs, {**train_overrides, "resume_from": resume_from})
+        seconds = run_logged(part_command, log_path)
+        timing = finish_part(run_dir, seconds, int(parser.get_parsed_content("max_iterations")))
+        first = read_parts(run_dir)[0]
+        write_json({**timing, "hardware": first["hardware"], "commit": first["commit"]}, run_dir, "train_info")
     with open(info_path) as handle:
         train_info = json.load(handle)
     eval_dir = os.path.join(run_dir, "eval")
     eval_overrides = {**train_overrides, "datalists#val_list": lists["test"], "output_dir": eval_dir}
     run_logged(bundle_command("run", configs + [f"{CONFIG_DIR}/evaluate.json"], eval_overrides), log_path)
-    parser = parse_bundle(configs, train_overrides)
     hyperparameters = resolved_hyperparameters(parser)
     record = {
         "kind": "accuracy",
@@ -559,9 +589,11 @@ def accuracy(
         "seed": seed,
         "config": hyperparameters,
         "train_seconds": train_info["train_seconds"],
-        "notes": notes or train_info.get("notes", ""),
+        "notes": " ".join(filter(None, [notes or train_info.get("notes", ""), resumed_note(train_info)])),
         **read_metrics(eval_dir),
     }
+    if "train_parts" in train_info:
+        record["train_parts"] = train_info["train_parts"]
     if test_cases is not None:
         record["evaluation"] = "validation"
         record["split"] = (

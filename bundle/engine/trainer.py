@@ -21,7 +21,7 @@ from monai.utils import CommonKeys
 from bundle.config.booleans import parse_bool
 from bundle.data.checks import check_batch_labels
 from bundle.data.transforms import LABEL_FILE_KEY
-from bundle.engine.precision import autocast, guard_small_depth_convolutions, resolve_precision
+from bundle.engine.precision import autocast, emulated_bf16, guard_small_depth_convolutions, resolve_precision
 from bundle.engine.resume import ResumableStream, capture_rng, restore_rng
 from bundle.engine.runtime import tune_cpu_allocator
 from bundle.methods.base import SSLMethod
@@ -98,6 +98,11 @@ class SSLTrainer(SupervisedTrainer):
     ) -> None:
         self.num_classes = num_classes
         self.precision = resolve_precision(precision, device)
+        if emulated_bf16(self.precision, device):
+            logger.warning(
+                "precision 'bf16' on a CPU without native bf16 (no AVX-512 BF16 / AMX): PyTorch emulates it and "
+                "training runs tens of times slower than in fp32; use precision 'auto' or 'fp32' on this CPU."
+            )
         self.channels_last = use_channels_last(channels_last, device, self.precision)
         kwargs["amp"] = self.precision == "fp16"  # the gradient scaler is for fp16 only
         kwargs.setdefault("optim_set_to_none", True)

@@ -225,3 +225,16 @@ def test_inference_precision_follows_training_except_in_the_cpu_protocol():
     parser.read_config([str(CONFIGS / n) for n in ("train.json", "benchmark/la_cpu.json", "evaluate.json")])
     assert parser.get_parsed_content("train#trainer#precision") == "bf16"
     assert parser.get_parsed_content("validate#precision") == "fp32"
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_forcing_bf16_on_a_cpu_without_native_bf16_warns_that_it_is_emulated(monkeypatch, caplog, native):
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda *args: native)
+    method = SupervisedVNetMethod(tiny_bn_net(), {"sup": 1.0}, max_iterations=1)
+    optimizer = torch.optim.SGD(method.trainable_parameters(), lr=0.01)
+    image = torch.randn(2, 1, 8, 8, 8)
+    with caplog.at_level("WARNING", logger="bundle.engine.trainer"):
+        for forced in ("bf16", "fp32"):
+            SSLTrainer("cpu", 1, 1, [{"image": image, "label": image > 0}], method, optimizer, precision=forced)
+    warnings = [r.getMessage() for r in caplog.records if "emulates" in r.getMessage()]
+    assert len(warnings) == (0 if native else 1)  # bf16 only, and only without native bf16
