@@ -157,3 +157,24 @@ def test_augmentation_keeps_a_non_square_patch_shape():
         transform.set_random_state(seed)
         out = transform(_volume((6, 3, 4)))
         assert tuple(out["image"].shape) == (1, 4, 2, 2) and tuple(out["label"].shape) == (1, 4, 2, 2)
+
+
+def test_the_long_cpu_protocol_is_the_cpu_protocol_three_times_as_long():
+    import json
+
+    base, long = (
+        json.loads((REPO_ROOT / "configs" / "benchmark" / f"la_{p}.json").read_text()) for p in ("cpu", "cpu_long")
+    )
+    scaled = {"_desc_", "max_iterations", "lr_scheduler#milestones", "method_args", "val_interval"}
+    assert set(base) == set(long) and {k: long[k] for k in base if k not in scaled} == {
+        k: base[k] for k in base if k not in scaled
+    }
+    assert long["max_iterations"] == 3 * base["max_iterations"] == 3000
+    assert long["lr_scheduler#milestones"] == [3 * m for m in base["lr_scheduler#milestones"]]
+    assert long["method_args"] == {"rampup_iters": 3 * base["method_args"]["rampup_iters"]}
+    configs = ["train.json", "datasets/la.json", "methods/{}.json", "benchmark/la_cpu_long.json"]
+    for method, attribute, value in (("mean_teacher", "rampup_iters", 750), ("bcp", "pretrain_iterations", 1000)):
+        files = [c.format(method) for c in configs]
+        method_args = protocol_overrides([str(REPO_ROOT / "configs" / c) for c in files])
+        built = make_workflow(files, {"dataset_dir": ".", **method_args}).parser.get_parsed_content("method")
+        assert getattr(built, attribute) == value
