@@ -80,7 +80,7 @@ def start_part(run_dir: str, command: List[str], commit: str, hardware: str, ret
                 "is unknown, so it cannot be resumed safely: rerun with --retrain to start over."
             )
         last = parts[-1]
-        if last["command"] != command:
+        if last["command"][1:] != command[1:]:  # the interpreter's path may differ between sessions
             raise ValueError(
                 f"{run_dir}: its interrupted training ran another command ({' '.join(last['command'])}); rerun the "
                 "same command to resume it, or --retrain to start over."

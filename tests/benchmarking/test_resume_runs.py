@@ -52,7 +52,7 @@ def test_a_rerun_resumes_and_times_the_interrupted_part_up_to_its_checkpoint(tmp
     started = read_parts(run_dir)[0]["start"]
     touch(os.path.join(run_dir, "checkpoints", "checkpoint_iteration=250.pt"), started + 60)
     newest = touch(os.path.join(run_dir, "checkpoints", "checkpoint_iteration=500.pt"), started + 100)
-    assert start_part(run_dir, COMMAND, "abc1234", "cpu B") == newest
+    assert start_part(run_dir, ["/other/venv/python"] + COMMAND[1:], "abc1234", "cpu B") == newest  # same command
     first, second = read_parts(run_dir)
     assert (first["to_iteration"], first["seconds"]) == (500, pytest.approx(100.0))  # work after 500 is redone
     assert second["from_iteration"] == 500
