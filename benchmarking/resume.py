@@ -20,6 +20,8 @@ import re
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
+from bundle.config.errors import BundleError
+
 PARTS_FILE = "train_parts.json"
 CHECKPOINT_DIR = "checkpoints"
 _INTERVAL_CHECKPOINT = re.compile(r"checkpoint_iteration=(\d+)\.pt$")
@@ -64,8 +66,9 @@ def start_part(run_dir: str, command: List[str], commit: str, hardware: str, ret
     """Record a training part of ``command`` (at ``commit``, on ``hardware``) in ``run_dir`` and return the checkpoint
     it resumes from (``None``: from the first iteration, after removing any checkpoint of an earlier training).
 
-    It resumes unless ``retrain`` or there is no interval checkpoint. Raises ``ValueError``, naming the run folder and
-    before any work, when the checkpoints come from another command or from a training whose parts were not recorded.
+    It resumes unless ``retrain`` or there is no interval checkpoint. Raises
+    :class:`~bundle.config.errors.BundleError` (one line on the command line), naming the run folder and before any
+    work, when the checkpoints come from another command or from a training whose parts were not recorded.
     """
     checkpoint_dir = os.path.join(run_dir, CHECKPOINT_DIR)
     latest = None if retrain else latest_checkpoint(checkpoint_dir)
@@ -75,13 +78,13 @@ def start_part(run_dir: str, command: List[str], commit: str, hardware: str, ret
     else:
         iteration, path = latest
         if not parts:
-            raise ValueError(
+            raise BundleError(
                 f"{run_dir}: {path} is left by a training whose parts were not recorded in {PARTS_FILE}; its command "
                 "is unknown, so it cannot be resumed safely: rerun with --retrain to start over."
             )
         last = parts[-1]
         if last["command"][1:] != command[1:]:  # the interpreter's path may differ between sessions
-            raise ValueError(
+            raise BundleError(
                 f"{run_dir}: its interrupted training ran another command ({' '.join(last['command'])}); rerun the "
                 "same command to resume it, or --retrain to start over."
             )

@@ -25,6 +25,7 @@ from monai.bundle import ConfigParser
 from monai.inferers import SlidingWindowInferer
 
 from benchmarking.resume import finish_part, read_parts, resumed_note, start_part
+from bundle.config.errors import BundleError
 from bundle.config.unread_keys import method_parameters
 from bundle.engine.precision import (
     AutocastInference,
@@ -491,7 +492,7 @@ def check_training_precision(parser: ConfigParser) -> None:
     without native bf16 runs tens of times slower than fp32; its fp32 runs are their own variant."""
     device = parser.get_parsed_content("device")
     if emulated_bf16(resolve_precision(parser.get_parsed_content("train#trainer#precision"), device), device):
-        raise ValueError(
+        raise BundleError(
             "this protocol trains in bf16 autocast, which this CPU (no AVX-512 BF16 / AMX) emulates tens of times "
             "slower than fp32: add --variant fp32 --train#trainer#precision fp32 (records of that variant are "
             "compared with the reference's fp32 runs)."

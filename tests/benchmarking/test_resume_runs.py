@@ -8,6 +8,7 @@ import pytest
 
 import benchmarking.runs as runs
 from benchmarking.resume import PARTS_FILE, finish_part, latest_checkpoint, read_parts, resumed_note, start_part
+from bundle.config.errors import BundleError
 from bundle.data.datalists import DatasetError
 
 COMMAND = ["python", "-m", "monai.bundle", "run", "training", "--seed", "1"]
@@ -84,10 +85,10 @@ def test_checkpoints_of_another_command_or_of_an_unrecorded_training_are_refused
     run_dir = str(tmp_path / "run")
     start_part(run_dir, COMMAND, "abc1234", "cpu A")
     touch(os.path.join(run_dir, "checkpoints", "checkpoint_iteration=250.pt"))
-    with pytest.raises(ValueError, match="run: its interrupted training ran another command .*--retrain"):
+    with pytest.raises(BundleError, match="run: its interrupted training ran another command .*--retrain"):
         start_part(run_dir, COMMAND + ["--num_labeled", "4"], "abc1234", "cpu A")
     os.remove(os.path.join(run_dir, PARTS_FILE))
-    with pytest.raises(ValueError, match=f"whose parts were not recorded in {PARTS_FILE}.*--retrain"):
+    with pytest.raises(BundleError, match=f"whose parts were not recorded in {PARTS_FILE}.*--retrain"):
         start_part(run_dir, COMMAND, "abc1234", "cpu A")
 
 
@@ -154,7 +155,7 @@ def test_accuracy_refuses_emulated_bf16_before_writing_anything(tmp_path, monkey
         with pytest.raises(DatasetError, match="train.list: list file not found"):
             runs.accuracy(str(tmp_path / "LA"), **arguments)
     else:
-        with pytest.raises(ValueError, match="emulates .* --variant fp32 --train#trainer#precision fp32"):
+        with pytest.raises(BundleError, match="emulates .* --variant fp32 --train#trainer#precision fp32"):
             runs.accuracy(str(tmp_path / "LA"), **arguments)
         assert not (tmp_path / "runs").exists()
     runs.check_training_precision(
